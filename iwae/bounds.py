@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -205,7 +204,7 @@ class PIWAE:
         return dec, enc
 
 
-Objective = Union[VAE, IWAE, MIWAE, CIWAE, PIWAE]
+Objective = VAE | IWAE | MIWAE | CIWAE | PIWAE
 _OBJECTIVES: dict[str, type] = {c.__name__.lower(): c for c in (VAE, IWAE, MIWAE, CIWAE, PIWAE)}
 
 

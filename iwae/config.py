@@ -92,7 +92,7 @@ class ScheduleConfig:
         out = []
         for i in range(self.stages):
             if self.authors_code:
-                lr = 1e-4 * round(10 ** (1 - (i - 1) / 7.0), 1)  # yburda/iwae experiments.py
+                lr = 1e-4 * round(10 ** (1 - i / 7.0), 1)  # yburda/iwae experiments.py (1-based i there)
             else:
                 lr = 1e-3 * 10 ** (-i / 7.0)
             out.append((max(1, round(3**i * self.epoch_scale)), lr))

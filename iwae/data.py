@@ -70,11 +70,16 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # Python 3 protocol-2 pickles store array bytes as encoded text; no side effects
     }
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
+        if (module, name) == ("_codecs", "encode"):
+            import _codecs
+
+            return _codecs.encode
         return np.ndarray if name == "ndarray" else np.dtype if name == "dtype" else np._core.multiarray._reconstruct  # type: ignore[attr-defined]
 
 

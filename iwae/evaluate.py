@@ -58,13 +58,17 @@ def binarize_by_id(x: Tensor, image_ids: Sequence[int], seed: int) -> Tensor:
     return out
 
 
-def _noise(image_ids: Sequence[int], seed: int, block: int, n: int, dims: Sequence[int]) -> list[Tensor]:
-    """Noise of block ``block`` (its first ``n`` samples) for each image: ``[(n, B, D_l)]``."""
+def _noise(image_ids: Sequence[int], seed: int, block: int, n: int, size: int, dims: Sequence[int]) -> list[Tensor]:
+    """Noise of block ``block`` (its first ``n`` of ``size`` samples) for each image: ``[(n, B, D_l)]``.
+
+    The whole block is always drawn and then cut: torch's normal sampler takes a different path
+    for short tensors, so drawing only ``n`` rows would change the first samples with k.
+    """
     total = sum(dims)
     cols = []
     for i in image_ids:
         g = torch.Generator().manual_seed(image_seed(seed, int(i), _NOISE, block))
-        cols.append(torch.randn(n, total, generator=g))
+        cols.append(torch.randn(size, total, generator=g)[:n])
     e = torch.stack(cols, dim=1)  # (n, B, sum D)
     return list(torch.split(e, list(dims), dim=-1))
 
@@ -105,7 +109,7 @@ def estimate_log_px(
         done = 0
         for b in range(math.ceil(cfg.k / cfg.block)):
             n = min(cfg.block, cfg.k - done)
-            eps_block = _noise(ids, cfg.seed, b, n, dims)
+            eps_block = _noise(ids, cfg.seed, b, n, cfg.block, dims)
             for s in range(0, n, sub):
                 eps = [e[s : s + sub].to(dev) for e in eps_block]  # (c, B, D_l)
                 post = model.sample_q(x, eps[0].shape[0], eps=eps)

@@ -105,14 +105,10 @@ class IWAEModel(nn.Module):
         self.cfg = cfg
         dims = (cfg.x_dim, *cfg.latent)
         # q(h_{l+1} | h_l), l = 0..L-1 with h_0 = x
-        self.encoders = nn.ModuleList(
-            GaussianLayer(dims[i], cfg.hidden_q[i], dims[i + 1]) for i in range(len(cfg.latent))
-        )
+        self.encoders = nn.ModuleList(GaussianLayer(dims[i], cfg.hidden_q[i], dims[i + 1]) for i in range(len(cfg.latent)))
         # p(h_l | h_{l+1}) for l = 1..L-1 (Gaussian), p(x | h_1) (Bernoulli)
         self.decoder_x = BernoulliLayer(dims[1], cfg.hidden_p[0], dims[0])
-        self.decoders = nn.ModuleList(
-            GaussianLayer(dims[i + 1], cfg.hidden_p[i], dims[i]) for i in range(1, len(cfg.latent))
-        )
+        self.decoders = nn.ModuleList(GaussianLayer(dims[i + 1], cfg.hidden_p[i], dims[i]) for i in range(1, len(cfg.latent)))
 
     @property
     def num_layers(self) -> int:
@@ -152,10 +148,10 @@ class IWAEModel(nn.Module):
 
     def log_q_standard(self, post: Posterior) -> Tensor:
         """log q(h | x) at its own samples: -0.5 eps^2 - log sigma - c; exact total derivative. ``(K, B)``."""
-        out = 0.0
+        out = torch.zeros((), device=post.h[0].device, dtype=post.h[0].dtype)
         for e, ls in zip(post.eps, post.log_sigma):
             out = out - 0.5 * (e * e + LOG_2PI).sum(-1) - ls.sum(-1)
-        return out  # type: ignore[return-value]
+        return out
 
     def log_q_stop_params(self, x: Tensor, h: Sequence[Tensor], post: Posterior) -> Tensor:
         """log q(h | x) with q's *parameters* held constant but gradients flowing through h.

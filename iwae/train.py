@@ -63,7 +63,15 @@ class TrainResult:
     resumed_from_epoch: int = 0
 
 
-def _checkpoint_payload(cfg: RunConfig, model: IWAEModel, opt: torch.optim.Optimizer, gen: torch.Generator, epoch: int, history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def _checkpoint_payload(
+    cfg: RunConfig,
+    model: IWAEModel,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    epoch: int,
+    history: list[dict[str, Any]],
+    seconds: float,
+) -> dict[str, Any]:
     return {
         "config": cfg.to_dict(),
         "run_id": cfg.run_id,
@@ -140,6 +148,8 @@ def train(
     result = TrainResult(model, history, seconds, start_epoch)
     total = cfg.schedule.total_epochs
     if start_epoch >= total:
+        if run_dir is not None and not (run_dir / FINAL).exists():
+            checkpoint.save_atomic(_checkpoint_payload(cfg, model, opt, gen, total, history, seconds), run_dir / FINAL)
         return result
 
     objective, estimator = cfg.objective_obj(), cfg.estimator

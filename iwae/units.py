@@ -8,6 +8,7 @@ variance; a higher layer's mean is that of q(h_l | h_{l-1}) at one sampled h_{l-
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,9 +48,9 @@ def _slice_linear(lin: nn.Linear, rows: Tensor | None = None, cols: Tensor | Non
     return out
 
 
-def _slice_input(layer: nn.Module, cols: Tensor) -> None:
+def _slice_input(layer: Any, cols: Tensor) -> None:
     """Drop input columns of a Gaussian/Bernoulli layer (its first linear map)."""
-    body = layer.body  # type: ignore[attr-defined]
+    body = layer.body
     if len(body) > 0:
         body[0] = _slice_linear(body[0], cols=cols)
     else:
@@ -58,16 +59,16 @@ def _slice_input(layer: nn.Module, cols: Tensor) -> None:
                 setattr(layer, name, _slice_linear(getattr(layer, name), cols=cols))
 
 
-def _slice_output(layer: nn.Module, rows: Tensor) -> None:
-    layer.mu = _slice_linear(layer.mu, rows=rows)  # type: ignore[attr-defined]
-    layer.log_sigma = _slice_linear(layer.log_sigma, rows=rows)  # type: ignore[attr-defined]
+def _slice_output(layer: Any, rows: Tensor) -> None:
+    layer.mu = _slice_linear(layer.mu, rows=rows)
+    layer.log_sigma = _slice_linear(layer.log_sigma, rows=rows)
 
 
 def prune(model: IWAEModel, masks: list[Tensor]) -> IWAEModel:
     """A copy of ``model`` with inactive units removed from q, p and the prior (paper sec. 5.2).
 
-    A layer with no active unit keeps its single most-variant unit... by mask position 0 only if
-    the caller's mask is empty; pass masks from :func:`active_masks` with at least one unit each.
+    Every layer needs at least one active unit (a layer with none cannot be removed from the
+    paper's architecture), else ``ValueError``.
     """
     keep = [torch.nonzero(m.cpu(), as_tuple=True)[0] for m in masks]
     if any(len(k) == 0 for k in keep):

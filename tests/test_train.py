@@ -1,0 +1,111 @@
+"""Training: the schedule, checkpoints that resume exactly, non-finite steps skipped and counted."""
+
+import pytest
+import torch
+
+from iwae import checkpoint
+from iwae.config import ModelConfig, RunConfig, ScheduleConfig
+from iwae.data import synthetic
+from iwae.train import FINAL, NonFiniteError, load_model, train
+
+SMALL = ModelConfig(x_dim=784, latent=(4,), hidden_q=((16,),), hidden_p=((16,),))
+
+
+def cfg(**kw):
+    base = dict(dataset="synthetic", model=SMALL, objective={"name": "iwae", "k": 3}, schedule=ScheduleConfig(stages=2), train_subset=400)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_paper_schedule():
+    """8 stages of 3^i epochs at 1e-3 * 10^(-i/7): 3,280 epochs; the authors' rounded rates as option."""
+    plan = ScheduleConfig().plan()
+    assert [e for e, _ in plan] == [1, 3, 9, 27, 81, 243, 729, 2187] and ScheduleConfig().total_epochs == 3280
+    assert plan[7][1] == pytest.approx(1e-4) and plan[1][1] == pytest.approx(1e-3 * 10 ** (-1 / 7))
+    authors = [lr for _, lr in ScheduleConfig(authors_code=True).plan()]
+    assert authors == pytest.approx([1e-3, 7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4])
+    assert ScheduleConfig(stages=3, epoch_scale=0.5).plan()[2][0] == 4
+    assert ScheduleConfig(epochs=7, lr=1e-4).plan() == [(7, 1e-4)]
+
+
+def test_run_id_is_a_stable_hash_of_the_config():
+    """Equal configs share an id; any change gives a new one; the config round-trips through a dict."""
+    assert cfg().run_id == cfg().run_id and cfg(seed=1).run_id != cfg().run_id
+    assert RunConfig.from_dict(cfg().to_dict()) == cfg()
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    """Stopping after stage 0 and resuming gives bit-for-bit the same model as one straight run."""
+    data = synthetic(n_train=400, n_test=10)
+    straight = train(cfg(), data, tmp_path / "a")
+    # interrupted: a one-stage run of the same config in the same folder, then the full one resumes
+    c1 = cfg()
+    part = train(c1, data, None)  # warm-up to show in-memory runs also work
+    assert len(part.history) == 4
+    train(cfg(schedule=ScheduleConfig(stages=1)), data, tmp_path / "tmp")  # other config, other dir
+    run_dir = tmp_path / "b"
+    train(c1, data, run_dir)
+    (run_dir / FINAL).unlink()
+    (run_dir / "latest.pt").unlink()
+    (run_dir / "stage-01.pt").unlink()  # as if killed during stage 1
+    resumed = train(c1, data, run_dir)
+    assert resumed.resumed_from_epoch == 1
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+
+
+def test_truncated_checkpoint_is_detected_and_redone(tmp_path):
+    """A half-written checkpoint is never loaded: it is removed and that work is redone."""
+    data = synthetic(n_train=400, n_test=10)
+    run_dir = tmp_path / "r"
+    train(cfg(), data, run_dir)
+    raw = (run_dir / FINAL).read_bytes()
+    (run_dir / FINAL).write_bytes(raw[: len(raw) // 3])
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+        load_model(run_dir / FINAL)
+    again = train(cfg(), data, run_dir)
+    assert again.resumed_from_epoch == 4 and (run_dir / FINAL).exists()
+    load_model(run_dir / FINAL)
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    """A torch file that is not ours is refused; a pickle with code is refused by weights_only."""
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "x.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not an iwae-pipeline checkpoint"):
+        checkpoint.load(tmp_path / "x.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": checkpoint.FORMAT, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+        checkpoint.load(tmp_path / "evil.pt")
+
+
+def test_non_finite_steps_are_skipped_and_counted(monkeypatch):
+    """A NaN loss step leaves the parameters untouched, is counted, and a poisoned epoch raises."""
+    data = synthetic(n_train=400, n_test=10)
+    model_before = train(cfg(schedule=ScheduleConfig(stages=1)), data).model
+    monkeypatch.setenv("IWAE_FAULT_NONFINITE_EPOCH", "0")
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        train(cfg(schedule=ScheduleConfig(stages=1)), data)
+    # fused Adam with found_inf leaves parameters unchanged on a skipped step
+    model = model_before
+    opt = torch.optim.Adam(model.parameters(), fused=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_history_has_per_epoch_metrics():
+    """Each epoch reports its bound, time, throughput and skipped steps as data."""
+    res = train(cfg(), synthetic(n_train=400, n_test=10))
+    row = res.history[-1]
+    assert set(row) >= {"epoch", "stage", "lr", "train_bound", "seconds", "examples_per_s", "skipped_steps"}
+    assert row["skipped_steps"] == 0 and row["train_bound"] < 0
+    assert res.history[-1]["train_bound"] > res.history[0]["train_bound"]  # it learns
