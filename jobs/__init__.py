@@ -1,0 +1,60 @@
+"""Experiment grids as plain values: each job is a function ``build(size, **cut) -> Job``.
+
+``size`` is ``full`` (the experiment as described) or ``smoke`` (the same grid on a few hundred
+training images and a handful of test images, for end-to-end tests). ``stages``/``epoch_scale``
+cut the paper's schedule for CPU budgets; the cut is part of every run's config and id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from iwae.config import RunConfig, ScheduleConfig
+from iwae.evaluate import EvalConfig
+
+SIZES = ("full", "smoke")
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    description: str
+    runs: tuple[RunConfig, ...]
+    eval: EvalConfig
+    test_images: int | None  # None: the whole test set
+    requires: tuple[str, ...] = ()  # jobs whose runs this one starts from
+
+
+def cut(cfg: RunConfig, size: str, stages: int | None, epoch_scale: float | None) -> RunConfig:
+    """Apply the smoke size and a schedule cut to one run config."""
+    sched = cfg.schedule
+    if stages is not None or epoch_scale is not None:
+        sched = replace(sched, stages=stages or sched.stages, epoch_scale=epoch_scale or sched.epoch_scale)
+    if size == "smoke":
+        sched = replace(sched, stages=1, epoch_scale=1.0) if sched.epochs is None else replace(sched, epochs=1)
+        return replace(cfg, schedule=sched, train_subset=400)
+    return replace(cfg, schedule=sched)
+
+
+def smoke_eval(job_eval: EvalConfig, size: str) -> EvalConfig:
+    return EvalConfig(k=100, seed=job_eval.seed, block=50, prefixes=(1, 5, 50, 100)) if size == "smoke" else job_eval
+
+
+def registry() -> dict[str, Callable[..., Job]]:
+    from jobs import demo, estimators, paper_table1, paper_table2
+
+    return {"demo": demo.build, "paper_table1": paper_table1.build, "paper_table2": paper_table2.build, "estimators": estimators.build}
+
+
+def build(name: str, size: str = "full", stages: int | None = None, epoch_scale: float | None = None) -> Job:
+    reg = registry()
+    if name not in reg:
+        raise KeyError(name)
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}")
+    return reg[name](size=size, stages=stages, epoch_scale=epoch_scale)
+
+
+def default_schedule() -> ScheduleConfig:
+    return ScheduleConfig()

@@ -1,0 +1,36 @@
+"""Table 1 of Burda et al. 2016: MNIST and Omniglot, 1 and 2 stochastic layers, VAE and IWAE,
+k = 1, 5, 50 (24 runs), the full 3,280-epoch schedule, then k=5000 evaluation and active units."""
+
+from __future__ import annotations
+
+from iwae.config import ModelConfig, RunConfig
+from iwae.evaluate import EvalConfig
+from jobs import Job, cut, smoke_eval
+
+
+def runs(
+    size: str = "full",
+    stages: int | None = None,
+    epoch_scale: float | None = None,
+    datasets: tuple[str, ...] = ("mnist", "omniglot"),
+    layers: tuple[int, ...] = (1, 2),
+) -> list[RunConfig]:
+    out = []
+    for dataset in datasets:
+        for n_layers in layers:
+            for k in (1, 5, 50):
+                for objective in ("vae", "iwae"):
+                    cfg = RunConfig(dataset=dataset, model=ModelConfig.paper(n_layers), objective={"name": objective, "k": k})
+                    out.append(cut(cfg, size, stages, epoch_scale))
+    return out
+
+
+def build(size: str = "full", stages: int | None = None, epoch_scale: float | None = None) -> Job:
+    datasets = ("mnist",) if size == "smoke" else ("mnist", "omniglot")  # no chardata.mat in tests
+    return Job(
+        name="paper_table1",
+        description="Table 1: VAE vs IWAE, k=1,5,50, 1-2 layers, MNIST+Omniglot (24 runs)",
+        runs=tuple(runs(size, stages, epoch_scale, datasets, (1, 2) if size == "full" else (1,))),
+        eval=smoke_eval(EvalConfig(), size),
+        test_images=None if size == "full" else 20,
+    )

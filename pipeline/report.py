@@ -1,0 +1,207 @@
+"""Reports from the Parquet results alone: Table 1 with the paper's numbers beside ours, the
+objective-swap and estimator tables, the train-test gap, and PNG plots.
+
+Errors are standard errors of the mean over test images; comparisons of two runs on the same
+images use the paired per-image difference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.results import PREFIXES, Results, write_table_atomic
+
+# Table 1 of Burda et al. 2016 (v4): test NLL (nats) and active units, 3,280 epochs.
+PAPER_TABLE1 = {
+    ("mnist", 1, 1): (86.76, "19", 86.76, "19"),
+    ("mnist", 1, 5): (86.47, "20", 85.54, "22"),
+    ("mnist", 1, 50): (86.35, "20", 84.78, "25"),
+    ("mnist", 2, 1): (85.33, "16+5", 85.33, "16+5"),
+    ("mnist", 2, 5): (85.01, "17+5", 83.89, "21+5"),
+    ("mnist", 2, 50): (84.78, "17+5", 82.90, "26+7"),
+    ("omniglot", 1, 1): (108.11, "28", 108.11, "28"),
+    ("omniglot", 1, 5): (107.62, "28", 106.12, "34"),
+    ("omniglot", 1, 50): (107.80, "28", 104.67, "41"),
+    ("omniglot", 2, 1): (107.58, "28+4", 107.56, "30+5"),
+    ("omniglot", 2, 5): (106.31, "30+5", 104.79, "38+6"),
+    ("omniglot", 2, 50): (106.30, "30+5", 103.38, "44+7"),
+}
+
+
+@dataclass(frozen=True)
+class Report:
+    markdown: str
+    summary: pd.DataFrame
+    files: tuple[Path, ...]
+
+
+def run_summary(results: Results) -> pd.DataFrame:
+    """One row per run: config, status, NLL mean and standard error, pruned NLL, active units, prefixes."""
+    runs = results.read("runs")
+    ev = results.read("eval")
+    if runs.empty:
+        return runs
+    agg = []
+    for run_id, g in ev.groupby("run_id"):
+        n = len(g)
+        row = {"run_id": run_id, "test_images": n, "eval_k": int(g["eval_k"].iloc[0])}
+        row["nll"] = -g["log_px"].mean()
+        row["nll_se"] = g["log_px"].std(ddof=1) / math.sqrt(n) if n > 1 else math.nan
+        row["nll_pruned"] = -g["log_px_pruned"].mean() if g["log_px_pruned"].notna().all() else math.nan
+        for p in PREFIXES:
+            row[f"nll_l{p}"] = -g[f"l_{p}"].mean() if g[f"l_{p}"].notna().all() else math.nan
+        agg.append(row)
+    out = runs.merge(pd.DataFrame(agg), on="run_id", how="left") if agg else runs.assign(nll=math.nan, nll_se=math.nan, test_images=0)
+    out["active"] = [_units(a, b) for a, b in zip(out["active_h1"], out["active_h2"])]
+    return out.sort_values(["dataset", "layers", "k", "objective", "estimator", "epochs"]).reset_index(drop=True)
+
+
+def _units(a: object, b: object) -> str:
+    if a is None or (isinstance(a, float) and math.isnan(a)) or pd.isna(a):  # type: ignore[arg-type]
+        return "-"
+    return f"{int(a)}" if b is None or pd.isna(b) else f"{int(a)}+{int(b)}"  # type: ignore[call-overload]
+
+
+def _fmt(v: float, se: float | None = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.2f} ± {se:.2f}" if se is not None and not math.isnan(se) else f"{v:.2f}"
+
+
+def paired_gap(ev: pd.DataFrame, a: str, b: str) -> tuple[float, float, int]:
+    """Mean and standard error of log p_b(x) - log p_a(x) over the images both runs evaluated."""
+    pa = ev[ev.run_id == a].set_index("image_id")["log_px"]
+    pb = ev[ev.run_id == b].set_index("image_id")["log_px"]
+    d = (pb - pa).dropna()
+    if len(d) < 2:
+        return math.nan, math.nan, len(d)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))), len(d)
+
+
+def table1(summary: pd.DataFrame, ev: pd.DataFrame) -> str:
+    """VAE vs IWAE per (dataset, layers, k, epochs), ours beside the paper's, with the paired gap."""
+    done = summary[(summary.status == "done") & (summary.estimator == "standard") & (summary.objective.isin(["vae", "iwae"])) & (summary.init_from == "")]
+    lines = [
+        "| data | layers | k | epochs | VAE NLL | VAE active | IWAE NLL | IWAE active | IWAE gain (paired) | paper VAE | paper IWAE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (dataset, layers, k, epochs), g in done.groupby(["dataset", "layers", "k", "epochs"], sort=True):
+        vae, iw = g[g.objective == "vae"], g[g.objective == "iwae"]
+        v = vae.iloc[0] if len(vae) else None
+        i = iw.iloc[0] if len(iw) else None
+        gain = paired_gap(ev, v.run_id, i.run_id) if v is not None and i is not None else (math.nan, math.nan, 0)
+        paper = PAPER_TABLE1.get((dataset, int(layers), int(k)))
+        lines.append(
+            f"| {dataset} | {layers} | {k} | {epochs} | "
+            f"{_fmt(v.nll, v.nll_se) if v is not None else '-'} | {v.active if v is not None else '-'} | "
+            f"{_fmt(i.nll, i.nll_se) if i is not None else '-'} | {i.active if i is not None else '-'} | "
+            f"{_fmt(gain[0], gain[1])} | {f'{paper[0]:.2f} ({paper[1]})' if paper else '-'} | {f'{paper[2]:.2f} ({paper[3]})' if paper else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def all_runs_table(summary: pd.DataFrame) -> str:
+    lines = ["| run | what | epochs | status | test NLL | pruned NLL | active | images | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        err = f" ({r.error})" if r.status != "done" and r.error else ""
+        lines.append(
+            f"| {r.run_id} | {r.label}{' from ' + r.init_from if r.init_from else ''} | {r.epochs} | {r.status}{err} | "
+            f"{_fmt(getattr(r, 'nll', math.nan), getattr(r, 'nll_se', math.nan))} | {_fmt(getattr(r, 'nll_pruned', math.nan))} | {r.active} | "
+            f"{int(r.test_images) if not pd.isna(getattr(r, 'test_images', math.nan)) else 0} | {_fmt(r.train_seconds)} |"
+        )
+    return "\n".join(lines)
+
+
+def plots(results: Results, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    train = results.read("train")
+    labels = dict(zip(summary.run_id, summary.label))
+    if not train.empty:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for rid, g in train.groupby("run_id"):
+            ax.plot(g["epoch"], g["train_bound"], marker="o", ms=3, label=labels.get(rid, rid))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training bound (nats)")
+        ax.set_title("Training curves")
+        ax.legend(fontsize=7)
+        files.append(_save(fig, out_dir / "training_curves.png"))
+    done = summary[summary.status == "done"]
+    if "nll_l1" in done and done["nll_l1"].notna().any():
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in done.itertuples():
+            ks = [p for p in PREFIXES if not math.isnan(getattr(r, f"nll_l{p}"))]
+            ax.plot(ks, [-getattr(r, f"nll_l{p}") for p in ks], marker="o", label=r.label)
+        ax.set_xscale("log")
+        ax.set_xlabel("k (importance samples at test time)")
+        ax.set_ylabel("mean test L_k (nats)")
+        ax.set_title("L_k against k, from the prefix bounds of one pass")
+        ax.legend(fontsize=7)
+        files.append(_save(fig, out_dir / "lk_vs_k.png"))
+    var_rows = done[done["unit_var_h1"].notna()]
+    if len(var_rows):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        bins = list(np.linspace(-12, 2, 40))
+        for r in var_rows.itertuples():
+            v = np.log10(np.clip(np.asarray(r.unit_var_h1, dtype=float), 1e-12, None))
+            ax.hist(v, bins=bins, alpha=0.5, label=r.label)
+        ax.axvline(-2, color="k", ls="--", lw=1)
+        ax.set_xlabel("log10 variance of the posterior mean (layer 1); active if >= -2")
+        ax.set_ylabel("units")
+        ax.set_title("Active units (paper sec. 5.2, App. C)")
+        ax.legend(fontsize=7)
+        files.append(_save(fig, out_dir / "active_units.png"))
+    return files
+
+
+def _save(fig: object, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"_{path.name}")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
+    tmp.replace(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # type: ignore[arg-type]
+    return path
+
+
+def build_report(results: Results, out_dir: Path | None = None) -> Report:
+    """Render the report into ``out_dir`` (default ``results/report``): report.md, PNGs, summary.parquet."""
+    out_dir = out_dir or results.root / "report"
+    summary = run_summary(results)
+    ev = results.read("eval")
+    if summary.empty:
+        return Report("No runs in this results folder yet.", summary, ())
+    parts = ["# iwae-pipeline report", "", "## Table 1: VAE vs IWAE (test NLL in nats ± standard error; lower is better)", "", table1(summary, ev), ""]
+    parts += [
+        "IWAE gain: mean over test images of log p_IWAE(x) - log p_VAE(x) with its paired standard error (positive favours IWAE).",
+        "Paper columns: 3,280 epochs, full test set (Burda et al. 2016, Table 1).",
+        "",
+        "## All runs",
+        "",
+        all_runs_table(summary),
+        "",
+    ]
+    failed = summary[summary.status != "done"]
+    if len(failed):
+        parts += [f"**{len(failed)} run(s) failed**: " + ", ".join(f"{r.run_id} ({r.label})" for r in failed.itertuples()), ""]
+    files = plots(results, summary, out_dir)
+    parts += [f"![{p.stem}]({p.name})" for p in files]
+    md = "\n".join(parts) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "_report.md").write_text(md)
+    (out_dir / "_report.md").replace(out_dir / "report.md")
+    flat = summary.drop(columns=[c for c in ("unit_var_h1", "unit_var_h2") if c in summary])
+    import pyarrow as pa
+
+    write_table_atomic(flat.to_dict("records"), pa.Schema.from_pandas(flat, preserve_index=False), out_dir / "summary.parquet")
+    return Report(md, summary, tuple(files))
