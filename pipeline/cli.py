@@ -229,7 +229,7 @@ def sweep(
             if cfg.init_from and not res.run_done(cfg.init_from):
                 raise UserError(f"{job} starts from {req}'s runs; run `iwae-pipeline sweep {req}` with the same --size/--stages/--epoch-scale first")
     t0 = time.monotonic()
-    rb.connect(address)
+    owned = rb.connect(address)
     try:
         bar = _bar(len(j.runs), f"{job}: trials", "trial")
         bar.update(sum(res.run_done(c.run_id) for c in j.runs))
@@ -245,7 +245,8 @@ def sweep(
         if evaluate_after:
             _evaluate(j, res, data_dir, shards, eval_workers, eval_cpus, eval_gpus)
     finally:
-        rb.shutdown()
+        if owned:
+            rb.shutdown()
     rep = build_report(res)
     typer.echo(rep.markdown)
     typer.echo(f"{job}: done in {time.monotonic() - t0:.0f} s; tables in {res.root / 'tables'}, report in {res.root / 'report'}")
@@ -294,11 +295,12 @@ def evaluate(
     res = Results.open(results, create=False)
     if not any(res.run_done(c.run_id) for c in j.runs):
         raise UserError(f"no trained runs of {job} in {res.root}; run `iwae-pipeline sweep {job}` first")
-    rb.connect(address)
+    owned = rb.connect(address)
     try:
         _evaluate(j, res, data_dir, shards, workers, cpus, gpus)
     finally:
-        rb.shutdown()
+        if owned:
+            rb.shutdown()
     typer.echo(f"evaluated {job} into {res.root / 'tables' / 'eval'}")
 
 

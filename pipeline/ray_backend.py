@@ -39,15 +39,16 @@ def _probe(address: str, timeout: float = 3.0) -> None:
         raise UserError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); check --address, or omit it to run on a local Ray") from None
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> str:
+def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
     """Start the embedded local Ray (no address) or connect to ``address``/``$RAY_ADDRESS``.
 
     The local Ray binds to 127.0.0.1 with no dashboard: nothing listens beyond loopback.
+    Returns True when this call started the connection (the caller then shuts it down).
     """
     import ray
 
     if ray.is_initialized():
-        return "attached"
+        return False
     address = address or os.environ.get(ENV_ADDRESS) or None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is None:
@@ -62,13 +63,13 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
             log_to_driver=False,
             configure_logging=False,
         )
-        return "local"
+        return True
     _probe(address)
     try:
         ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UserError(f"cannot connect to Ray at {address} ({str(e).splitlines()[0][:120]}); check --address and RAY_AUTH_MODE") from None
-    return address
+    return True
 
 
 def shutdown() -> None:

@@ -11,3 +11,28 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def data_dir():
+    """The fetched MNIST (``make test`` fetches it first)."""
+    from pathlib import Path
+
+    return Path(os.environ.get("IWAE_DATA_DIR", Path(__file__).resolve().parents[1] / "data")).absolute()
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    d = data_dir()
+    if not (d / "mnist.npz").exists():
+        pytest.fail(f"MNIST is not in {d}: run `make data` (make test does it)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the whole session (start-up costs ~7 s), loopback only."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=200 * 2**20, log_to_driver=False)
+    yield ray
+    ray.shutdown()
