@@ -52,7 +52,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     address = address or os.environ.get(ENV_ADDRESS) or None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded, loopback-only cluster of this process
+        _keep_loopback()
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,
@@ -72,11 +72,30 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     return True
 
 
+def _keep_loopback() -> None:
+    """Make the embedded Ray listen on 127.0.0.1 only.
+
+    Ray 2.60 replaces a node IP of 127.0.0.1 by the machine's reachable address
+    (``services.resolve_ip_for_localhost``), and its gRPC servers then bind every interface. With
+    the node IP left at 127.0.0.1 every server binds loopback (checked by tests/test_security.py).
+    Only for the cluster this process starts itself; connecting to a cluster is untouched.
+    """
+    import ray._private.services as services
+
+    if not hasattr(services, "_iwae_original_resolve"):
+        services._iwae_original_resolve = services.resolve_ip_for_localhost  # type: ignore[attr-defined]
+        services.resolve_ip_for_localhost = lambda host: host
+
+
 def shutdown() -> None:
     import ray
+    import ray._private.services as services
 
     if ray.is_initialized():
         ray.shutdown()
+    if hasattr(services, "_iwae_original_resolve"):
+        services.resolve_ip_for_localhost = services._iwae_original_resolve
+        del services._iwae_original_resolve
 
 
 def check_resources(cpus: float, gpus: float) -> None:
@@ -261,8 +280,11 @@ def job_client(address: str) -> Any:
     The token comes from ``RAY_AUTH_TOKEN``/``RAY_AUTH_TOKEN_PATH``/``~/.ray/auth_token`` with
     ``RAY_AUTH_MODE=token``; it is never printed or logged here.
     """
+    import logging
+
     from ray.job_submission import JobSubmissionClient
 
+    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray logs a line per ignored file on upload
     _probe(_dashboard_hostport(address))
     try:
         return JobSubmissionClient(address)

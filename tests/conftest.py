@@ -33,6 +33,8 @@ def ray_local():
     """One real local Ray for the whole session (start-up costs ~7 s), loopback only."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=200 * 2**20, log_to_driver=False)
+    from pipeline import ray_backend
+
+    ray_backend.connect(num_cpus=2)  # the CLI's own embedded start-up, loopback only
     yield ray
-    ray.shutdown()
+    ray_backend.shutdown()

@@ -1,0 +1,65 @@
+"""Ray Jobs: submit a smoke job from the CLI to a real `ray start --head` on 127.0.0.1."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A real Ray head on loopback with its dashboard (Jobs API) on a free port."""
+    tmp = tmp_path_factory.mktemp("head")
+    gcs, dash = free_port(), free_port()
+    # the head's Python has the project installed, as on a real cluster (cluster.yaml's setup_commands)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    cmd = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={tmp}/ray", "--include-dashboard=true"]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    yield f"http://127.0.0.1:{dash}", env
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=60)
+
+
+def test_submit_status_logs_on_a_local_head(head, tmp_path, mnist_dir, monkeypatch):
+    """`submit --wait` runs the smoke demo on the cluster; its Parquet output is there; status and logs work."""
+    address, env = head
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    results = tmp_path / "results"
+    runner = CliRunner()
+    r = runner.invoke(app, ["submit", "demo", "--size", "smoke", "--address", address, "--results", str(results), "--data-dir", str(mnist_dir), "--wait", "--timeout", "600"])
+    sid = [w for w in r.output.split() if w.startswith("raysubmit_")][0] if "raysubmit_" in r.output else ""
+    if r.exit_code != 0:
+        logs = runner.invoke(app, ["logs", sid, "--address", address]).output if sid else ""
+        pytest.fail(f"submit failed: {r.output[-2000:]}\n--- job logs ---\n{logs[-4000:]}")
+    assert "SUCCEEDED" in r.output
+    ev = pd.read_parquet(results / "tables" / "eval")
+    assert len(ev) == 40 and not ev.duplicated(["run_id", "image_id"]).any()
+    st = runner.invoke(app, ["status", sid, "--address", address])
+    assert st.exit_code == 0 and "SUCCEEDED" in st.output
+    lg = runner.invoke(app, ["logs", sid, "--address", address])
+    assert lg.exit_code == 0 and "demo: done" in lg.output
+    again = runner.invoke(app, ["submit", "demo", "--size", "smoke", "--address", address, "--submission-id", sid])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_unreachable_address_fails_fast_with_one_line():
+    """An address where nothing listens gives exit 2 and a one-line error, in seconds."""
+    r = CliRunner().invoke(app, ["status", "raysubmit_x", "--address", f"http://127.0.0.1:{free_port()}"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "cannot reach" in r.output
