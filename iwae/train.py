@@ -159,7 +159,7 @@ def train(
     if steps == 0:
         raise ValueError(f"batch size {bs} is larger than the {n} training examples")
     sum_grads = cfg.schedule.authors_code  # authors' code: minibatch sum; paper text silent
-    fault_epoch = int(os.environ.get("IWAE_FAULT_NONFINITE_EPOCH", "-1"))  # test hook: poison one epoch
+    fault_epoch = _fault_epoch()  # test hook: poison one epoch with NaN losses
     model.train()
     for epoch in range(start_epoch, total):
         stage, lr = stage_of_epoch(cfg, epoch)
@@ -216,6 +216,20 @@ def train(
     if run_dir is not None:
         checkpoint.save_atomic(_checkpoint_payload(cfg, model, opt, gen, total, history, seconds), run_dir / FINAL)
     return result
+
+
+def _fault_epoch() -> int:
+    """Fault injection for tests: ``IWAE_FAULT_NONFINITE_EPOCH=e`` makes epoch e's losses NaN; with
+    ``IWAE_FAULT_ONCE_FILE=path`` only the first attempt does (the file records that it fired)."""
+    epoch = int(os.environ.get("IWAE_FAULT_NONFINITE_EPOCH", "-1"))
+    once = os.environ.get("IWAE_FAULT_ONCE_FILE")
+    if epoch < 0 or not once:
+        return epoch
+    try:
+        with open(once, "x"):
+            return epoch
+    except FileExistsError:
+        return -1
 
 
 def load_model(path: Path, device: str | torch.device | None = None) -> tuple[IWAEModel, RunConfig, dict[str, Any]]:

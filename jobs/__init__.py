@@ -32,7 +32,7 @@ def cut(cfg: RunConfig, size: str, stages: int | None, epoch_scale: float | None
     if stages is not None or epoch_scale is not None:
         sched = replace(sched, stages=stages or sched.stages, epoch_scale=epoch_scale or sched.epoch_scale)
     if size == "smoke":
-        sched = replace(sched, stages=1, epoch_scale=1.0) if sched.epochs is None else replace(sched, epochs=1)
+        sched = replace(sched, stages=2, epoch_scale=1.0) if sched.epochs is None else replace(sched, epochs=2)
         return replace(cfg, schedule=sched, train_subset=400)
     return replace(cfg, schedule=sched)
 

@@ -424,15 +424,32 @@ def bench(
     if out is not None:
         import pyarrow as pa
 
-        from pipeline.results import write_table_atomic
+        from pipeline.results import write_arrow_atomic
 
-        table = pa.Table.from_pylist([figures])
-        write_table_atomic([figures], table.schema, out)
+        write_arrow_atomic(pa.Table.from_pylist([figures]), out)
 
 
-def main() -> None:
-    app()
+def run() -> None:
+    sys.exit(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: every error is one line on stderr (usage errors too) and an exit code."""
+    try:
+        code = app(args=argv, standalone_mode=False, prog_name="iwae-pipeline")
+    except typer.Exit as e:
+        return int(e.exit_code)
+    except typer.Abort:
+        typer.echo("interrupted: finished runs and shards are kept; run the same command again to resume", err=True)
+        return 130
+    except typer.TyperException as e:  # typer's click errors: bad option or value, exit 2
+        ctx = getattr(e, "ctx", None)
+        where = f"iwae-pipeline {ctx.info_name} --help" if ctx is not None and ctx.info_name != "iwae-pipeline" else "iwae-pipeline --help"
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        typer.echo(f"error: {message} (see `{where}`)", err=True)
+        return int(getattr(e, "exit_code", 2))
+    return int(code) if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

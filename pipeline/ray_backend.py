@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 from iwae.config import RunConfig
 from pipeline.errors import RunFailed, UserError
 from pipeline.results import Results
-from pipeline.work import EvalPlan, ShardEvaluator, mark_failed, prepare_eval, train_run
+from pipeline.work import EvalPlan, ShardEvaluator, mark_failed, prepare_eval, run_complete, train_run
 
 ENV_ADDRESS = "RAY_ADDRESS"
 
@@ -154,7 +154,7 @@ def sweep(
     """
     from ray import tune
 
-    todo = [c for c in runs if not results.run_done(c.run_id)]
+    todo = [c for c in runs if not run_complete(results, c.run_id)]
     if not todo:
         return []
     check_resources(res.cpus, res.gpus)
@@ -247,9 +247,14 @@ def evaluate(
     import ray
     from ray.util import ActorPool
 
+    from iwae import checkpoint
+    from iwae.train import FINAL
+
     items = [(rid, s) for rid in run_ids for s in prepare_eval(results, rid, plan)]
     if not items:
         return 0
+    for rid in sorted({rid for rid, _ in items}):
+        checkpoint.load(results.run_dir(rid) / FINAL)  # a truncated or foreign checkpoint fails here, in one line
     check_resources(res.cpus, res.gpus)
     cluster = ray.cluster_resources()
     if workers is None:
@@ -261,11 +266,17 @@ def evaluate(
     pool = ActorPool(actors)
     rows, done = 0, 0
     # sort so consecutive items share a model: an actor reloads only when the run changes
-    for _run_id, _shard, n in pool.map_unordered(lambda a, it: a.run.remote(*it), sorted(items)):
-        rows += n
-        done += 1
-        if progress:
-            progress(done, len(items))
+    try:
+        for _run_id, _shard, n in pool.map_unordered(lambda a, it: a.run.remote(*it), sorted(items)):
+            rows += n
+            done += 1
+            if progress:
+                progress(done, len(items))
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, UserError):
+            raise cause from None  # bad input found inside an actor: the same one-line error
+        raise RunFailed(f"evaluation failed: {str(cause or e).strip().splitlines()[-1][:200]}") from None
     for a in actors:
         ray.kill(a)  # type: ignore[arg-type]
     return rows

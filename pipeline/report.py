@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.results import PREFIXES, Results, write_table_atomic
+from pipeline.results import PREFIXES, Results, write_arrow_atomic
 
 # Table 1 of Burda et al. 2016 (v4): test NLL (nats) and active units, 3,280 epochs.
 PAPER_TABLE1 = {
@@ -203,5 +203,5 @@ def build_report(results: Results, out_dir: Path | None = None) -> Report:
     flat = summary.drop(columns=[c for c in ("unit_var_h1", "unit_var_h2") if c in summary])
     import pyarrow as pa
 
-    write_table_atomic(flat.to_dict("records"), pa.Schema.from_pandas(flat, preserve_index=False), out_dir / "summary.parquet")
+    write_arrow_atomic(pa.Table.from_pandas(flat, preserve_index=False), out_dir / "summary.parquet")
     return Report(md, summary, tuple(files))

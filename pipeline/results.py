@@ -91,6 +91,7 @@ RUNS_SCHEMA = pa.schema(
         pa.field("status", pa.string()),  # done | failed
         pa.field("error", pa.string()),
         pa.field("epochs_trained", pa.int64()),
+        pa.field("resumed_from_epoch", pa.int64()),  # > 0 when a retry resumed from a checkpoint
         pa.field("train_seconds", pa.float64()),
         pa.field("final_train_bound", pa.float64()),
         pa.field("skipped_steps", pa.int64()),
@@ -112,8 +113,12 @@ SCHEMAS = {"runs": RUNS_SCHEMA, "train": TRAIN_SCHEMA, "eval": EVAL_SCHEMA}
 
 def write_table_atomic(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
     """Write ``rows`` with ``schema`` to ``path`` via a ``_``-prefixed temp file and ``os.replace``."""
+    write_arrow_atomic(pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema), path)
+
+
+def write_arrow_atomic(table: pa.Table, path: Path) -> None:
+    """Write an Arrow table to ``path`` atomically (temp name starting with ``_``, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
     tmp = path.parent / f"_tmp-{uuid.uuid4().hex}.parquet"
     try:
         pq.write_table(table, tmp)

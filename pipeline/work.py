@@ -32,6 +32,17 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def run_complete(results: Results, run_id: str) -> bool:
+    """Done = its row says done *and* its final checkpoint reads (a truncated one is redone)."""
+    if not results.run_done(run_id):
+        return False
+    try:
+        checkpoint.load(results.run_dir(run_id) / FINAL)
+    except checkpoint.CheckpointError:
+        return False
+    return True
+
+
 def init_checkpoint(results: Results, cfg: RunConfig) -> dict[str, Any] | None:
     """The final checkpoint of ``cfg.init_from`` (Table 2 starts from Table 1's models)."""
     if not cfg.init_from:
@@ -56,7 +67,7 @@ def train_run(
     Returns the run's row. A run already marked done is returned as it is, without training.
     """
     row = results.run_row(cfg.run_id)
-    if row is not None and row["status"] == "done":
+    if row is not None and row["status"] == "done" and run_complete(results, cfg.run_id):
         return row
     data = data or load_dataset(cfg.dataset, data_dir, cfg.split)
     init = init_checkpoint(results, cfg)
@@ -73,6 +84,7 @@ def train_run(
         "status": "done",
         "error": "",
         "epochs_trained": len(res.history),
+        "resumed_from_epoch": res.resumed_from_epoch,
         "train_seconds": res.seconds,
         "final_train_bound": res.history[-1]["train_bound"] if res.history else math.nan,
         "skipped_steps": int(sum(h["skipped_steps"] for h in res.history)),

@@ -75,7 +75,12 @@ def test_shipped_cluster_yaml_passes_ray_and_our_rules():
     [
         (lambda c: c["available_node_types"]["gpu_worker"]["resources"].pop("GPU"), "GPU"),
         (lambda c: c["setup_commands"].__setitem__(0, "pip install ray torch"), "pin"),
-        (lambda c: c["provider"]["security_group"]["IpPermissions"].append({"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}), "internet"),
+        (
+            lambda c: c["provider"]["security_group"]["IpPermissions"].append(
+                {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
+            ),
+            "internet",
+        ),
         (lambda c: c["available_node_types"]["head"].__setitem__("resourcez", {}), "Ray rejects"),
         (lambda c: c["head_start_ray_commands"].__setitem__(1, "ray start --head --dashboard-host=0.0.0.0"), "dashboard listens"),
     ],

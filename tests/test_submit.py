@@ -30,7 +30,18 @@ def head(tmp_path_factory):
     gcs, dash = free_port(), free_port()
     # the head's Python has the project installed, as on a real cluster (cluster.yaml's setup_commands)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    cmd = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={tmp}/ray", "--include-dashboard=true"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={gcs}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--num-cpus=2",
+        f"--temp-dir={tmp}/ray",
+        "--include-dashboard=true",
+    ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     yield f"http://127.0.0.1:{dash}", env
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=60)
@@ -43,7 +54,9 @@ def test_submit_status_logs_on_a_local_head(head, tmp_path, mnist_dir, monkeypat
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     results = tmp_path / "results"
     runner = CliRunner()
-    r = runner.invoke(app, ["submit", "demo", "--size", "smoke", "--address", address, "--results", str(results), "--data-dir", str(mnist_dir), "--wait", "--timeout", "600"])
+    r = runner.invoke(
+        app, ["submit", "demo", "--size", "smoke", "--address", address, "--results", str(results), "--data-dir", str(mnist_dir), "--wait", "--timeout", "600"]
+    )
     sid = [w for w in r.output.split() if w.startswith("raysubmit_")][0] if "raysubmit_" in r.output else ""
     if r.exit_code != 0:
         logs = runner.invoke(app, ["logs", sid, "--address", address]).output if sid else ""

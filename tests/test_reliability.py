@@ -1,0 +1,267 @@
+"""Reliability: real faults (SIGKILL of workers and drivers, NaN trials, partial files, concurrent
+commands) with real processes and a real local Ray, and bad input that must fail in one line."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).parent / "iwae-pipeline")
+
+
+def run_cli(*args, env=None, timeout=600):
+    e = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, env=e, timeout=timeout, cwd=ROOT)
+
+
+def start_cli(*args, env=None):
+    e = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    return subprocess.Popen([CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e, cwd=ROOT, start_new_session=True)
+
+
+def wait_for(pred, timeout=180, every=0.2):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(every)
+    return False
+
+
+def pids_matching(text):
+    out = subprocess.run(["pgrep", "-f", text], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if int(p) != os.getpid()]
+
+
+def assert_each_image_once(results, runs, images):
+    ev = pd.read_parquet(results / "tables" / "eval")
+    assert not ev.duplicated(["run_id", "image_id"]).any()
+    assert len(ev) == runs * images, len(ev)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir):
+    """The smoke demo trained once (no evaluation), copied by the tests that need it."""
+    results = tmp_path_factory.mktemp("trained") / "results"
+    r = run_cli("sweep", "demo", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return results
+
+
+def copy_results(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tune"))
+    return dst
+
+
+@pytest.mark.slow
+def test_evaluation_survives_a_killed_worker(trained, tmp_path, mnist_dir):
+    """An evaluator actor SIGKILLed mid-shard is restarted by Ray: every image appears exactly once."""
+    results = copy_results(trained, tmp_path / "r")
+    proc = start_cli(
+        "evaluate",
+        "demo",
+        "--size",
+        "smoke",
+        "--results",
+        results,
+        "--data-dir",
+        mnist_dir,
+        "--shards",
+        "4",
+        "--workers",
+        "2",
+        env={"IWAE_FAULT_SLEEP_BEFORE_WRITE": "2"},
+    )
+    assert wait_for(lambda: pids_matching("ray::ShardEvaluator.run"), timeout=120), "no evaluator started"
+    time.sleep(0.5)
+    victim = pids_matching("ray::ShardEvaluator.run")[0]
+    os.kill(victim, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert_each_image_once(results, runs=2, images=20)
+
+
+@pytest.mark.slow
+def test_killed_sweep_driver_resumes_without_retraining(tmp_path, mnist_dir):
+    """SIGKILL the sweep driver (and its local Ray) mid-sweep; the same command resumes, trains only
+    what was unfinished, and no row appears twice."""
+    results = tmp_path / "r"
+    args = ("sweep", "paper_table1", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir)
+    proc = start_cli(*args)
+    runs_dir = results / "tables" / "runs"
+    assert wait_for(lambda: runs_dir.exists() and any(runs_dir.glob("*.parquet")), timeout=240), (
+        proc.stdout.read() if proc.poll() is not None else "no run finished"
+    )
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_before = {p.name: p.stat().st_mtime_ns for p in runs_dir.glob("*.parquet")}
+    assert 1 <= len(done_before) < 6, "kill the driver mid-sweep"
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = pd.read_parquet(runs_dir)
+    assert len(runs) == 6 and set(runs.status) == {"done"} and runs.run_id.is_unique
+    for name, mtime in done_before.items():  # finished runs were not trained again
+        assert (runs_dir / name).stat().st_mtime_ns == mtime
+    train = pd.read_parquet(results / "tables" / "train")
+    assert not train.duplicated(["run_id", "epoch"]).any() and len(train) == 6 * 4
+
+
+@pytest.mark.slow
+def test_nonfinite_trial_is_retried_from_its_checkpoint(tmp_path, mnist_dir):
+    """A trial whose losses turn NaN in epoch 3 fails once and resumes from its epoch-2 checkpoint."""
+    results = tmp_path / "r"
+    env = {"IWAE_FAULT_NONFINITE_EPOCH": "2", "IWAE_FAULT_ONCE_FILE": str(tmp_path / "fired")}
+    r = run_cli("sweep", "demo", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / "fired").exists()
+    runs = pd.read_parquet(results / "tables" / "runs")
+    assert sorted(runs.resumed_from_epoch) == [0, 2]  # exactly one trial was retried, from epoch 2
+    train = pd.read_parquet(results / "tables" / "train")
+    assert sorted(train.groupby("run_id").epoch.apply(list).map(tuple)) == [(1, 2, 3, 4)] * 2
+
+
+@pytest.mark.slow
+def test_trial_that_keeps_failing_is_named_and_reported(tmp_path, mnist_dir):
+    """A trial that is NaN on every attempt ends the sweep with exit 1 naming it; the report marks it failed."""
+    results = tmp_path / "r"
+    r = run_cli(
+        "sweep",
+        "demo",
+        "--size",
+        "smoke",
+        "--no-eval",
+        "--max-failures",
+        "1",
+        "--results",
+        results,
+        "--data-dir",
+        mnist_dir,
+        env={"IWAE_FAULT_NONFINITE_EPOCH": "0"},
+    )
+    assert r.returncode == 1
+    runs = pd.read_parquet(results / "tables" / "runs")
+    assert set(runs.status) == {"failed"} and all(rid in r.stderr for rid in runs.run_id)
+    assert "non-finite" in runs.error.iloc[0]
+    rep = run_cli("report", "--results", results)
+    assert rep.returncode == 0 and "2 run(s) failed" in rep.stdout
+
+
+@pytest.mark.slow
+def test_two_evaluations_at_once_do_not_double_rows(trained, tmp_path, mnist_dir):
+    """Two `evaluate` commands on the same folder at the same time: exactly one row per image."""
+    results = copy_results(trained, tmp_path / "r")
+    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--shards", "4")
+    a, b = start_cli(*args), start_cli(*args)
+    out_a, _ = a.communicate(timeout=300)
+    out_b, _ = b.communicate(timeout=300)
+    assert a.returncode == 0 and b.returncode == 0, out_a[-2000:] + out_b[-2000:]
+    assert_each_image_once(results, runs=2, images=20)
+
+
+@pytest.mark.slow
+def test_partial_files_are_never_read_and_truncated_checkpoints_are_redone(trained, tmp_path, mnist_dir):
+    """A leftover `_tmp-*` Parquet is ignored by readers; a truncated final checkpoint is retrained."""
+    results = copy_results(trained, tmp_path / "r")
+    run_id = sorted(p.name for p in (results / "runs").iterdir())[0]
+    (results / "tables" / "train" / "_tmp-deadbeef.parquet").write_bytes(b"PAR1 half a file")
+    assert len(pd.read_parquet(results / "tables" / "train")) == 2 * 4
+    final = results / "runs" / run_id / "final.pt"
+    final.write_bytes(final.read_bytes()[:1000])
+    r = run_cli("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
+    assert r.returncode == 2 and "unreadable" in r.stderr and r.stderr.count("\n") == 1
+    r = run_cli("sweep", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    torch.load(final, weights_only=True)  # rewritten, readable
+    assert_each_image_once(results, runs=2, images=20)
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def one_line_error(capsys, argv, match, code=2):
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == code, err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("20")]  # Ray's own log lines start with a date
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["sweep", "nojob"], "unknown job"),
+        (["train", "--k", "0"], "--k"),
+        (["train", "--batch-size", "0"], "--batch-size"),
+        (["sweep", "demo", "--gpus-per-trial", "-1"], "--gpus-per-trial"),
+        (["train", "--objective", "elbo9"], "--objective"),
+        (["sweep", "demo", "--stages", "9"], "--stages"),
+    ],
+)
+def test_out_of_range_options_fail_in_one_line(capsys, tmp_path, argv, match):
+    """Unknown jobs and out-of-range options: exit 2, one line, nothing written."""
+    one_line_error(capsys, [*argv, "--results", tmp_path / "r"] if argv[0] == "sweep" else argv, match)
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_file(capsys, tmp_path):
+    """No MNIST in the data folder: one line that says to run `data fetch`."""
+    one_line_error(capsys, ["train", "--data-dir", tmp_path / "empty", "--results", tmp_path / "r", "--stages", "1"], "iwae-pipeline data fetch mnist")
+
+
+def test_tampered_data_file(capsys, tmp_path):
+    """A data file whose checksum does not match is refused, and nothing is cached."""
+    bad = tmp_path / "mnist.pkl.gz"
+    bad.write_bytes(b"\x1f\x8b not the real pickle")
+    one_line_error(capsys, ["data", "fetch", "mnist", "--data-dir", tmp_path / "d", "--source", bad], "sha256")
+    assert not (tmp_path / "d" / "mnist.npz").exists()
+
+
+def test_results_folder_with_foreign_files(capsys, tmp_path):
+    """A results folder that holds someone else's files is refused (their files would be read as data)."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    one_line_error(capsys, ["train", "--results", tmp_path / "r", "--stages", "1"], "not written by iwae-pipeline")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["notes.txt"]
+
+
+def test_foreign_file_inside_the_tables(capsys, trained, tmp_path):
+    """A stray file inside tables/ is named rather than read as a result."""
+    results = copy_results(trained, tmp_path / "r")
+    (results / "tables" / "eval").mkdir(parents=True, exist_ok=True)
+    (results / "tables" / "eval" / "extra.csv").write_text("a,b\n")
+    one_line_error(capsys, ["report", "--results", results], "extra.csv")
+
+
+def test_foreign_checkpoint(capsys, trained, tmp_path, mnist_dir):
+    """A checkpoint that is not ours (or holds code) is refused in one line, before any Ray starts."""
+    results = copy_results(trained, tmp_path / "r")
+    run_id = sorted(p.name for p in (results / "runs").iterdir())[0]
+    torch.save({"weights": torch.zeros(3)}, results / "runs" / run_id / "final.pt")
+    one_line_error(capsys, ["evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir], "not an iwae-pipeline checkpoint")
+
+
+def test_unreachable_address(capsys, tmp_path):
+    """An --address where nothing listens fails in seconds with exit 2."""
+    t0 = time.monotonic()
+    one_line_error(capsys, ["sweep", "demo", "--size", "smoke", "--address", "127.0.0.1:9", "--results", tmp_path / "r"], "cannot reach")
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.slow
+def test_gpu_request_the_cluster_cannot_meet(capsys, ray_local, tmp_path, mnist_dir):
+    """Asking for a GPU on a CPU-only cluster fails at once (Ray would wait forever)."""
+    t0 = time.monotonic()
+    one_line_error(capsys, ["sweep", "demo", "--size", "smoke", "--gpus-per-trial", "1", "--results", tmp_path / "r", "--data-dir", mnist_dir], "GPU")
+    assert time.monotonic() - t0 < 60
