@@ -47,6 +47,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     """
     import ray
 
+    if address:
+        _probe(address)  # even when attached already: a wrong address is always reported
     if ray.is_initialized():
         return False
     address = address or os.environ.get(ENV_ADDRESS) or None
@@ -325,9 +327,9 @@ def submit(address: str, entrypoint: str, working_dir: Path, submission_id: str 
     try:
         return str(client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id, entrypoint_num_gpus=num_gpus or None))
     except RuntimeError as e:
-        if "already exists" in str(e) or "500" in str(e):
+        if submission_id and "already exists" in str(e):
             raise UserError(f"a job with submission id {submission_id} already exists on {address}; pass a new --submission-id") from None
-        raise UserError(f"the cluster refused the job ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(f"the cluster refused the job ({' '.join(str(e).split())[:300]})") from None
 
 
 def status(address: str, submission_id: str) -> str:

@@ -25,9 +25,13 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A real Ray head on loopback with its dashboard (Jobs API) on a free port."""
+    """A real Ray head on loopback with its dashboard (Jobs API) on a free port.
+
+    The agent port is free too: the default 52365 may be held by another Ray on this machine
+    (the embedded one other tests start), and the head's job agent would then never come up.
+    """
     tmp = tmp_path_factory.mktemp("head")
-    gcs, dash = free_port(), free_port()
+    gcs, dash, agent = free_port(), free_port(), free_port()
     # the head's Python has the project installed, as on a real cluster (cluster.yaml's setup_commands)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
     cmd = [
@@ -38,6 +42,7 @@ def head(tmp_path_factory):
         "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={agent}",
         "--num-cpus=2",
         f"--temp-dir={tmp}/ray",
         "--include-dashboard=true",

@@ -1,0 +1,261 @@
+"""`iwae-pipeline bench`: throughput of training and k=5000 evaluation on this machine.
+
+Everything is measured in one run so the ratios compare like with like: warm-up first, then
+repeats, medians reported. Figures:
+
+- the fp32 matmul peak (GFLOP/s) of this device;
+- training examples/s at batch 20, 1-layer paper model at k = 1, 5, 50 (and 2-layer at k=5), ours
+  and Pyro's ``RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True)`` on the same
+  architecture and data, and the ratio;
+- k=5000 evaluation: decoded samples/s and images/s, the FLOPs per decoded sample, the roofline they
+  imply (peak / FLOPs per sample), our fraction of it; the same work through the Ray-sharded path
+  (Ray start-up excluded) and the ratio; the peak resident memory of an evaluation process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iwae.bounds import IWAE
+from iwae.config import ModelConfig, RunConfig, ScheduleConfig
+from iwae.data import binarize, load_mnist
+from iwae.estimators import bound_and_surrogate
+from iwae.models import IWAEModel
+from iwae.train import make_optimizer, pick_device
+
+
+def _median_time(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _sync(dev: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+
+
+def matmul_peak(dev: torch.device, quick: bool) -> float:
+    """fp32 GFLOP/s of a large square matmul (the device's practical peak)."""
+    n = 1024 if quick else 2048
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    reps = 3 if quick else 10
+    for _ in range(2):
+        a @ b
+
+    def run() -> None:
+        for _ in range(reps):
+            a @ b
+
+    t = _median_time(run, 3, _sync(dev))
+    return 2 * n**3 * reps / t / 1e9
+
+
+def decoder_flops(cfg: ModelConfig) -> int:
+    """FLOPs of scoring one sample at evaluation: the decoder's matmuls, plus q(h_l|h_{l-1}) for l > 1."""
+    macs = 0
+    dims = (cfg.x_dim, *cfg.latent)
+    for i in range(len(cfg.latent)):
+        # p(h_i | h_{i+1}) (p(x | h1) for i = 0): widths dims[i+1] -> hidden_p[i] -> dims[i] (x2 for Gaussian heads)
+        widths = [dims[i + 1], *cfg.hidden_p[i]]
+        macs += sum(a * b for a, b in zip(widths, widths[1:])) + widths[-1] * dims[i] * (1 if i == 0 else 2)
+        if i > 0:  # q(h_{i+1} | h_i) runs per sample too
+            widths = [dims[i], *cfg.hidden_q[i]]
+            macs += sum(a * b for a, b in zip(widths, widths[1:])) + widths[-1] * dims[i + 1] * 2
+    return 2 * macs
+
+
+def train_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: torch.device, steps: int, repeats: int) -> float:
+    """Our training step (the same code `train` runs): examples/s at batch 20."""
+    cfg = RunConfig(model=model_cfg, objective={"name": "iwae", "k": k})
+    torch.manual_seed(0)
+    model = IWAEModel(model_cfg).to(dev)
+    opt = make_optimizer(model, cfg)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    obj = IWAE(k=k)
+    x_all = data.to(dev)
+
+    def step(i: int) -> None:
+        xb = binarize(x_all[(i * 20) % (len(x_all) - 20) :][:20], gen)
+        _, surrogate = bound_and_surrogate(model, xb, obj, "standard", gen)
+        loss = -surrogate.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(max(5, steps // 5)):
+        step(i)
+    t = _median_time(lambda: [step(i) for i in range(steps)] and None, repeats, _sync(dev))
+    return steps * 20 / t
+
+
+def pyro_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: torch.device, steps: int, repeats: int) -> float | None:
+    """Pyro's RenyiELBO(alpha=0) (= IWAE) on the same architecture: examples/s at batch 20."""
+    try:
+        import pyro
+        import pyro.distributions as dist
+        from pyro.infer import SVI, RenyiELBO
+        from pyro.optim import Adam
+    except ImportError:
+        return None
+    if len(model_cfg.latent) != 1:
+        return None
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    net = IWAEModel(model_cfg).to(dev)
+
+    def model(x: torch.Tensor) -> None:
+        pyro.module("decoder", net.decoder_x)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], model_cfg.latent[0], device=dev), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=net.decoder_x(z)).to_event(1), obs=x)
+
+    def guide(x: torch.Tensor) -> None:
+        pyro.module("encoder", net.encoders[0])
+        with pyro.plate("data", x.shape[0]):
+            mu, log_sigma = net.encoders[0](x)
+            pyro.sample("z", dist.Normal(mu, log_sigma.exp()).to_event(1))
+
+    svi = SVI(model, guide, Adam({"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-4}), loss=RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True))
+    x_all = data.to(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def step(i: int) -> None:
+        svi.step(binarize(x_all[(i * 20) % (len(x_all) - 20) :][:20], gen))
+
+    for i in range(max(5, steps // 5)):
+        step(i)
+    t = _median_time(lambda: [step(i) for i in range(steps)] and None, repeats, _sync(dev))
+    return steps * 20 / t
+
+
+def _fake_results(root: Path, model_cfg: ModelConfig, data: Any) -> tuple[Any, str]:
+    """A results folder holding one (untrained) run, for timing evaluation only."""
+    from iwae import checkpoint
+    from iwae.train import FINAL, build_model, make_optimizer
+    from pipeline.results import Results
+
+    cfg = RunConfig(model=model_cfg, objective={"name": "iwae", "k": 5}, schedule=ScheduleConfig(stages=1))
+    res = Results.open(root)
+    model = build_model(cfg, data, torch.device("cpu"))
+    payload = {
+        "config": cfg.to_dict(),
+        "run_id": cfg.run_id,
+        "model": model.state_dict(),
+        "optimizer": make_optimizer(model, cfg).state_dict(),
+        "epoch": 1,
+        "history": [],
+        "seconds": 0.0,
+        "rng": torch.Generator().get_state(),
+        "stage": 0,
+    }
+    checkpoint.save_atomic(payload, res.run_dir(cfg.run_id) / FINAL)
+    return res, cfg.run_id
+
+
+def eval_throughput(data_dir: Path, data: Any, n_images: int, ray_path: bool, echo: Callable[[str], None]) -> dict[str, Any]:
+    """k=5000 evaluation through the pipeline's shard evaluator: in-process, then on Ray actors."""
+    from iwae.evaluate import EvalConfig
+    from pipeline.work import EvalPlan, ShardEvaluator, prepare_eval
+
+    model_cfg = ModelConfig.paper(1)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:
+        res, run_id = _fake_results(Path(tmp) / "local", model_cfg, data)
+        plan = EvalPlan(EvalConfig(k=5000), num_images=n_images, shards=2, pruned=False)
+        ev = ShardEvaluator(res, data_dir, plan)
+        ev._test_images(RunConfig())  # load the data before timing
+        ev._load(run_id)
+        prepare_eval(res, run_id, plan)
+        t0 = time.perf_counter()
+        for s in range(plan.shards):
+            ev.run(run_id, s)
+        t_local = time.perf_counter() - t0
+        out["eval_images_per_s"] = n_images / t_local
+        out["eval_samples_per_s"] = n_images * 5000 / t_local
+        if ray_path:
+            from pipeline import ray_backend as rb
+
+            res2, run_id2 = _fake_results(Path(tmp) / "ray", model_cfg, data)
+            owned = rb.connect()
+            try:
+                t0 = time.perf_counter()
+                cpus = float(os.cpu_count() or 1)
+                rb.evaluate(res2, data_dir, [run_id2], plan, rb.Resources(cpus=cpus / plan.shards, gpus=0.0), workers=plan.shards)
+                t_ray = time.perf_counter() - t0
+            finally:
+                if owned:
+                    rb.shutdown()
+            out["eval_ray_images_per_s"] = n_images / t_ray
+            out["eval_ray_over_local"] = t_local / t_ray
+    return out
+
+
+def eval_peak_rss_mib(data_dir: Path, n_images: int) -> float:
+    """Peak resident memory (MiB) of a fresh process evaluating ``n_images`` test images at k=5000."""
+    code = (
+        "import resource, torch, sys\n"
+        "from iwae.config import ModelConfig\nfrom iwae.models import IWAEModel\nfrom iwae.data import load_mnist\n"
+        "from iwae.evaluate import EvalConfig, binarize_by_id, estimate_log_px\n"
+        f"d = load_mnist(__import__('pathlib').Path({str(data_dir)!r})); n = {n_images}\n"
+        "m = IWAEModel(ModelConfig.paper(1)); ids = list(range(n))\n"
+        "x = binarize_by_id(torch.as_tensor(d.test[:n]), ids, 123)\n"
+        "estimate_log_px(m, x, ids, EvalConfig(k=5000))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def run_bench(quick: bool, pyro: bool, ray_path: bool, data_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:
+    dev = pick_device()
+    data = load_mnist(data_dir)
+    x = torch.as_tensor(data.train[:20_000])
+    steps, repeats = (20, 2) if quick else (150, 3)
+    fig: dict[str, Any] = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": quick}
+    fig["matmul_gflops"] = matmul_peak(dev, quick)
+    echo(f"fp32 matmul peak: {fig['matmul_gflops']:.1f} GFLOP/s on {dev} ({fig['threads']} threads)")
+    echo("training examples/s at batch 20 (median of repeats):")
+    for layers, ks in ((1, (1, 5, 50)), (2, (5,))):
+        mcfg = ModelConfig.paper(layers)
+        for k in ks:
+            ours = train_throughput(mcfg, k, x, dev, steps, repeats)
+            fig[f"train_l{layers}_k{k}_ours"] = ours
+            line = f"  {layers}-layer k={k:<3d} ours {ours:8.0f}"
+            if pyro and layers == 1:
+                theirs = pyro_throughput(mcfg, k, x, dev, steps, repeats)
+                if theirs:
+                    fig[f"train_l{layers}_k{k}_pyro"] = theirs
+                    fig[f"train_l{layers}_k{k}_ratio"] = ours / theirs
+                    line += f"   pyro {theirs:8.0f}   ours/pyro {ours / theirs:5.2f}x"
+            echo(line)
+    n_images = 8 if quick else 200
+    flops = decoder_flops(ModelConfig.paper(1))
+    fig["eval_flops_per_sample"] = flops
+    fig["eval_roofline_samples_per_s"] = fig["matmul_gflops"] * 1e9 / flops
+    fig.update(eval_throughput(data_dir, data, n_images, ray_path, echo))
+    fig["eval_roofline_fraction"] = fig["eval_samples_per_s"] / fig["eval_roofline_samples_per_s"]
+    echo(
+        f"k=5000 evaluation, {n_images} images, 1-layer: {fig['eval_samples_per_s']:.0f} samples/s, {fig['eval_images_per_s']:.1f} images/s; "
+        f"{flops / 1e3:.0f} kFLOP/sample -> roofline {fig['eval_roofline_samples_per_s']:.0f} samples/s; ours {100 * fig['eval_roofline_fraction']:.0f}% of it"
+    )
+    if ray_path:
+        echo(f"  Ray-sharded path: {fig['eval_ray_images_per_s']:.1f} images/s = {100 * fig['eval_ray_over_local']:.0f}% of in-process (Ray start-up excluded)")
+    fig["eval_peak_rss_mib"] = eval_peak_rss_mib(data_dir, 4 if quick else 50)
+    echo(f"  peak RSS of an evaluation process: {fig['eval_peak_rss_mib']:.0f} MiB (bounded by max_rows, not by the number of images)")
+    return json.loads(json.dumps(fig))
