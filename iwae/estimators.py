@@ -23,6 +23,18 @@ from iwae.bounds import PIWAE, Objective
 from iwae.models import IWAEModel, Posterior, gaussian_log_prob
 
 
+def uses_fast_path(objective: Objective, estimator: str) -> bool:
+    """The standard estimator of every objective but PIWAE is autograd of the bound itself."""
+    return estimator == "standard" and not isinstance(objective, PIWAE)
+
+
+def bound_from_noise(model: IWAEModel, x: Tensor, eps: list[Tensor], objective: Objective) -> Tensor:
+    """Per-example bound ``(B,)`` for given noise ``[(K, B, D_l)]``; a pure function (compilable)."""
+    post = model.sample_q(x, eps[0].shape[0], eps=eps)
+    log_w = model.log_p(x, post.h) - model.log_q_standard(post)  # (K, B)
+    return objective.bound(log_w)
+
+
 def bound_and_surrogate(
     model: IWAEModel,
     x: Tensor,
@@ -35,7 +47,7 @@ def bound_and_surrogate(
     ``x`` is ``(B, X)`` binary. The caller does ``loss = -surrogate.mean()`` (or ``.sum()``).
     """
     k = objective.num_samples
-    if estimator == "standard" and not isinstance(objective, PIWAE):
+    if uses_fast_path(objective, estimator):
         # Fast path: autograd of the bound itself is the standard estimator.
         log_w = model.log_weights(x, k, generator)  # (K, B)
         bound = objective.bound(log_w)

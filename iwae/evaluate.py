@@ -13,9 +13,12 @@ size, ``max_rows``, sharding or retries.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ class EvalConfig:
     block: int = 500  # samples per seeded noise block; part of the estimate's identity
     max_rows: int = 50_000  # images x samples per decoder pass: the memory knob
     prefixes: tuple[int, ...] = (1, 5, 50, 500, 5000)
+    compile: bool | None = None  # torch.compile the scoring; None = when >= 1M samples are scored in one call
 
     def __post_init__(self) -> None:
         for name in ("k", "block", "max_rows"):
@@ -73,6 +77,25 @@ def _noise(image_ids: Sequence[int], seed: int, block: int, n: int, size: int, d
     return list(torch.split(e, list(dims), dim=-1))
 
 
+def _log_w(model: IWAEModel, x: Tensor, eps: list[Tensor], fold_x: bool = False) -> Tensor:
+    """Log-weights ``(K, B)`` of given noise ``[(K, B, D_l)]``: a pure function, compilable."""
+    post = model.sample_q(x, eps[0].shape[0], eps=eps)
+    return model.log_p(x, post.h, fold_x=fold_x) - model.log_q_standard(post)
+
+
+_compiled_log_w: Any = None
+
+
+def _scorer(use_compile: bool) -> Callable[..., Tensor]:
+    """The eager scorer, or the compiled one (bias, softplus and row sums fused: bench +50% on CPU)."""
+    global _compiled_log_w
+    if not use_compile:
+        return _log_w
+    if _compiled_log_w is None:
+        _compiled_log_w = torch.compile(functools.partial(_log_w, fold_x=True), dynamic=False)
+    return _compiled_log_w  # type: ignore[no-any-return]
+
+
 @torch.inference_mode()
 def estimate_log_px(
     model: IWAEModel,
@@ -99,6 +122,8 @@ def estimate_log_px(
     n_img = x_bin.shape[0]
     imgs_per_pass = max(1, cfg.max_rows // min(cfg.block, cfg.k))
     sub = min(cfg.block, cfg.max_rows)  # samples per decoder pass when one block exceeds max_rows
+    use_compile = cfg.compile if cfg.compile is not None else n_img * cfg.k >= 1_000_000
+    score = _scorer(use_compile)
     log_px = torch.empty(n_img, dtype=torch.float64)
     prefix = torch.empty(n_img, len(cfg.prefixes), dtype=torch.float64)
     for a in range(0, n_img, imgs_per_pass):
@@ -112,8 +137,14 @@ def estimate_log_px(
             eps_block = _noise(ids, cfg.seed, b, n, cfg.block, dims)
             for s in range(0, n, sub):
                 eps = [e[s : s + sub].to(dev) for e in eps_block]  # (c, B, D_l)
-                post = model.sample_q(x, eps[0].shape[0], eps=eps)
-                log_w = (model.log_p(x, post.h) - model.log_q_standard(post)).double()  # (c, B)
+                try:
+                    log_w = score(model, x, eps).double()  # (c, B)
+                except Exception as e:  # no compiler on this machine: score eagerly
+                    if score is _log_w:
+                        raise
+                    warnings.warn(f"torch.compile failed ({type(e).__name__}); evaluating eagerly", stacklevel=2)
+                    score = _log_w
+                    log_w = score(model, x, eps).double()
                 start = done
                 for j, m in enumerate(cfg.prefixes):
                     if start < m <= start + log_w.shape[0]:
@@ -126,6 +157,18 @@ def estimate_log_px(
         if progress is not None:
             progress(len(ids))
     return log_px, prefix
+
+
+def warm_up(model: IWAEModel, cfg: EvalConfig, n_images: int) -> None:
+    """Compile the scorer for the batch shape an evaluation of ``n_images`` images will use."""
+    use_compile = cfg.compile if cfg.compile is not None else n_images * cfg.k >= 1_000_000
+    if not use_compile:
+        return
+    b = min(n_images, max(1, cfg.max_rows // min(cfg.block, cfg.k)))
+    x = torch.zeros(b, model.cfg.x_dim, device=next(model.parameters()).device)
+    estimate_log_px(
+        model, x, list(range(b)), EvalConfig(k=min(cfg.block, cfg.k), seed=cfg.seed, block=cfg.block, max_rows=cfg.max_rows, prefixes=(), compile=True)
+    )
 
 
 def mean_and_stderr(values: Tensor) -> tuple[float, float]:

@@ -167,10 +167,22 @@ class IWAEModel(nn.Module):
             out = out + gaussian_log_prob(h[i], mu, ls)
         return out
 
-    def log_p(self, x: Tensor, h: Sequence[Tensor]) -> Tensor:
-        """log p(x, h) = log p(x | h1) + sum_l log p(h_l | h_{l+1}) + log p(h_L). ``(K, B)``."""
-        logits = self.decoder_x(h[0])  # (K, B, X)
-        out = bernoulli_log_prob(x, logits) + std_normal_log_prob(h[-1])
+    def log_p(self, x: Tensor, h: Sequence[Tensor], fold_x: bool = False) -> Tensor:
+        """log p(x, h) = log p(x | h1) + sum_l log p(h_l | h_{l+1}) + log p(h_L). ``(K, B)``.
+
+        ``fold_x`` computes the x-term of the Bernoulli likelihood as ``z . (x W) + x . b`` on the
+        last hidden layer z (``(K, B, H)``) instead of ``x . logits`` on ``(K, B, X)``: the same
+        value with a 4x smaller elementwise pass, which pays off when compiled (evaluation).
+        """
+        if fold_x:
+            dx = self.decoder_x
+            z = dx.body(h[0])  # (K, B, H)
+            w, b = dx.logits.weight, dx.logits.bias  # (X, H), (X,)
+            logits = F.linear(z, w, b)  # (K, B, X)
+            lp_x = (z * (x @ w)).sum(-1) + x @ b - F.softplus(logits).sum(-1)
+        else:
+            lp_x = bernoulli_log_prob(x, self.decoder_x(h[0]))
+        out = lp_x + std_normal_log_prob(h[-1])
         for i, dec in enumerate(self.decoders):
             mu, ls = dec(h[i + 1])
             out = out + gaussian_log_prob(h[i], mu, ls)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from iwae import checkpoint
 from iwae.config import RunConfig
 from iwae.data import Dataset, binarize
-from iwae.estimators import bound_and_surrogate
+from iwae.estimators import bound_and_surrogate, bound_from_noise, uses_fast_path
 from iwae.models import IWAEModel
 
 LATEST = "latest.pt"
@@ -85,6 +86,36 @@ def _checkpoint_payload(
     }
 
 
+class _StepBound:
+    """(bound, surrogate) of one minibatch; the fast path optionally through ``torch.compile``.
+
+    The noise is drawn outside the compiled function (generators break graphs), so compiled and
+    eager steps consume the same random numbers.
+    """
+
+    def __init__(self, model: IWAEModel, objective: Any, estimator: str, compile_step: bool):
+        self.model, self.objective, self.estimator = model, objective, estimator
+        self.fast = uses_fast_path(objective, estimator)
+        self.fn: Any = bound_from_noise
+        if compile_step and self.fast:
+            self.fn = torch.compile(bound_from_noise, dynamic=False)
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.fast:
+            return bound_and_surrogate(self.model, x, self.objective, self.estimator, gen)
+        k = self.objective.num_samples
+        eps = [torch.randn((k, x.shape[0], d), generator=gen, device=x.device, dtype=x.dtype) for d in self.model.cfg.latent]
+        try:
+            bound = self.fn(self.model, x, eps, self.objective)
+        except Exception as e:  # a compiler missing on this machine must not stop training
+            if self.fn is bound_from_noise:
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}); training eagerly", stacklevel=2)
+            self.fn = bound_from_noise
+            bound = self.fn(self.model, x, eps, self.objective)
+        return bound.detach(), bound
+
+
 def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     """The furthest readable checkpoint of ``run_dir`` (a truncated one is skipped and removed)."""
     best: dict[str, Any] | None = None
@@ -118,6 +149,7 @@ def train(
     init: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     max_skip_fraction: float = 0.01,
+    compile_step: bool | str = "auto",
 ) -> TrainResult:
     """Train one run; resume from ``run_dir``'s checkpoints when there are any.
 
@@ -129,6 +161,9 @@ def train(
         init: a checkpoint dict to start from (Table 2's objective swap): model and Adam state.
         on_epoch: called with each epoch's metrics dict.
         max_skip_fraction: more non-finite steps than this in an epoch raises ``NonFiniteError``.
+        compile_step: ``torch.compile`` the bound (forward and backward) of the standard estimator.
+            ``"auto"`` compiles runs of at least 500k training examples, where the ~30 s of
+            compilation is repaid (bench: +20% to +50% examples/s on CPU); a failure falls back to eager.
     """
     dev = pick_device(device)
     model = build_model(cfg, data, dev)
@@ -160,6 +195,9 @@ def train(
         raise ValueError(f"batch size {bs} is larger than the {n} training examples")
     sum_grads = cfg.schedule.authors_code  # authors' code: minibatch sum; paper text silent
     fault_epoch = _fault_epoch()  # test hook: poison one epoch with NaN losses
+    if compile_step == "auto":
+        compile_step = (total - start_epoch) * n >= 500_000
+    step_bound = _StepBound(model, objective, estimator, bool(compile_step))
     model.train()
     for epoch in range(start_epoch, total):
         stage, lr = stage_of_epoch(cfg, epoch)
@@ -172,7 +210,7 @@ def train(
         t0 = time.perf_counter()
         for step in range(steps):
             xb = binarize(x_train[order[step * bs : (step + 1) * bs]], gen)  # (B, X)
-            bound, surrogate = bound_and_surrogate(model, xb, objective, estimator, gen)
+            bound, surrogate = step_bound(xb, gen)
             loss = -(surrogate.sum() if sum_grads else surrogate.mean())
             if epoch == fault_epoch:
                 loss = loss * float("nan")

@@ -30,7 +30,6 @@ import torch
 from iwae.bounds import IWAE
 from iwae.config import ModelConfig, RunConfig, ScheduleConfig
 from iwae.data import binarize, load_mnist
-from iwae.estimators import bound_and_surrogate
 from iwae.models import IWAEModel
 from iwae.train import make_optimizer, pick_device
 
@@ -80,8 +79,10 @@ def decoder_flops(cfg: ModelConfig) -> int:
     return 2 * macs
 
 
-def train_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: torch.device, steps: int, repeats: int) -> float:
-    """Our training step (the same code `train` runs): examples/s at batch 20."""
+def train_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: torch.device, steps: int, repeats: int, compiled: bool = False) -> float:
+    """Our training step (the code `train` runs, eager or compiled): examples/s at batch 20."""
+    from iwae.train import _StepBound
+
     cfg = RunConfig(model=model_cfg, objective={"name": "iwae", "k": k})
     torch.manual_seed(0)
     model = IWAEModel(model_cfg).to(dev)
@@ -89,10 +90,11 @@ def train_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: to
     gen = torch.Generator(device=dev).manual_seed(0)
     obj = IWAE(k=k)
     x_all = data.to(dev)
+    step_bound = _StepBound(model, obj, "standard", compiled)
 
     def step(i: int) -> None:
         xb = binarize(x_all[(i * 20) % (len(x_all) - 20) :][:20], gen)
-        _, surrogate = bound_and_surrogate(model, xb, obj, "standard", gen)
+        _, surrogate = step_bound(xb, gen)
         loss = -surrogate.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -100,8 +102,13 @@ def train_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: to
 
     for i in range(max(5, steps // 5)):
         step(i)
-    t = _median_time(lambda: [step(i) for i in range(steps)] and None, repeats, _sync(dev))
+    t = _median_time(lambda: _repeat(step, steps), repeats, _sync(dev))
     return steps * 20 / t
+
+
+def _repeat(step: Callable[[int], None], n: int) -> None:
+    for i in range(n):
+        step(i)
 
 
 def pyro_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: torch.device, steps: int, repeats: int) -> float | None:
@@ -110,7 +117,7 @@ def pyro_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: tor
         import pyro
         import pyro.distributions as dist
         from pyro.infer import SVI, RenyiELBO
-        from pyro.optim import Adam
+        from pyro.optim import Adam  # type: ignore[attr-defined]
     except ImportError:
         return None
     if len(model_cfg.latent) != 1:
@@ -140,7 +147,7 @@ def pyro_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: tor
 
     for i in range(max(5, steps // 5)):
         step(i)
-    t = _median_time(lambda: [step(i) for i in range(steps)] and None, repeats, _sync(dev))
+    t = _median_time(lambda: _repeat(step, steps), repeats, _sync(dev))
     return steps * 20 / t
 
 
@@ -180,7 +187,7 @@ def eval_throughput(data_dir: Path, data: Any, n_images: int, ray_path: bool, ec
         plan = EvalPlan(EvalConfig(k=5000), num_images=n_images, shards=2, pruned=False)
         ev = ShardEvaluator(res, data_dir, plan)
         ev._test_images(RunConfig())  # load the data before timing
-        ev._load(run_id)
+        ev.warmup(run_id)  # load the model and compile (start-up, not measured)
         prepare_eval(res, run_id, plan)
         t0 = time.perf_counter()
         for s in range(plan.shards):
@@ -194,10 +201,10 @@ def eval_throughput(data_dir: Path, data: Any, n_images: int, ray_path: bool, ec
             res2, run_id2 = _fake_results(Path(tmp) / "ray", model_cfg, data)
             owned = rb.connect()
             try:
-                t0 = time.perf_counter()
                 cpus = float(os.cpu_count() or 1)
-                rb.evaluate(res2, data_dir, [run_id2], plan, rb.Resources(cpus=cpus / plan.shards, gpus=0.0), workers=plan.shards)
-                t_ray = time.perf_counter() - t0
+                timings: dict[str, float] = {}
+                rb.evaluate(res2, data_dir, [run_id2], plan, rb.Resources(cpus=cpus / plan.shards, gpus=0.0), workers=plan.shards, timings=timings)
+                t_ray = timings["work_seconds"]
             finally:
                 if owned:
                     rb.shutdown()
@@ -230,13 +237,16 @@ def run_bench(quick: bool, pyro: bool, ray_path: bool, data_dir: Path, echo: Cal
     fig: dict[str, Any] = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": quick}
     fig["matmul_gflops"] = matmul_peak(dev, quick)
     echo(f"fp32 matmul peak: {fig['matmul_gflops']:.1f} GFLOP/s on {dev} ({fig['threads']} threads)")
-    echo("training examples/s at batch 20 (median of repeats):")
+    compiled = not quick  # compilation takes ~30 s once; --quick only checks that everything runs
+    echo("training examples/s at batch 20 (median of repeats; long runs train compiled, see `train --compile`):")
     for layers, ks in ((1, (1, 5, 50)), (2, (5,))):
         mcfg = ModelConfig.paper(layers)
         for k in ks:
-            ours = train_throughput(mcfg, k, x, dev, steps, repeats)
+            eager = train_throughput(mcfg, k, x, dev, steps, repeats)
+            ours = train_throughput(mcfg, k, x, dev, steps, repeats, compiled=compiled)
+            fig[f"train_l{layers}_k{k}_eager"] = eager
             fig[f"train_l{layers}_k{k}_ours"] = ours
-            line = f"  {layers}-layer k={k:<3d} ours {ours:8.0f}"
+            line = f"  {layers}-layer k={k:<3d} eager {eager:7.0f}   ours{' (compiled)' if compiled else ''} {ours:7.0f}"
             if pyro and layers == 1:
                 theirs = pyro_throughput(mcfg, k, x, dev, steps, repeats)
                 if theirs:
@@ -244,7 +254,7 @@ def run_bench(quick: bool, pyro: bool, ray_path: bool, data_dir: Path, echo: Cal
                     fig[f"train_l{layers}_k{k}_ratio"] = ours / theirs
                     line += f"   pyro {theirs:8.0f}   ours/pyro {ours / theirs:5.2f}x"
             echo(line)
-    n_images = 8 if quick else 200
+    n_images = 8 if quick else 400
     flops = decoder_flops(ModelConfig.paper(1))
     fig["eval_flops_per_sample"] = flops
     fig["eval_roofline_samples_per_s"] = fig["matmul_gflops"] * 1e9 / flops

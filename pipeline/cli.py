@@ -45,6 +45,19 @@ class Objective(str, Enum):
     piwae = "piwae"
 
 
+class Compile(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+def _compile_flag(c: Compile) -> bool | str:
+    return "auto" if c == Compile.auto else c == Compile.on
+
+
+CompileOpt = Annotated[Compile, typer.Option("--compile", help="torch.compile the training step: auto = runs of >= 500k examples.")]
+
+
 class Estimator(str, Enum):
     standard = "standard"
     stl = "stl"
@@ -134,6 +147,7 @@ def train(
     train_subset: Annotated[int | None, typer.Option(min=1, help="Train on the first N images only.")] = None,
     test_images: Annotated[int, typer.Option(min=0, help="Evaluate on the first N test images (0: skip).")] = 500,
     eval_k: Annotated[int, typer.Option(min=1, help="Importance samples for log p(x).")] = 5000,
+    compile_step: CompileOpt = Compile.auto,
     results: ResultsOpt = DEFAULT_RESULTS,
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
@@ -166,7 +180,7 @@ def train(
         bar.update(1)
         bar.set_postfix(bound=f"{h['train_bound']:.2f}", ex_s=f"{h['examples_per_s']:.0f}")
 
-    row = train_run(cfg, res, data_dir.absolute(), on_epoch=on_epoch)
+    row = train_run(cfg, res, data_dir.absolute(), on_epoch=on_epoch, compile_step=_compile_flag(compile_step))
     bar.close()
     units = f"{row['active_h1']}" + (f"+{row['active_h2']}" if row["active_h2"] is not None else "")
     typer.echo(f"trained: final train bound {row['final_train_bound']:.2f}, active units {units}")
@@ -213,6 +227,7 @@ def sweep(
     eval_workers: Annotated[int | None, typer.Option(min=1, help="Evaluator actors (default: fill the cluster).")] = None,
     eval_cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluator actor.")] = 1.0,
     eval_gpus: Annotated[float, typer.Option(min=0.0, help="GPUs per evaluator actor.")] = 0.0,
+    compile_step: CompileOpt = Compile.auto,
     address: AddressOpt = None,
     results: ResultsOpt = DEFAULT_RESULTS,
     data_dir: DataOpt = DEFAULT_DATA,
@@ -240,7 +255,7 @@ def sweep(
             bar.set_postfix_str(msg[:60])
             bar.refresh()
 
-        rb.sweep(job, j.runs, res, data_dir.absolute(), rb.Resources(cpus_per_trial, gpus_per_trial), max_failures, progress)
+        rb.sweep(job, j.runs, res, data_dir.absolute(), rb.Resources(cpus_per_trial, gpus_per_trial), max_failures, progress, _compile_flag(compile_step))
         bar.close()
         if evaluate_after:
             _evaluate(j, res, data_dir, shards, eval_workers, eval_cpus, eval_gpus)

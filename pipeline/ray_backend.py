@@ -136,7 +136,7 @@ def _trainable(config: dict[str, Any]) -> None:
     def report(row: dict[str, Any]) -> None:
         tune.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
 
-    row = train_run(cfg, results, Path(config["data_dir"]), on_epoch=report)
+    row = train_run(cfg, results, Path(config["data_dir"]), on_epoch=report, compile_step=config.get("compile", "auto"))
     tune.report({"done": 1, "active_h1": row.get("active_h1") or 0, "final_train_bound": row.get("final_train_bound") or 0.0})
 
 
@@ -148,6 +148,7 @@ def sweep(
     res: Resources,
     max_failures: int = 2,
     progress: Callable[[str, int, int], None] | None = None,
+    compile_step: bool | str = "auto",
 ) -> list[str]:
     """Train every run not done yet as a Tune trial; returns the run ids trained. Raises RunFailed.
 
@@ -174,6 +175,7 @@ def sweep(
             "results": str(results.root),
             "data_dir": str(data_dir),
             "threads": max(1, int(res.cpus)),
+            "compile": compile_step,
         }
         tuner = tune.Tuner(
             trainable,
@@ -240,6 +242,7 @@ def evaluate(
     res: Resources,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> int:
     """Evaluate every (run, shard) not written yet on a pool of actors; returns rows written.
 
@@ -265,6 +268,8 @@ def evaluate(
         workers = max(1, min(len(items), by_cpu, by_gpu))
     actor_cls = ray.remote(ShardEvaluator).options(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=-1, max_task_retries=3)
     actors = [actor_cls.remote(results, data_dir, plan, None, max(1, int(res.cpus))) for _ in range(workers)]
+    ray.get([a.warmup.remote(items[0][0]) for a in actors])  # type: ignore[attr-defined]  # load + compile once per actor (start-up)
+    t0 = time.perf_counter()
     pool = ActorPool(actors)
     rows, done = 0, 0
     # sort so consecutive items share a model: an actor reloads only when the run changes
@@ -279,6 +284,8 @@ def evaluate(
         if isinstance(cause, UserError):
             raise cause from None  # bad input found inside an actor: the same one-line error
         raise RunFailed(f"evaluation failed: {str(cause or e).strip().splitlines()[-1][:200]}") from None
+    if timings is not None:
+        timings["work_seconds"] = time.perf_counter() - t0
     for a in actors:
         ray.kill(a)  # type: ignore[arg-type]
     return rows

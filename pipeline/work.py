@@ -20,7 +20,7 @@ import torch
 from iwae import checkpoint
 from iwae.config import RunConfig
 from iwae.data import Dataset, load_dataset
-from iwae.evaluate import EvalConfig, binarize_by_id, estimate_log_px
+from iwae.evaluate import EvalConfig, binarize_by_id, estimate_log_px, warm_up
 from iwae.models import IWAEModel
 from iwae.train import FINAL, load_model, pick_device, train
 from iwae.units import active_masks, prune, unit_variances
@@ -61,6 +61,7 @@ def train_run(
     device: str | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     data: Dataset | None = None,
+    compile_step: bool | str = "auto",
 ) -> dict[str, Any]:
     """Train ``cfg`` (resuming from its checkpoints), measure active units, write its tables.
 
@@ -72,7 +73,7 @@ def train_run(
     data = data or load_dataset(cfg.dataset, data_dir, cfg.split)
     init = init_checkpoint(results, cfg)
     dev = pick_device(device)
-    res = train(cfg, data, results.run_dir(cfg.run_id), device=dev, init=init, on_epoch=on_epoch)
+    res = train(cfg, data, results.run_dir(cfg.run_id), device=dev, init=init, on_epoch=on_epoch, compile_step=compile_step)
     train_x = data.train[: cfg.train_subset] if cfg.train_subset else data.train
     variances = unit_variances(res.model, torch.as_tensor(train_x[: cfg.num_active_examples]))
     masks = active_masks(variances)
@@ -173,6 +174,11 @@ class ShardEvaluator:
                 pruned = prune(model, masks) if all(m.any() for m in masks) else None
             self._run_id, self._models = run_id, (model, pruned, cfg)
         return self._models
+
+    def warmup(self, run_id: str) -> None:
+        """Load ``run_id`` and compile the scorer for this plan's shard shape (part of start-up)."""
+        model, _, _ = self._load(run_id)
+        warm_up(model, self.plan.eval, len(self.plan.shard_ids(0)))
 
     def _test_images(self, cfg: RunConfig) -> np.ndarray:
         key = (cfg.dataset, cfg.split)

@@ -72,3 +72,13 @@ def test_pruning_two_layer_model_shapes():
     small = prune(m, masks)
     assert small.log_weights(torch.ones(2, 6), 3).shape == (3, 2)
     assert small.encoders[1].body[0].weight.shape == (5, 3) and small.decoders[0].mu.weight.shape == (3, 5)
+
+
+def test_compiled_and_folded_scoring_matches_eager():
+    """The compiled evaluation path (x-term folded into the last hidden layer) gives the same estimates."""
+    m = tiny_model(x_dim=6, latent=(3, 2), hidden=8, dtype=torch.float32)
+    ids = list(range(5))
+    xb = binarize_by_id(torch.rand(5, 6), ids, seed=1)
+    eager, pe = estimate_log_px(m, xb, ids, EvalConfig(k=300, block=100, compile=False))
+    compiled, pc = estimate_log_px(m, xb, ids, EvalConfig(k=300, block=100, compile=True))
+    assert torch.allclose(eager, compiled, atol=1e-4) and torch.allclose(pe, pc, atol=1e-4)
