@@ -81,8 +81,8 @@ def _iw_weights(log_w: Tensor, dim: int = 0) -> Tensor:
 
 
 @dataclass(frozen=True, kw_only=True)
-class VAE:
-    """The k-sample VAE bound (paper eq. 3, KL by Monte Carlo as in footnote 1)."""
+class _KSamples:
+    """Objectives over one set of k samples per example."""
 
     k: int = 1
 
@@ -92,6 +92,11 @@ class VAE:
     @property
     def num_samples(self) -> int:
         return self.k
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAE(_KSamples):
+    """The k-sample VAE bound (paper eq. 3, KL by Monte Carlo as in footnote 1)."""
 
     def bound(self, log_w: Tensor) -> Tensor:
         return vae_bound(log_w)
@@ -103,17 +108,8 @@ class VAE:
 
 
 @dataclass(frozen=True, kw_only=True)
-class IWAE:
+class IWAE(_KSamples):
     """The importance weighted bound L_k (paper eq. 8)."""
-
-    k: int = 1
-
-    def __post_init__(self) -> None:
-        _check_positive("k", self.k)
-
-    @property
-    def num_samples(self) -> int:
-        return self.k
 
     def bound(self, log_w: Tensor) -> Tensor:
         return iwae_bound(log_w)
@@ -151,20 +147,15 @@ class MIWAE:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CIWAE:
+class CIWAE(_KSamples):
     """CIWAE(beta): convex combination beta * ELBO + (1 - beta) * IWAE over the same k samples."""
 
-    k: int = 1
     beta: float = 0.5
 
     def __post_init__(self) -> None:
-        _check_positive("k", self.k)
+        super().__post_init__()
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"CIWAE beta must be in [0, 1], got {self.beta}")
-
-    @property
-    def num_samples(self) -> int:
-        return self.k
 
     def bound(self, log_w: Tensor) -> Tensor:
         return ciwae_bound(log_w, self.beta)
