@@ -161,6 +161,8 @@ def sweep(
     if not todo:
         return []
     check_resources(res.cpus, res.gpus)
+    # Tune's new console output prints a configuration box even at verbose=0; ours is the progress bar
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     digest = hashlib.sha256(",".join(sorted(c.run_id for c in todo)).encode()).hexdigest()[:8]
     exp_name = f"{name}-{digest}"
     exp_path = results.tune_dir / exp_name
