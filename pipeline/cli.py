@@ -138,6 +138,7 @@ def train(
     beta: Annotated[float, typer.Option(min=0.0, max=1.0, help="CIWAE mixing weight.")] = 0.5,
     estimator: Annotated[Estimator, typer.Option(help="Gradient estimator.")] = Estimator.standard,
     dataset: Annotated[str, typer.Option(help="mnist, omniglot or synthetic.")] = "mnist",
+    split: Annotated[str, typer.Option(help="paper (60,000 MNIST train) or authors (their 59,600 / 23,000).")] = "paper",
     layers: Annotated[int, typer.Option(min=1, max=2, help="Stochastic layers (paper architecture).")] = 1,
     stages: Annotated[int, typer.Option(min=1, max=8, help="Schedule stages to run (paper: 8).")] = 8,
     epoch_scale: Annotated[float, typer.Option(min=1e-6, help="Scale every stage's 3^i epochs.")] = 1.0,
@@ -165,6 +166,7 @@ def train(
         obj["beta"] = beta
     cfg = RunConfig(
         dataset=dataset,
+        split=split,
         model=ModelConfig.paper(layers),
         objective=obj,
         estimator=estimator.value,

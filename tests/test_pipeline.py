@@ -87,3 +87,30 @@ def test_report_rebuilds_from_parquet_alone(swept, tmp_path):
     assert (tmp_path / "rep" / "lk_vs_k.png").exists() and (tmp_path / "rep" / "summary.parquet").exists()
     summary = pd.read_parquet(tmp_path / "rep" / "summary.parquet")
     assert set(summary.columns) >= {"run_id", "nll", "nll_se", "nll_pruned", "active"}
+
+
+def test_table2_starts_from_table1_and_estimators_run(tmp_path, ray_local, mnist_dir):
+    """paper_table2 refuses to start before paper_table1; afterwards its runs start from Table 1's
+    checkpoints (model and Adam state) and continue below the scratch loss; the estimators grid
+    (standard/STL/DReG, MIWAE, CIWAE, PIWAE) trains end to end."""
+    results = tmp_path / "results"
+    early = cli("sweep", "paper_table2", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
+    assert early.exit_code == 2 and "paper_table1" in early.output
+    assert cli("sweep", "paper_table1", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir).exit_code == 0
+    r = cli("sweep", "paper_table2", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
+    assert r.exit_code == 0, r.output
+    runs = pd.read_parquet(results / "tables" / "runs").set_index("run_id")
+    swapped = runs[runs.init_from != ""]
+    assert len(swapped) == 2 and set(swapped.init_from) <= set(runs.index)
+    train = pd.read_parquet(results / "tables" / "train")
+    for run_id, row in swapped.iterrows():
+        src = train[train.run_id == row.init_from].sort_values("epoch")
+        first = train[train.run_id == run_id].sort_values("epoch").iloc[0]
+        assert first.train_bound > src.iloc[0].train_bound  # it continues, not from scratch
+    ev = pd.read_parquet(results / "tables" / "eval")
+    assert set(swapped.index) <= set(ev.run_id)
+    e = cli("sweep", "estimators", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir)
+    assert e.exit_code == 0, e.output
+    runs = pd.read_parquet(results / "tables" / "runs")
+    est = runs[runs.k.isin([10, 50]) & (runs.train_subset == 400) & ((runs.estimator != "standard") | runs.objective.isin(["miwae", "ciwae", "piwae"]))]
+    assert set(est.estimator) == {"standard", "stl", "dreg"} and set(est.objective) >= {"miwae", "ciwae", "piwae"} and set(est.status) == {"done"}
