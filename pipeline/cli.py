@@ -272,13 +272,13 @@ def sweep(
 def _evaluate(j: Any, res: Any, data_dir: Path, shards: int | None, workers: int | None, cpus: float, gpus: float) -> None:
     from iwae.data import load_dataset
     from pipeline import ray_backend as rb
-    from pipeline.work import EvalPlan
+    from pipeline.work import EvalPlan, shard_path
 
     n_test = j.test_images or len(load_dataset(j.runs[0].dataset, data_dir.absolute()).test)
     plan = EvalPlan(j.eval, num_images=n_test, shards=shards or max(1, n_test // 500))
     run_ids = [c.run_id for c in j.runs if res.run_done(c.run_id)]
     bar = _bar(len(run_ids) * plan.shards, f"{j.name}: eval shards", "shard")
-    bar.update(sum(1 for r in run_ids for s in range(plan.shards) if (res.eval_dir(r) / f"shard-{s:05d}-of-{plan.shards:05d}.parquet").exists()))
+    bar.update(sum(1 for r in run_ids for s in range(plan.shards) if shard_path(res, r, s, plan.shards).exists()))
     base = bar.n
 
     def progress(done: int, total: int) -> None:

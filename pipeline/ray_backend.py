@@ -168,7 +168,7 @@ def sweep(
     exp_path = results.tune_dir / exp_name
     trainable = tune.with_resources(_trainable, {"cpu": res.cpus, "gpu": res.gpus})
     by_id = {c.run_id: c for c in todo}
-    callbacks: list[Any] = [_ProgressCallback(progress, len(todo))] if progress else []
+    callbacks: list[Any] = [_progress_callback(progress, len(todo))] if progress else []
     if tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -211,29 +211,27 @@ def sweep(
     return list(by_id)
 
 
-class _ProgressCallback:
-    """A Tune callback that forwards trial events to a progress function (trials done, epochs)."""
+def _progress_callback(progress: Callable[[str, int, int], None], total: int) -> Any:
+    """A Tune callback forwarding trial events to ``progress(message, trials_done, total)``."""
+    from ray import tune
 
-    def __new__(cls, progress: Callable[[str, int, int], None], total: int):  # type: ignore[misc]
-        from ray import tune
+    class ProgressCallback(tune.Callback):
+        def __init__(self) -> None:
+            self.done = 0
 
-        class _CB(tune.Callback):
-            def __init__(self) -> None:
-                self.done = 0
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[no-untyped-def]
+            if "epoch" in result:
+                progress(f"{trial.trial_id[:8]} epoch {result['epoch']} bound {result.get('train_bound', float('nan')):.2f}", self.done, total)
 
-            def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[no-untyped-def]
-                if "epoch" in result:
-                    progress(f"{trial.trial_id[:8]} epoch {result['epoch']} bound {result.get('train_bound', float('nan')):.2f}", self.done, total)
+        def on_trial_complete(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
+            self.done += 1
+            progress("trial finished", self.done, total)
 
-            def on_trial_complete(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
-                self.done += 1
-                progress("trial finished", self.done, total)
+        def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
+            self.done += 1
+            progress("trial failed", self.done, total)
 
-            def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
-                self.done += 1
-                progress("trial failed", self.done, total)
-
-        return _CB()
+    return ProgressCallback()
 
 
 def evaluate(

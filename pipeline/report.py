@@ -105,6 +105,49 @@ def table1(summary: pd.DataFrame, ev: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+PAPER_TABLE2 = {("vae", 1): (86.76, "19", 84.88, "22"), ("iwae", 50): (84.78, "25", 86.02, "23")}
+
+
+def table2(summary: pd.DataFrame, ev: pd.DataFrame) -> str | None:
+    """The objective swap: each continued run beside the run it started from (paired gain)."""
+    done = summary[summary.status == "done"].set_index("run_id")
+    rows = []
+    for rid, r in done[done.init_from != ""].iterrows():
+        if r.init_from not in done.index:
+            continue
+        s = done.loc[r.init_from]
+        gain = paired_gap(ev, str(r.init_from), str(rid))
+        paper = PAPER_TABLE2.get((str(s.objective), int(s.k)))
+        rows.append(
+            f"| {s.label} -> {r.label} | {s.epochs} + {r.epochs} | {_fmt(s.nll, s.nll_se)} ({s.active}) | {_fmt(r.nll, r.nll_se)} ({r.active}) | "
+            f"{_fmt(gain[0], gain[1])} | {f'{paper[0]:.2f} ({paper[1]}) -> {paper[2]:.2f} ({paper[3]})' if paper else '-'} |"
+        )
+    if not rows:
+        return None
+    head = "| first stage -> second stage | epochs | NLL (active) before | NLL (active) after | log p gain (paired) | paper |\n|---|---|---|---|---|---|"
+    return head + "\n" + "\n".join(rows)
+
+
+def estimator_table(summary: pd.DataFrame, ev: pd.DataFrame) -> str | None:
+    """Runs at matched cost (same total samples): every estimator/objective against standard IWAE."""
+    done = summary[(summary.status == "done") & (summary.init_from == "")]
+    done = done.assign(samples=done.k * done.m)
+    rows = []
+    for (_dataset, _layers, epochs, samples), g in done.groupby(["dataset", "layers", "epochs", "samples"], sort=True):
+        base = g[(g.objective == "iwae") & (g.estimator == "standard")]
+        others = g[(g.estimator != "standard") | g.objective.isin(["miwae", "ciwae", "piwae"])]
+        if base.empty or others.empty:
+            continue
+        b = base.iloc[0]
+        rows.append(f"| {b.label} | {samples} | {epochs} | {_fmt(b.nll, b.nll_se)} | {b.active} | (reference) |")
+        for r in others.itertuples():
+            gain = paired_gap(ev, str(b.run_id), str(r.run_id))
+            rows.append(f"| {r.label} | {samples} | {epochs} | {_fmt(r.nll, r.nll_se)} | {r.active} | {_fmt(gain[0], gain[1])} |")
+    if not rows:
+        return None
+    return "| run | samples/example | epochs | test NLL | active | log p gain vs IWAE (paired) |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
+
+
 def all_runs_table(summary: pd.DataFrame) -> str:
     lines = ["| run | what | epochs | status | test NLL | pruned NLL | active | images | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
@@ -186,6 +229,14 @@ def build_report(results: Results, out_dir: Path | None = None) -> Report:
         "IWAE gain: mean over test images of log p_IWAE(x) - log p_VAE(x) with its paired standard error (positive favours IWAE).",
         "Paper columns: 3,280 epochs, full test set (Burda et al. 2016, Table 1).",
         "",
+    ]
+    t2 = table2(summary, ev)
+    if t2:
+        parts += ["## Table 2: objective swap (Burda et al. 2016, sec. 5.2)", "", t2, ""]
+    te = estimator_table(summary, ev)
+    if te:
+        parts += ["## Estimators and bounds at matched cost", "", te, ""]
+    parts += [
         "## All runs",
         "",
         all_runs_table(summary),

@@ -7,6 +7,7 @@ are idempotent: a finished run or a written shard is never redone, so retries an
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -140,8 +141,6 @@ def prepare_eval(results: Results, run_id: str, plan: EvalPlan) -> list[int]:
     """Check (or record) the evaluation's identity for a run; return the shards still to do."""
     meta = results.eval_dir(run_id) / "_eval.json"
     if meta.exists():
-        import json
-
         old = json.loads(meta.read_text())
         if old != plan.identity():
             diff = ", ".join(f"{k}={old.get(k)}" for k in plan.identity() if old.get(k) != plan.identity()[k])

@@ -114,3 +114,5 @@ def test_table2_starts_from_table1_and_estimators_run(tmp_path, ray_local, mnist
     runs = pd.read_parquet(results / "tables" / "runs")
     est = runs[runs.k.isin([10, 50]) & (runs.train_subset == 400) & ((runs.estimator != "standard") | runs.objective.isin(["miwae", "ciwae", "piwae"]))]
     assert set(est.estimator) == {"standard", "stl", "dreg"} and set(est.objective) >= {"miwae", "ciwae", "piwae"} and set(est.status) == {"done"}
+    rep = cli("report", "--results", results)
+    assert rep.exit_code == 0 and "## Table 2: objective swap" in rep.output and "->" in rep.output
