@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from iwae.bounds import PIWAE, Objective
-from iwae.models import IWAEModel, Posterior, gaussian_log_prob
+from iwae.models import IWAEModel, Posterior
 
 
 def uses_fast_path(objective: Objective, estimator: str) -> bool:
@@ -30,9 +30,7 @@ def uses_fast_path(objective: Objective, estimator: str) -> bool:
 
 def bound_from_noise(model: IWAEModel, x: Tensor, eps: list[Tensor], objective: Objective) -> Tensor:
     """Per-example bound ``(B,)`` for given noise ``[(K, B, D_l)]``; a pure function (compilable)."""
-    post = model.sample_q(x, eps[0].shape[0], eps=eps)
-    log_w = model.log_p(x, post.h) - model.log_q_standard(post)  # (K, B)
-    return objective.bound(log_w)
+    return objective.bound(model.log_weights(x, eps[0].shape[0], eps=eps))  # (K, B) -> (B,)
 
 
 def bound_and_surrogate(
@@ -69,7 +67,7 @@ def bound_and_surrogate(
     for hl in h:
         if hl.requires_grad:
             hl.register_hook(lambda g, box=scale_box: g * box[0].unsqueeze(-1))
-    log_w = model.log_p(x, h) - model.log_q_stop_params(x, h, post)  # (K, B); no score term
+    log_w = model.log_p(x, h) - model.log_q_at(h, post, stop_params=True)  # (K, B); no score term
     dec_w, enc_w = objective.grad_weights(log_w, doubly_reparameterised=dreg)
     tiny = torch.finfo(dec_w.dtype).tiny
     scale_box[0] = torch.where(dec_w > 0, enc_w / dec_w.clamp_min(tiny), torch.zeros_like(dec_w))
@@ -85,21 +83,11 @@ def _piwae(model: IWAEModel, x: Tensor, objective: PIWAE, post: Posterior, estim
     decoder pass at detached samples (which carries no encoder gradient).
     """
     log_p = model.log_p(x, post.h)  # (K, B)
-    log_w = log_p - model.log_q_stop_params(x, post.h, post)  # path gradient only
+    log_w = log_p - model.log_q_at(post.h, post, stop_params=True)  # path gradient only
     dec_w, enc_w = objective.grad_weights(log_w, doubly_reparameterised=(estimator == "dreg"))
     h_fixed = [hl.detach() for hl in post.h]
     surrogate = (enc_w * log_w).sum(0) + ((dec_w - enc_w) * model.log_p(x, h_fixed)).sum(0)
     if estimator == "standard":
         # the score term -d/dphi log q(h; phi) at fixed h, with the encoder's weights
-        surrogate = surrogate - (enc_w * _log_q_at(model, x, h_fixed)).sum(0)
+        surrogate = surrogate - (enc_w * model.log_q_at(h_fixed, post, stop_params=False)).sum(0)
     return objective.bound(log_w).detach(), surrogate
-
-
-def _log_q_at(model: IWAEModel, x: Tensor, h: list[Tensor]) -> Tensor:
-    """log q(h | x) at given (detached) samples, gradients to q's parameters only. ``(K, B)``."""
-    mu, ls = model.encoders[0](x)
-    out = gaussian_log_prob(h[0], mu, ls)
-    for i in range(1, len(h)):
-        mu, ls = model.encoders[i](h[i - 1])
-        out = out + gaussian_log_prob(h[i], mu, ls)
-    return out

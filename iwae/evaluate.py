@@ -79,8 +79,7 @@ def _noise(image_ids: Sequence[int], seed: int, block: int, n: int, size: int, d
 
 def _log_w(model: IWAEModel, x: Tensor, eps: list[Tensor], fold_x: bool = False) -> Tensor:
     """Log-weights ``(K, B)`` of given noise ``[(K, B, D_l)]``: a pure function, compilable."""
-    post = model.sample_q(x, eps[0].shape[0], eps=eps)
-    return model.log_p(x, post.h, fold_x=fold_x) - model.log_q_standard(post)
+    return model.log_weights(x, eps[0].shape[0], eps=eps, fold_x=fold_x)
 
 
 _compiled_log_w: Any = None

@@ -153,17 +153,26 @@ class IWAEModel(nn.Module):
             out = out - 0.5 * (e * e + LOG_2PI).sum(-1) - ls.sum(-1)
         return out
 
-    def log_q_stop_params(self, x: Tensor, h: Sequence[Tensor], post: Posterior) -> Tensor:
-        """log q(h | x) with q's *parameters* held constant but gradients flowing through h.
+    def log_q_at(self, h: Sequence[Tensor], post: Posterior, stop_params: bool) -> Tensor:
+        """log q(h | x) at samples ``h`` (``[(K, B, D_l)]``) drawn as ``post``. ``(K, B)``.
 
-        This is the path derivative of STL (Roeder et al. 2017) and DReG (Tucker et al. 2019).
-        Layer 1's (mu, sigma) depend on x only, so detaching them is exact; a higher layer's
-        depend on the sample below, so they are recomputed with detached parameters.
+        ``stop_params=True`` holds q's *parameters* constant while gradients flow through h: the
+        path derivative of STL (Roeder et al. 2017) and DReG (Tucker et al. 2019). Otherwise the
+        gradient reaches q's parameters (with detached h, the score term). Layer 1's (mu, sigma)
+        depend on x only and are reused from ``post``; a higher layer's depend on the sample
+        below, so they are recomputed at ``h``.
         """
-        out = gaussian_log_prob(h[0], post.mu[0].detach(), post.log_sigma[0].detach())
+        mu0, ls0 = post.mu[0], post.log_sigma[0]
+        if stop_params:
+            mu0, ls0 = mu0.detach(), ls0.detach()
+        out = gaussian_log_prob(h[0], mu0, ls0)
         for i in range(1, len(h)):
-            params = {n: p.detach() for n, p in self.encoders[i].named_parameters()}
-            mu, ls = torch.func.functional_call(self.encoders[i], params, (h[i - 1],))
+            enc = self.encoders[i]
+            if stop_params:
+                params = {n: p.detach() for n, p in enc.named_parameters()}
+                mu, ls = torch.func.functional_call(enc, params, (h[i - 1],))
+            else:
+                mu, ls = enc(h[i - 1])
             out = out + gaussian_log_prob(h[i], mu, ls)
         return out
 
@@ -188,10 +197,14 @@ class IWAEModel(nn.Module):
             out = out + gaussian_log_prob(h[i], mu, ls)
         return out
 
-    def log_weights(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        """log w_i = log p(x, h_i) - log q(h_i | x) for K fresh samples. ``(B, X) -> (K, B)``."""
-        post = self.sample_q(x, k, generator)
-        return self.log_p(x, post.h) - self.log_q_standard(post)
+    def log_weights(self, x: Tensor, k: int, generator: torch.Generator | None = None, eps: Sequence[Tensor] | None = None, fold_x: bool = False) -> Tensor:
+        """log w_i = log p(x, h_i) - log q(h_i | x) for K samples. ``(B, X) -> (K, B)``.
+
+        The noise is drawn from ``generator`` unless ``eps`` (``[(K, B, D_l)]``) gives it, which
+        makes this a pure function of its inputs (what ``torch.compile`` needs).
+        """
+        post = self.sample_q(x, k, generator, eps=eps)
+        return self.log_p(x, post.h, fold_x=fold_x) - self.log_q_standard(post)
 
     @torch.no_grad()
     def posterior_means(self, x: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:

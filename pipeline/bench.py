@@ -154,23 +154,13 @@ def pyro_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: tor
 def _fake_results(root: Path, model_cfg: ModelConfig, data: Any) -> tuple[Any, str]:
     """A results folder holding one (untrained) run, for timing evaluation only."""
     from iwae import checkpoint
-    from iwae.train import FINAL, build_model, make_optimizer
+    from iwae.train import FINAL, _checkpoint_payload, build_model, make_optimizer
     from pipeline.results import Results
 
     cfg = RunConfig(model=model_cfg, objective={"name": "iwae", "k": 5}, schedule=ScheduleConfig(stages=1))
     res = Results.open(root)
     model = build_model(cfg, data, torch.device("cpu"))
-    payload = {
-        "config": cfg.to_dict(),
-        "run_id": cfg.run_id,
-        "model": model.state_dict(),
-        "optimizer": make_optimizer(model, cfg).state_dict(),
-        "epoch": 1,
-        "history": [],
-        "seconds": 0.0,
-        "rng": torch.Generator().get_state(),
-        "stage": 0,
-    }
+    payload = _checkpoint_payload(cfg, model, make_optimizer(model, cfg), torch.Generator(), 1, [], 0.0)
     checkpoint.save_atomic(payload, res.run_dir(cfg.run_id) / FINAL)
     return res, cfg.run_id
 
