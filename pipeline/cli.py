@@ -241,10 +241,9 @@ def sweep(
 
     j = _job(job, size, stages, epoch_scale)
     res = Results.open(results)
-    for req in j.requires:
-        for cfg in j.runs:
-            if cfg.init_from and not res.run_done(cfg.init_from):
-                raise UserError(f"{job} starts from {req}'s runs; run `iwae-pipeline sweep {req}` with the same --size/--stages/--epoch-scale first")
+    if any(c.init_from and not res.run_done(c.init_from) for c in j.runs):
+        req = " and ".join(j.requires) or "the runs it starts from"
+        raise UserError(f"{job} starts from {req}'s runs; run `iwae-pipeline sweep {req}` with the same --size/--stages/--epoch-scale first")
     t0 = time.monotonic()
     owned = rb.connect(address)
     try:
