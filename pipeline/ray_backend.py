@@ -195,19 +195,19 @@ def sweep(
             ),
         )
     grid = tuner.fit()
-    failed = []
+    failed: dict[str, str] = {}  # run id -> why
     for i in range(len(grid)):
         r = grid[i]
         cfg = RunConfig.from_dict(r.config["run"]) if r.config else None
         if r.error is not None and cfg is not None and not results.run_done(cfg.run_id):
             mark_failed(results, cfg, str(r.error))
-            failed.append(f"{cfg.run_id} ({cfg.label()}): {str(r.error).strip().splitlines()[-1][:160]}")
-    missing = [rid for rid in by_id if not results.run_done(rid) and not any(rid in f for f in failed)]
-    for rid in missing:
-        mark_failed(results, by_id[rid], "trial did not finish")
-        failed.append(f"{rid} ({by_id[rid].label()}): trial did not finish")
+            failed[cfg.run_id] = str(r.error).strip().splitlines()[-1][:160]
+    for rid in by_id:
+        if rid not in failed and not results.run_done(rid):
+            mark_failed(results, by_id[rid], "trial did not finish")
+            failed[rid] = "trial did not finish"
     if failed:
-        raise RunFailed(f"{len(failed)} of {len(todo)} trials failed: " + "; ".join(failed))
+        raise RunFailed(f"{len(failed)} of {len(todo)} trials failed: " + "; ".join(f"{rid} ({by_id[rid].label()}): {why}" for rid, why in failed.items()))
     return list(by_id)
 
 
