@@ -23,6 +23,8 @@ class Job:
     runs: tuple[RunConfig, ...]
     eval: EvalConfig
     test_images: int | None  # None: the whole test set
+    pruned: bool = True  # also evaluate the model with its inactive units removed
+    train_images: int = 0  # also evaluate this many training images (the train-test gap)
     requires: tuple[str, ...] = ()  # jobs whose runs this one starts from
 
 
@@ -39,6 +41,23 @@ def cut(cfg: RunConfig, size: str, stages: int | None, epoch_scale: float | None
 
 def smoke_eval(job_eval: EvalConfig, size: str) -> EvalConfig:
     return EvalConfig(k=100, seed=job_eval.seed, block=50, prefixes=(1, 5, 50, 100)) if size == "smoke" else job_eval
+
+
+def select(job: Job, where: list[str]) -> Job:
+    """Keep the runs whose flat config matches every ``KEY=VALUE`` (compared as text)."""
+    if not where:
+        return job
+    cols = job.runs[0].flat().keys() if job.runs else ()
+    conds = []
+    for w in where:
+        key, sep, value = w.partition("=")
+        if not sep or key not in cols:
+            raise ValueError(f"--where {w!r}: use KEY=VALUE with KEY one of {', '.join(cols)}")
+        conds.append((key, value))
+    runs = tuple(r for r in job.runs if all(str(r.flat()[k]) == v for k, v in conds))
+    if not runs:
+        raise ValueError(f"--where {' '.join(where)} keeps none of {job.name}'s {len(job.runs)} runs; see `iwae-pipeline jobs`")
+    return replace(job, runs=runs)
 
 
 def registry() -> dict[str, Callable[..., Job]]:

@@ -23,4 +23,5 @@ def build(size: str = "full", stages: int | None = None, epoch_scale: float | No
         runs=runs,
         eval=smoke_eval(EvalConfig(), size),
         test_images=None if size == "full" else 20,
+        pruned=False,
     )

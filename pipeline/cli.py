@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -55,6 +56,10 @@ def _compile_flag(c: Compile) -> bool | str:
     return "auto" if c == Compile.auto else c == Compile.on
 
 
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option("--where", help="Keep only the job's runs with KEY=VALUE (a column of the runs table, e.g. dataset=mnist, layers=1); repeat to narrow."),
+]
 CompileOpt = Annotated[Compile, typer.Option("--compile", help="torch.compile the training step: auto = runs of >= 500k examples.")]
 
 
@@ -92,13 +97,17 @@ def cli_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _job(name: str, size: Size, stages: int | None, epoch_scale: float | None) -> Any:
+def _job(name: str, size: Size, stages: int | None, epoch_scale: float | None, where: list[str] | None = None) -> Any:
     import jobs
 
     try:
-        return jobs.build(name, size.value, stages, epoch_scale)
+        j = jobs.build(name, size.value, stages, epoch_scale)
     except KeyError:
         raise UserError(f"unknown job {name!r}; choose one of {', '.join(jobs.registry())} (see `iwae-pipeline jobs`)") from None
+    try:
+        return jobs.select(j, where or [])
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _bar(total: int, desc: str, unit: str) -> Any:
@@ -230,6 +239,7 @@ def sweep(
     eval_cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluator actor.")] = 1.0,
     eval_gpus: Annotated[float, typer.Option(min=0.0, help="GPUs per evaluator actor.")] = 0.0,
     compile_step: CompileOpt = Compile.auto,
+    where: WhereOpt = None,
     address: AddressOpt = None,
     results: ResultsOpt = DEFAULT_RESULTS,
     data_dir: DataOpt = DEFAULT_DATA,
@@ -239,7 +249,7 @@ def sweep(
     from pipeline.report import build_report
     from pipeline.results import Results
 
-    j = _job(job, size, stages, epoch_scale)
+    j = _job(job, size, stages, epoch_scale, where)
     res = Results.open(results)
     if any(c.init_from and not res.run_done(c.init_from) for c in j.runs):
         req = " and ".join(j.requires) or "the runs it starts from"
@@ -299,6 +309,7 @@ def evaluate(
     workers: Annotated[int | None, typer.Option(min=1, help="Evaluator actors.")] = None,
     cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per actor.")] = 1.0,
     gpus: Annotated[float, typer.Option(min=0.0, help="GPUs per actor.")] = 0.0,
+    where: WhereOpt = None,
     address: AddressOpt = None,
     results: ResultsOpt = DEFAULT_RESULTS,
     data_dir: DataOpt = DEFAULT_DATA,
@@ -307,7 +318,7 @@ def evaluate(
     from pipeline import ray_backend as rb
     from pipeline.results import Results
 
-    j = _job(job, size, stages, epoch_scale)
+    j = _job(job, size, stages, epoch_scale, where)
     res = Results.open(results, create=False)
     if not any(res.run_done(c.run_id) for c in j.runs):
         raise UserError(f"no trained runs of {job} in {res.root}; run `iwae-pipeline sweep {job}` first")
@@ -346,6 +357,7 @@ def submit(
     epoch_scale: Annotated[float | None, typer.Option(min=1e-6)] = None,
     gpus_per_trial: Annotated[float, typer.Option(min=0.0)] = 0.0,
     cpus_per_trial: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    where: WhereOpt = None,
     results: Annotated[str, typer.Option("--results", help="Results folder on the cluster (shared storage on multi-node clusters).")] = "results",
     data_dir: Annotated[str, typer.Option("--data-dir", help="Data folder on the cluster.")] = "data",
     submission_id: Annotated[str | None, typer.Option(help="Submission id (default: Ray picks one).")] = None,
@@ -355,7 +367,7 @@ def submit(
     """Submit `iwae-pipeline sweep JOB` to a Ray cluster (Ray Jobs), uploading this working directory."""
     from pipeline import ray_backend as rb
 
-    _job(job, size, stages, epoch_scale)  # validate locally before uploading anything
+    _job(job, size, stages, epoch_scale, where)  # validate locally before uploading anything
     args = [
         f"sweep {job}",
         f"--size {size.value}",
@@ -368,6 +380,7 @@ def submit(
         args.append(f"--stages {stages}")
     if epoch_scale:
         args.append(f"--epoch-scale {epoch_scale}")
+    args += [f"--where {shlex.quote(w)}" for w in where or []]
     entry = f"python -m pipeline.cli data fetch mnist --data-dir {data_dir} && python -m pipeline.cli " + " ".join(args)
     env = {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     sid = rb.submit(address, entry, Path.cwd(), submission_id, env)
