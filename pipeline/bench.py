@@ -176,7 +176,7 @@ def eval_throughput(data_dir: Path, data: Any, n_images: int, ray_path: bool, ec
         res, run_id = _fake_results(Path(tmp) / "local", model_cfg, data)
         plan = EvalPlan(EvalConfig(k=5000), num_images=n_images, shards=2, pruned=False)
         ev = ShardEvaluator(res, data_dir, plan)
-        ev._test_images(RunConfig())  # load the data before timing
+        ev._plan_images(RunConfig())  # load the data before timing
         ev.warmup(run_id)  # load the model and compile (start-up, not measured)
         prepare_eval(res, run_id, plan)
         t0 = time.perf_counter()

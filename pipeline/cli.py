@@ -56,6 +56,10 @@ def _compile_flag(c: Compile) -> bool | str:
     return "auto" if c == Compile.auto else c == Compile.on
 
 
+TestImagesOpt = Annotated[int | None, typer.Option("--test-images", min=1, help="Evaluate the first N test images (default: the job's, usually all).")]
+TrainImagesOpt = Annotated[
+    int | None, typer.Option("--train-images", min=0, help="Also score the first N training images: the train-test gap (default: the job's).")
+]
 WhereOpt = Annotated[
     list[str] | None,
     typer.Option("--where", help="Keep only the job's runs with KEY=VALUE (a column of the runs table, e.g. dataset=mnist, layers=1); repeat to narrow."),
@@ -239,6 +243,8 @@ def sweep(
     eval_cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluator actor.")] = 1.0,
     eval_gpus: Annotated[float, typer.Option(min=0.0, help="GPUs per evaluator actor.")] = 0.0,
     compile_step: CompileOpt = Compile.auto,
+    test_images: TestImagesOpt = None,
+    train_images: TrainImagesOpt = None,
     where: WhereOpt = None,
     address: AddressOpt = None,
     results: ResultsOpt = DEFAULT_RESULTS,
@@ -269,7 +275,7 @@ def sweep(
         rb.sweep(job, j.runs, res, data_dir.absolute(), rb.Resources(cpus_per_trial, gpus_per_trial), max_failures, progress, _compile_flag(compile_step))
         bar.close()
         if evaluate_after:
-            _evaluate(j, res, data_dir, shards, eval_workers, eval_cpus, eval_gpus)
+            _evaluate(j, res, data_dir, shards, eval_workers, eval_cpus, eval_gpus, test_images, train_images)
     finally:
         if owned:
             rb.shutdown()
@@ -278,20 +284,32 @@ def sweep(
     typer.echo(f"{job}: done in {time.monotonic() - t0:.0f} s; tables in {res.root / 'tables'}, report in {res.root / 'report'}")
 
 
-def _evaluate(j: Any, res: Any, data_dir: Path, shards: int | None, workers: int | None, cpus: float, gpus: float) -> None:
+def _evaluate(
+    j: Any, res: Any, data_dir: Path, shards: int | None, workers: int | None, cpus: float, gpus: float, test_images: int | None, train_images: int | None
+) -> None:
+    """The job's k=5000 evaluation on the test set (and the pruned models), then on training images."""
     from iwae.data import load_dataset
-    from pipeline import ray_backend as rb
-    from pipeline.work import EvalPlan, shard_path
+    from pipeline.work import EvalPlan
 
-    n_test = j.test_images or len(load_dataset(j.runs[0].dataset, data_dir.absolute()).test)
-    plan = EvalPlan(j.eval, num_images=n_test, shards=shards or max(1, n_test // 500))
+    n_test = test_images or j.test_images or len(load_dataset(j.runs[0].dataset, data_dir.absolute()).test)
+    plans = [EvalPlan(j.eval, num_images=n_test, shards=shards or max(1, n_test // 500), pruned=j.pruned)]
+    n_train = j.train_images if train_images is None else train_images
+    if n_train:
+        plans.append(EvalPlan(j.eval, num_images=n_train, shards=max(1, n_train // 500), pruned=False, images="train"))
     run_ids = [c.run_id for c in j.runs if res.run_done(c.run_id)]
-    bar = _bar(len(run_ids) * plan.shards, f"{j.name}: eval shards", "shard")
-    bar.update(sum(1 for r in run_ids for s in range(plan.shards) if shard_path(res, r, s, plan.shards).exists()))
-    base = bar.n
+    for plan in plans:
+        _evaluate_plan(j.name, plan, res, data_dir, run_ids, workers, cpus, gpus)
+
+
+def _evaluate_plan(name: str, plan: Any, res: Any, data_dir: Path, run_ids: list[str], workers: int | None, cpus: float, gpus: float) -> None:
+    from pipeline import ray_backend as rb
+    from pipeline.work import prepare_eval
+
+    todo = sum(len(prepare_eval(res, r, plan)) for r in run_ids)
+    bar = _bar(todo, f"{name}: {plan.images} shards", "shard")
 
     def progress(done: int, total: int) -> None:
-        bar.n = base + done
+        bar.n = done
         bar.refresh()
 
     rb.evaluate(res, data_dir.absolute(), run_ids, plan, rb.Resources(cpus, gpus), workers, progress)
@@ -309,6 +327,8 @@ def evaluate(
     workers: Annotated[int | None, typer.Option(min=1, help="Evaluator actors.")] = None,
     cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per actor.")] = 1.0,
     gpus: Annotated[float, typer.Option(min=0.0, help="GPUs per actor.")] = 0.0,
+    test_images: TestImagesOpt = None,
+    train_images: TrainImagesOpt = None,
     where: WhereOpt = None,
     address: AddressOpt = None,
     results: ResultsOpt = DEFAULT_RESULTS,
@@ -324,7 +344,7 @@ def evaluate(
         raise UserError(f"no trained runs of {job} in {res.root}; run `iwae-pipeline sweep {job}` first")
     owned = rb.connect(address)
     try:
-        _evaluate(j, res, data_dir, shards, workers, cpus, gpus)
+        _evaluate(j, res, data_dir, shards, workers, cpus, gpus, test_images, train_images)
     finally:
         if owned:
             rb.shutdown()

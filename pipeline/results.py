@@ -8,6 +8,7 @@ Layout (``pd.read_parquet(results / "tables" / NAME)`` reads each table with no 
       tables/train/<run_id>.parquet one row per epoch: the training history
       tables/eval/<run_id>/shard-00000-of-00004.parquet  one row per test image
       tables/eval/<run_id>/_eval.json  the evaluation's identity (k, seed, images, shards)
+      tables/eval_train/<run_id>/...  the same for the first training images (the train-test gap)
       runs/<run_id>/*.pt           checkpoints
       tune/                        Ray Tune's experiment state
 
@@ -108,7 +109,7 @@ RUNS_SCHEMA = pa.schema(
     ]
 )
 
-SCHEMAS = {"runs": RUNS_SCHEMA, "train": TRAIN_SCHEMA, "eval": EVAL_SCHEMA}
+SCHEMAS = {"runs": RUNS_SCHEMA, "train": TRAIN_SCHEMA, "eval": EVAL_SCHEMA, "eval_train": EVAL_SCHEMA}
 
 
 def write_table_atomic(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
@@ -172,8 +173,8 @@ class Results:
     def train_path(self, run_id: str) -> Path:
         return self.table_dir("train") / f"{run_id}.parquet"
 
-    def eval_dir(self, run_id: str) -> Path:
-        return self.table_dir("eval") / run_id
+    def eval_dir(self, run_id: str, table: str = "eval") -> Path:
+        return self.table_dir(table) / run_id
 
     @property
     def tune_dir(self) -> Path:

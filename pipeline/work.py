@@ -119,12 +119,25 @@ def mark_failed(results: Results, cfg: RunConfig, error: str) -> None:
 
 @dataclass(frozen=True)
 class EvalPlan:
-    """What an evaluation covers: the first ``num_images`` test images, cut into ``shards``."""
+    """What an evaluation covers: the first ``num_images`` test (or training) images, in ``shards``.
+
+    ``images="train"`` scores the first training images instead, into the ``eval_train`` table: the
+    train-test gap of the paper's appendix, where the authors ran the same k=5000 estimate on train.
+    """
 
     eval: EvalConfig
     num_images: int
     shards: int
     pruned: bool = True
+    images: str = "test"
+
+    def __post_init__(self) -> None:
+        if self.images not in ("test", "train"):
+            raise ValueError(f"images must be test or train, got {self.images!r}")
+
+    @property
+    def table(self) -> str:
+        return "eval" if self.images == "test" else "eval_train"
 
     def shard_ids(self, shard: int) -> np.ndarray:
         return np.array_split(np.arange(self.num_images), self.shards)[shard]
@@ -133,21 +146,31 @@ class EvalPlan:
         return {"k": self.eval.k, "seed": self.eval.seed, "block": self.eval.block, "num_images": self.num_images, "shards": self.shards, "pruned": self.pruned}
 
 
-def shard_path(results: Results, run_id: str, shard: int, shards: int) -> Path:
-    return results.eval_dir(run_id) / f"shard-{shard:05d}-of-{shards:05d}.parquet"
+def shard_path(results: Results, run_id: str, shard: int, shards: int, table: str = "eval") -> Path:
+    return results.eval_dir(run_id, table) / f"shard-{shard:05d}-of-{shards:05d}.parquet"
+
+
+def _covers(old: dict[str, Any], plan: EvalPlan) -> bool:
+    """A finished evaluation with the same estimator settings on at least these images (and a pruned
+    pass if this plan wants one) stands for this plan: a run shared by two jobs is scored once."""
+    same = all(old.get(k) == plan.identity()[k] for k in ("k", "seed", "block"))
+    return same and old.get("num_images", 0) >= plan.num_images and (old.get("pruned", False) or not plan.pruned)
 
 
 def prepare_eval(results: Results, run_id: str, plan: EvalPlan) -> list[int]:
     """Check (or record) the evaluation's identity for a run; return the shards still to do."""
-    meta = results.eval_dir(run_id) / "_eval.json"
+    meta = results.eval_dir(run_id, plan.table) / "_eval.json"
     if meta.exists():
         old = json.loads(meta.read_text())
+        shards_old = int(old.get("shards", 0))
+        if old != plan.identity() and _covers(old, plan) and all(shard_path(results, run_id, s, shards_old, plan.table).exists() for s in range(shards_old)):
+            return []
         if old != plan.identity():
             diff = ", ".join(f"{k}={old.get(k)}" for k in plan.identity() if old.get(k) != plan.identity()[k])
             raise UserError(f"run {run_id} was evaluated with {diff}; use the same options, or a new --results folder")
     else:
         write_json_atomic(plan.identity(), meta)
-    return [s for s in range(plan.shards) if not shard_path(results, run_id, s, plan.shards).exists()]
+    return [s for s in range(plan.shards) if not shard_path(results, run_id, s, plan.shards, plan.table).exists()]
 
 
 class ShardEvaluator:
@@ -160,7 +183,7 @@ class ShardEvaluator:
             torch.set_num_threads(threads)
         self._run_id: str | None = None
         self._models: tuple[IWAEModel, IWAEModel | None, RunConfig] | None = None
-        self._test: dict[tuple[str, str], np.ndarray] = {}
+        self._images: dict[tuple[str, str, int], np.ndarray] = {}
 
     def _load(self, run_id: str) -> tuple[IWAEModel, IWAEModel | None, RunConfig]:
         if self._run_id != run_id or self._models is None:
@@ -179,21 +202,23 @@ class ShardEvaluator:
         model, _, _ = self._load(run_id)
         warm_up(model, self.plan.eval, len(self.plan.shard_ids(0)))
 
-    def _test_images(self, cfg: RunConfig) -> np.ndarray:
-        key = (cfg.dataset, cfg.split)
-        if key not in self._test:
-            self._test[key] = load_dataset(cfg.dataset, self.data_dir, cfg.split).test
-        return self._test[key]
+    def _plan_images(self, cfg: RunConfig) -> np.ndarray:
+        """The test set, or the training images the run was trained on (its subset, if any)."""
+        key = (cfg.dataset, cfg.split, int(cfg.train_subset or 0))
+        if key not in self._images:
+            ds = load_dataset(cfg.dataset, self.data_dir, cfg.split)
+            self._images[key] = ds.test if self.plan.images == "test" else ds.train[: cfg.train_subset or None]
+        return self._images[key]
 
     def run(self, run_id: str, shard: int) -> tuple[str, int, int]:
         """Evaluate one shard and write its Parquet file (skipped if it exists). Returns (run, shard, rows)."""
-        path = shard_path(self.results, run_id, shard, self.plan.shards)
+        path = shard_path(self.results, run_id, shard, self.plan.shards, self.plan.table)
         if path.exists():
             return run_id, shard, 0
         model, pruned, cfg = self._load(run_id)
-        test = self._test_images(cfg)
+        test = self._plan_images(cfg)
         if self.plan.num_images > len(test):
-            raise UserError(f"--test-images {self.plan.num_images} exceeds the {len(test)} test images of {cfg.dataset}")
+            raise UserError(f"--{self.plan.images}-images {self.plan.num_images} exceeds the {len(test)} {self.plan.images} images of run {run_id}")
         ids = self.plan.shard_ids(shard)
         x = binarize_by_id(torch.as_tensor(test[ids]), ids.tolist(), self.plan.eval.seed)
         log_px, prefix = estimate_log_px(model, x, ids.tolist(), self.plan.eval)

@@ -92,11 +92,16 @@ def test_report_rebuilds_from_parquet_alone(swept, tmp_path):
 def test_table2_starts_from_table1_and_estimators_run(tmp_path, ray_local, mnist_dir):
     """paper_table2 refuses to start before paper_table1; afterwards its runs start from Table 1's
     checkpoints (model and Adam state) and continue below the scratch loss; the estimators grid
-    (standard/STL/DReG, MIWAE, CIWAE, PIWAE) trains end to end."""
+    (standard/STL/DReG, MIWAE, CIWAE, PIWAE) trains end to end. Table 1 also scores training
+    images (the train-test gap); a run two jobs share is evaluated once."""
     results = tmp_path / "results"
     early = cli("sweep", "paper_table2", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
     assert early.exit_code == 2 and "paper_table1" in early.output
-    assert cli("sweep", "paper_table1", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir).exit_code == 0
+    t1 = cli("sweep", "paper_table1", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
+    assert t1.exit_code == 0, t1.output
+    tr, ev1 = pd.read_parquet(results / "tables" / "eval_train"), pd.read_parquet(results / "tables" / "eval")
+    assert len(tr) == 5 * 20 and not tr.duplicated(["run_id", "image_id"]).any() and len(ev1) == 5 * 20
+    assert "## Train-test gap" in t1.output and "| mnist | 1 | 1 |" in t1.output
     r = cli("sweep", "paper_table2", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
     assert r.exit_code == 0, r.output
     runs = pd.read_parquet(results / "tables" / "runs").set_index("run_id")
@@ -109,8 +114,11 @@ def test_table2_starts_from_table1_and_estimators_run(tmp_path, ray_local, mnist
         assert first.train_bound > src.iloc[0].train_bound  # it continues, not from scratch
     ev = pd.read_parquet(results / "tables" / "eval")
     assert set(swapped.index) <= set(ev.run_id)
-    e = cli("sweep", "estimators", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir)
+    e = cli("sweep", "estimators", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
     assert e.exit_code == 0, e.output
+    ev = pd.read_parquet(results / "tables" / "eval")
+    assert not ev.duplicated(["run_id", "image_id"]).any() and ev.groupby("run_id").size().eq(20).all()
+    assert ev.run_id.nunique() == 5 + 2 + 5  # Table 1, Table 2, and the estimators but the shared IWAE k=50
     runs = pd.read_parquet(results / "tables" / "runs")
     est = runs[runs.k.isin([10, 50]) & (runs.train_subset == 400) & ((runs.estimator != "standard") | runs.objective.isin(["miwae", "ciwae", "piwae"]))]
     assert set(est.estimator) == {"standard", "stl", "dreg"} and set(est.objective) >= {"miwae", "ciwae", "piwae"} and set(est.status) == {"done"}

@@ -207,6 +207,8 @@ def one_line_error(capsys, argv, match, code=2):
         (["sweep", "demo", "--gpus-per-trial", "-1"], "--gpus-per-trial"),
         (["train", "--objective", "elbo9"], "--objective"),
         (["sweep", "demo", "--stages", "9"], "--stages"),
+        (["sweep", "demo", "--where", "colour=red"], "--where"),
+        (["sweep", "demo", "--where", "k=7"], "keeps none"),
     ],
 )
 def test_out_of_range_options_fail_in_one_line(capsys, tmp_path, argv, match):

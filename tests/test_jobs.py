@@ -1,0 +1,34 @@
+"""Experiment grids: the paper's cells, schedule cuts, and `--where` selection (no Ray, no data)."""
+
+import pytest
+
+import jobs
+
+
+def test_table1_trains_k1_once_and_covers_the_paper_grid():
+    """L_1 is the ELBO, so k=1 is one model: 2 datasets x 2 layer counts x (1 + 2 + 2) = 20 runs."""
+    j = jobs.build("paper_table1")
+    cells = {(r.dataset, len(r.model.latent), r.objective["name"], r.objective["k"]) for r in j.runs}
+    assert len(j.runs) == len(cells) == 20
+    assert ("mnist", 1, "iwae", 1) not in cells and ("mnist", 1, "vae", 1) in cells and ("omniglot", 2, "iwae", 50) in cells
+    assert all(r.schedule.total_epochs == 3280 for r in j.runs) and j.train_images > 0 and j.pruned
+
+
+def test_table2_continues_for_the_length_of_the_last_stage():
+    """The paper continues 3,280-epoch runs for 3^7 epochs (its last stage); a cut to N stages
+    continues for 3^(N-1), and the continued runs start from the cut Table 1 runs."""
+    full, cut = jobs.build("paper_table2"), jobs.build("paper_table2", stages=3)
+    assert [r.schedule.total_epochs for r in full.runs] == [2187, 2187]
+    assert [r.schedule.total_epochs for r in cut.runs] == [9, 9] and all(r.schedule.lr == 1e-4 for r in cut.runs)
+    t1 = {r.run_id for r in jobs.build("paper_table1", stages=3).runs}
+    assert {r.init_from for r in cut.runs} <= t1 and not cut.pruned
+
+
+def test_where_keeps_matching_runs_and_refuses_unknown_keys():
+    j = jobs.select(jobs.build("paper_table1", stages=2), ["dataset=mnist", "layers=1"])
+    assert sorted((r.objective["name"], r.objective["k"]) for r in j.runs) == [("iwae", 5), ("iwae", 50), ("vae", 1), ("vae", 5), ("vae", 50)]
+    assert jobs.select(j, []) is j
+    with pytest.raises(ValueError, match="KEY one of"):
+        jobs.select(j, ["colour=red"])
+    with pytest.raises(ValueError, match="keeps none"):
+        jobs.select(j, ["k=7"])
