@@ -220,7 +220,7 @@ def list_jobs() -> None:
         job = jobs.build(name)
         smoke = jobs.build(name, "smoke")
         epochs = sorted({r.schedule.total_epochs for r in job.runs})
-        where = f"eval k={job.eval.k} on {job.test_images or 'all'} test images"
+        where = f"eval k={job.eval.k} on {job.test_images or 'all'} test images" + (f" + {job.train_images} train" if job.train_images else "")
         typer.echo(f"{name:14s} {len(job.runs):3d} runs, {'/'.join(map(str, epochs))} epochs, {where} (smoke: {len(smoke.runs)} runs)  {job.description}")
 
 
