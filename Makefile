@@ -1,5 +1,6 @@
 # make demo: set up .venv, fetch MNIST, run the demo sweep on a local Ray, print the report.
 # make test: set up, then ruff, mypy and every test (slow ones included).
+# make repro: the committed reproduction (docs/reproduction.md): about 2 hours on 2 cores, resumable.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -7,7 +8,7 @@ STAMP   = $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DATA   ?= data
 export RAY_USAGE_STATS_ENABLED = 0
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data demo test lint bench repro clean
 
 setup: $(STAMP)
 
@@ -33,6 +34,14 @@ lint: setup
 
 test: setup data lint
 	IWAE_DATA_DIR=$(abspath $(DATA)) $(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+REPRO ?= results/repro
+CUT   ?= --stages 2
+repro: setup data
+	$(BIN)/iwae-pipeline sweep paper_table1 $(CUT) --where dataset=mnist --where layers=1 --results $(REPRO) --data-dir $(DATA)
+	$(BIN)/iwae-pipeline sweep paper_table2 $(CUT) --results $(REPRO) --data-dir $(DATA)
+	$(BIN)/iwae-pipeline sweep estimators $(CUT) --results $(REPRO) --data-dir $(DATA)
+	$(BIN)/iwae-pipeline report --results $(REPRO) --out docs/repro
 
 bench: setup data
 	$(BIN)/iwae-pipeline bench --data-dir $(DATA)
