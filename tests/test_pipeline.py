@@ -71,10 +71,13 @@ def test_estimates_identical_for_1_and_3_shards(swept, tmp_path, mnist_dir):
     r = cli("evaluate", "demo", "--size", "smoke", "--results", other, "--data-dir", mnist_dir, "--shards", "3", "--workers", "2")
     assert r.exit_code == 0, r.output
     one = cli("evaluate", "demo", "--size", "smoke", "--results", other, "--data-dir", mnist_dir, "--shards", "1")
-    assert one.exit_code == 2 and "evaluated with shards=3" in one.output  # same folder, other sharding: refused
+    assert one.exit_code == 0, one.output  # a finished evaluation stands for any sharding: nothing is redone
     a = pd.read_parquet(results / "tables" / "eval").set_index(["run_id", "image_id"]).sort_index()
     b = pd.read_parquet(other / "tables" / "eval").set_index(["run_id", "image_id"]).sort_index()
     assert len(b) == 40 and b.shard.max() == 2
+    sorted((other / "tables" / "eval").rglob("shard-*.parquet"))[0].unlink()
+    one = cli("evaluate", "demo", "--size", "smoke", "--results", other, "--data-dir", mnist_dir, "--shards", "1")
+    assert one.exit_code == 2 and "evaluated with shards=3" in one.output  # unfinished, other sharding: refused
     pd.testing.assert_series_equal(a.log_px, b.log_px, atol=1e-4, rtol=0)
     pd.testing.assert_series_equal(a.l_50, b.l_50, atol=1e-4, rtol=0)
 

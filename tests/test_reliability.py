@@ -23,8 +23,13 @@ def run_cli(*args, env=None, timeout=600):
     return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, env=e, timeout=timeout, cwd=ROOT)
 
 
+# Ray workers inherit the driver's environment: a tag per test run lets the kill tests pick only
+# their own workers, never those of a sweep someone is running beside `make test` on this machine.
+TAG = f"iwae-test-{os.getpid()}"
+
+
 def start_cli(*args, env=None):
-    e = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    e = {**os.environ, "RAY_AUTH_MODE": "disabled", "IWAE_TEST_TAG": TAG, **(env or {})}
     return subprocess.Popen([CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e, cwd=ROOT, start_new_session=True)
 
 
@@ -38,8 +43,16 @@ def wait_for(pred, timeout=180, every=0.2):
 
 
 def pids_matching(text):
+    """Processes whose command line has ``text`` and whose environment has this run's tag."""
     out = subprocess.run(["pgrep", "-f", text], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out if int(p) != os.getpid()]
+    return [int(p) for p in out if int(p) != os.getpid() and _tagged(int(p))]
+
+
+def _tagged(pid):
+    try:
+        return f"IWAE_TEST_TAG={TAG}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:  # gone, or not ours to read
+        return False
 
 
 def assert_each_image_once(results, runs, images):
@@ -106,15 +119,15 @@ def test_killed_sweep_driver_resumes_without_retraining(tmp_path, mnist_dir):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     done_before = {p.name: p.stat().st_mtime_ns for p in runs_dir.glob("*.parquet")}
-    assert 1 <= len(done_before) < 6, "kill the driver mid-sweep"
+    assert 1 <= len(done_before) < 5, "kill the driver mid-sweep"
     r = run_cli(*args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     runs = pd.read_parquet(runs_dir)
-    assert len(runs) == 6 and set(runs.status) == {"done"} and runs.run_id.is_unique
+    assert len(runs) == 5 and set(runs.status) == {"done"} and runs.run_id.is_unique
     for name, mtime in done_before.items():  # finished runs were not trained again
         assert (runs_dir / name).stat().st_mtime_ns == mtime
     train = pd.read_parquet(results / "tables" / "train")
-    assert not train.duplicated(["run_id", "epoch"]).any() and len(train) == 6 * 4
+    assert not train.duplicated(["run_id", "epoch"]).any() and len(train) == 5 * 4
 
 
 @pytest.mark.slow
