@@ -198,8 +198,10 @@ def plots(results: Results, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
     labels = dict(zip(summary.run_id, summary.label))
     if not train.empty:
         fig, ax = plt.subplots(figsize=(7, 4))
+        epochs = dict(zip(summary.run_id, summary.epochs))
+        start = {r: epochs.get(src, 0) for r, src in zip(summary.run_id, summary.init_from) if src}  # continued runs
         for rid, g in train.groupby("run_id"):
-            ax.plot(g["epoch"], g["train_bound"], marker="o", ms=3, label=labels.get(rid, rid))
+            ax.plot(g["epoch"] + start.get(rid, 0), g["train_bound"], marker="o", ms=3, label=labels.get(rid, rid) + (" (continued)" if rid in start else ""))
         ax.set_xlabel("epoch")
         ax.set_ylabel("training bound (nats)")
         ax.set_title("Training curves")
