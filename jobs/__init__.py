@@ -44,7 +44,8 @@ def smoke_eval(job_eval: EvalConfig, size: str) -> EvalConfig:
 
 
 def select(job: Job, where: list[str]) -> Job:
-    """Keep the runs whose flat config matches every ``KEY=VALUE`` (compared as text)."""
+    """Keep the runs whose flat config matches every ``KEY=VALUE`` (compared as text; ``KEY=A,B``
+    matches either)."""
     if not where:
         return job
     cols = job.runs[0].flat().keys() if job.runs else ()
@@ -53,8 +54,8 @@ def select(job: Job, where: list[str]) -> Job:
         key, sep, value = w.partition("=")
         if not sep or key not in cols:
             raise ValueError(f"--where {w!r}: use KEY=VALUE with KEY one of {', '.join(cols)}")
-        conds.append((key, value))
-    runs = tuple(r for r in job.runs if all(str(r.flat()[k]) == v for k, v in conds))
+        conds.append((key, set(value.split(","))))
+    runs = tuple(r for r in job.runs if all(str(r.flat()[k]) in vs for k, vs in conds))
     if not runs:
         raise ValueError(f"--where {' '.join(where)} keeps none of {job.name}'s {len(job.runs)} runs; see `iwae-pipeline jobs`")
     return replace(job, runs=runs)

@@ -62,7 +62,7 @@ TrainImagesOpt = Annotated[
 ]
 WhereOpt = Annotated[
     list[str] | None,
-    typer.Option("--where", help="Keep only the job's runs with KEY=VALUE (a column of the runs table, e.g. dataset=mnist, layers=1); repeat to narrow."),
+    typer.Option("--where", help="Keep only the job's runs with KEY=VALUE (a runs-table column, e.g. layers=1; KEY=A,B: either); repeat to narrow."),
 ]
 CompileOpt = Annotated[Compile, typer.Option("--compile", help="torch.compile the training step: auto = runs of >= 500k examples.")]
 

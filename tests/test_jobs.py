@@ -28,6 +28,8 @@ def test_where_keeps_matching_runs_and_refuses_unknown_keys():
     j = jobs.select(jobs.build("paper_table1", stages=2), ["dataset=mnist", "layers=1"])
     assert sorted((r.objective["name"], r.objective["k"]) for r in j.runs) == [("iwae", 5), ("iwae", 50), ("vae", 1), ("vae", 5), ("vae", 50)]
     assert jobs.select(j, []) is j
+    est = jobs.select(jobs.build("estimators"), ["objective=iwae,piwae"])
+    assert sorted((r.objective["name"], r.estimator) for r in est.runs) == [("iwae", "dreg"), ("iwae", "standard"), ("iwae", "stl"), ("piwae", "standard")]
     with pytest.raises(ValueError, match="KEY one of"):
         jobs.select(j, ["colour=red"])
     with pytest.raises(ValueError, match="keeps none"):
