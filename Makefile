@@ -40,7 +40,7 @@ CUT   ?= --stages 2
 repro: setup data
 	$(BIN)/iwae-pipeline sweep paper_table1 $(CUT) --where dataset=mnist --where layers=1 --results $(REPRO) --data-dir $(DATA)
 	$(BIN)/iwae-pipeline sweep paper_table2 $(CUT) --results $(REPRO) --data-dir $(DATA)
-	$(BIN)/iwae-pipeline sweep estimators $(CUT) --results $(REPRO) --data-dir $(DATA)
+	$(BIN)/iwae-pipeline sweep estimators $(CUT) --where objective=iwae,miwae,piwae --results $(REPRO) --data-dir $(DATA)
 	$(BIN)/iwae-pipeline report --results $(REPRO) --out docs/repro
 
 bench: setup data
