@@ -18,8 +18,10 @@ def test_table2_continues_for_the_length_of_the_last_stage():
     """The paper continues 3,280-epoch runs for 3^7 epochs (its last stage); a cut to N stages
     continues for 3^(N-1), and the continued runs start from the cut Table 1 runs."""
     full, cut = jobs.build("paper_table2"), jobs.build("paper_table2", stages=3)
-    assert [r.schedule.total_epochs for r in full.runs] == [2187, 2187]
-    assert [r.schedule.total_epochs for r in cut.runs] == [9, 9] and all(r.schedule.lr == 1e-4 for r in cut.runs)
+    assert [r.schedule.total_epochs for r in full.runs] == [2187] * 4
+    assert [r.schedule.total_epochs for r in cut.runs] == [9] * 4 and all(r.schedule.lr == 1e-4 for r in cut.runs)
+    swaps = [(r.objective["name"], r.objective["k"]) for r in cut.runs]
+    assert swaps == [("iwae", 50), ("vae", 1), ("vae", 1), ("iwae", 50)]  # two swaps, then the two controls
     t1 = {r.run_id for r in jobs.build("paper_table1", stages=3).runs}
     assert {r.init_from for r in cut.runs} <= t1 and not cut.pruned
 
