@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -49,7 +50,21 @@ def head(tmp_path_factory):
     ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     yield f"http://127.0.0.1:{dash}", env
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=60)
+    stop_ray_under(tmp / "ray")
+
+
+def stop_ray_under(temp_dir):
+    """Stop only the Ray processes of this head: each one's command line names its temp dir.
+
+    Not `ray stop`, which stops every Ray on the machine: it killed a researcher's sweep (ours)
+    that was running beside `make test`.
+    """
+    pattern = str(temp_dir)
+    for sig in ("-TERM", "-KILL"):
+        subprocess.run(["pkill", sig, "-f", pattern], capture_output=True)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
+            time.sleep(0.2)
 
 
 def test_submit_status_logs_on_a_local_head(head, tmp_path, mnist_dir, monkeypatch):
