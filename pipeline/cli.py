@@ -303,13 +303,11 @@ def _evaluate(
 
 def _evaluate_plan(name: str, plan: Any, res: Any, data_dir: Path, run_ids: list[str], workers: int | None, cpus: float, gpus: float) -> None:
     from pipeline import ray_backend as rb
-    from pipeline.work import prepare_eval
 
-    todo = sum(len(prepare_eval(res, r, plan)) for r in run_ids)
-    bar = _bar(todo, f"{name}: {plan.images} shards", "shard")
+    bar = _bar(0, f"{name}: {plan.images} shards", "shard")
 
-    def progress(done: int, total: int) -> None:
-        bar.n = done
+    def progress(done: int, total: int) -> None:  # total: the shards still to do when it started
+        bar.total, bar.n = total, done
         bar.refresh()
 
     rb.evaluate(res, data_dir.absolute(), run_ids, plan, rb.Resources(cpus, gpus), workers, progress)

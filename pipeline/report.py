@@ -48,28 +48,23 @@ def run_summary(results: Results) -> pd.DataFrame:
         return runs
     agg = []
     for run_id, g in ev.groupby("run_id"):
-        n = len(g)
-        row = {"run_id": run_id, "test_images": n, "eval_k": int(g["eval_k"].iloc[0])}
-        row["nll"] = -g["log_px"].mean()
-        row["nll_se"] = g["log_px"].std(ddof=1) / math.sqrt(n) if n > 1 else math.nan
+        row = {"run_id": run_id, "eval_k": int(g["eval_k"].iloc[0])}
+        row["test_images"], row["nll"], row["nll_se"] = _nll(g)
         row["nll_pruned"] = -g["log_px_pruned"].mean() if g["log_px_pruned"].notna().all() else math.nan
         for p in PREFIXES:
             row[f"nll_l{p}"] = -g[f"l_{p}"].mean() if g[f"l_{p}"].notna().all() else math.nan
         agg.append(row)
     out = runs.merge(pd.DataFrame(agg), on="run_id", how="left") if agg else runs.assign(nll=math.nan, nll_se=math.nan, test_images=0)
-    tr = results.read("eval_train")
-    gap = [
-        {
-            "run_id": rid,
-            "train_images": len(g),
-            "train_nll": -g["log_px"].mean(),
-            "train_nll_se": g["log_px"].std(ddof=1) / math.sqrt(len(g)) if len(g) > 1 else math.nan,
-        }
-        for rid, g in tr.groupby("run_id")
-    ]
+    gap = [dict(zip(("run_id", "train_images", "train_nll", "train_nll_se"), (rid, *_nll(g)))) for rid, g in results.read("eval_train").groupby("run_id")]
     out = out.merge(pd.DataFrame(gap), on="run_id", how="left") if gap else out.assign(train_images=0, train_nll=math.nan, train_nll_se=math.nan)
     out["active"] = [_units(a, b) for a, b in zip(out["active_h1"], out["active_h2"])]
     return out.sort_values(["dataset", "layers", "k", "objective", "estimator", "epochs"]).reset_index(drop=True)
+
+
+def _nll(g: pd.DataFrame) -> tuple[int, float, float]:
+    """Images, mean NLL and its standard error over one run's evaluation rows."""
+    n = len(g)
+    return n, -g["log_px"].mean(), g["log_px"].std(ddof=1) / math.sqrt(n) if n > 1 else math.nan
 
 
 def _units(a: object, b: object) -> str:

@@ -150,23 +150,24 @@ def shard_path(results: Results, run_id: str, shard: int, shards: int, table: st
     return results.eval_dir(run_id, table) / f"shard-{shard:05d}-of-{shards:05d}.parquet"
 
 
-def _covers(old: dict[str, Any], plan: EvalPlan) -> bool:
+def _covers(old: dict[str, Any], plan: EvalPlan, finished: Callable[[], bool]) -> bool:
     """A finished evaluation with the same estimator settings on at least these images (and a pruned
     pass if this plan wants one) stands for this plan: a run shared by two jobs is scored once."""
-    same = all(old.get(k) == plan.identity()[k] for k in ("k", "seed", "block"))
-    return same and old.get("num_images", 0) >= plan.num_images and (old.get("pruned", False) or not plan.pruned)
+    new = plan.identity()
+    same = all(old.get(k) == new[k] for k in ("k", "seed", "block"))
+    return same and old.get("num_images", 0) >= plan.num_images and (old.get("pruned", False) or not plan.pruned) and finished()
 
 
 def prepare_eval(results: Results, run_id: str, plan: EvalPlan) -> list[int]:
     """Check (or record) the evaluation's identity for a run; return the shards still to do."""
     meta = results.eval_dir(run_id, plan.table) / "_eval.json"
     if meta.exists():
-        old = json.loads(meta.read_text())
-        shards_old = int(old.get("shards", 0))
-        if old != plan.identity() and _covers(old, plan) and all(shard_path(results, run_id, s, shards_old, plan.table).exists() for s in range(shards_old)):
-            return []
-        if old != plan.identity():
-            diff = ", ".join(f"{k}={old.get(k)}" for k in plan.identity() if old.get(k) != plan.identity()[k])
+        old, new = json.loads(meta.read_text()), plan.identity()
+        if old != new:
+            n_old = int(old.get("shards", 0))
+            if _covers(old, plan, lambda: all(shard_path(results, run_id, s, n_old, plan.table).exists() for s in range(n_old))):
+                return []
+            diff = ", ".join(f"{k}={old.get(k)}" for k in new if old.get(k) != new[k])
             raise UserError(f"run {run_id} was evaluated with {diff}; use the same options, or a new --results folder")
     else:
         write_json_atomic(plan.identity(), meta)
@@ -204,7 +205,7 @@ class ShardEvaluator:
 
     def _plan_images(self, cfg: RunConfig) -> np.ndarray:
         """The test set, or the training images the run was trained on (its subset, if any)."""
-        key = (cfg.dataset, cfg.split, int(cfg.train_subset or 0))
+        key = (cfg.dataset, cfg.split, int(cfg.train_subset or 0) if self.plan.images == "train" else 0)
         if key not in self._images:
             ds = load_dataset(cfg.dataset, self.data_dir, cfg.split)
             self._images[key] = ds.test if self.plan.images == "test" else ds.train[: cfg.train_subset or None]
