@@ -25,6 +25,7 @@ __all__ = [
     "iwae_bound",
     "miwae_bound",
     "ciwae_bound",
+    "jackknife_bound",
     "VAE",
     "IWAE",
     "MIWAE",
@@ -73,6 +74,28 @@ def miwae_bound(log_w: Tensor, m: int) -> Tensor:
 def ciwae_bound(log_w: Tensor, beta: float) -> Tensor:
     """CIWAE(beta) of Rainforth et al. 2018: ``beta * ELBO_K + (1 - beta) * L_K``. ``(K, B) -> (B,)``."""
     return beta * vae_bound(log_w) + (1.0 - beta) * iwae_bound(log_w)
+
+
+def jackknife_bound(log_w: Tensor) -> Tensor:
+    """First-order jackknife of L_k (JVI, Nowozin 2018, eq. 9). ``(K, B) -> (B,)``, nats.
+
+    ``L_J = k L_k - (k-1)/k sum_i L_{k-1}^{(-i)}`` with ``L_{k-1}^{(-i)} = log (S - w_i)/(k-1)``.
+    L_k is biased low by ``O(1/k)``; the jackknife cancels that leading term, leaving ``O(1/k^2)``
+    (it is then no longer a bound: it may exceed log p(x)). The leave-one-out sums are taken as
+    ``log S + log1p(-w_i/S)``, except for each column's largest weight, whose ``1 - w_i/S`` can
+    round to 0: its leave-one-out sum is a logsumexp of the others instead.
+    """
+    k = log_w.shape[0]
+    if k < 2:
+        raise ValueError("the jackknife needs k >= 2 samples")
+    lse = torch.logsumexp(log_w, dim=0)  # (B,)
+    loo = lse + torch.log1p(-torch.exp(log_w - lse).clamp(max=1.0))  # (K, B): log sum_{j != i} w_j
+    top = log_w.argmax(dim=0, keepdim=True)  # (1, B)
+    others = log_w.scatter(0, top, float("-inf"))
+    loo = loo.scatter(0, top, torch.logsumexp(others, dim=0, keepdim=True))
+    l_k = lse - math.log(k)
+    l_loo = (loo - math.log(k - 1)).mean(dim=0)  # (B,): mean of the k leave-one-out L_{k-1}
+    return k * l_k - (k - 1) * l_loo
 
 
 def _iw_weights(log_w: Tensor, dim: int = 0) -> Tensor:

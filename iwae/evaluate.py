@@ -2,8 +2,10 @@
 
 The estimate is L_k = log (1/k) sum_i p(x, h_i)/q(h_i|x), a stochastic lower bound that tightens
 with k (Theorem 1). Memory is bounded by ``max_rows`` (images x samples per decoder pass): samples
-are processed in chunks and combined with a running logsumexp. The prefix bounds L_1, L_5, ...,
-L_5000 come from the same pass.
+are processed in chunks, and the k log-weights of the images in flight are kept (``(k, B)``, a few
+MB) so that the prefix bounds L_1, L_5, ..., L_5000 and the per-image reliability figures of
+:mod:`iwae.diagnostics` (ESS, Pareto k-hat, Monte Carlo error) and the jackknife come from the
+same pass.
 
 Every random number is seeded from the image's identity, never from its batch or worker: the
 test binarisation from ``(seed, image_id)`` and the noise in fixed blocks of ``block`` samples
@@ -18,12 +20,14 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from iwae.bounds import iwae_bound, jackknife_bound
+from iwae.diagnostics import kish_ess, mc_stderr, pareto_khat
 from iwae.models import IWAEModel
 
 _BIN, _NOISE = 0, 1  # stream tags of the per-image seeds
@@ -95,6 +99,17 @@ def _scorer(use_compile: bool) -> Callable[..., Tensor]:
     return _compiled_log_w  # type: ignore[no-any-return]
 
 
+class LogPxEstimate(NamedTuple):
+    """Per-image results of one k-sample evaluation, all ``(N,)`` float64 but ``prefix``."""
+
+    log_px: Tensor  # L_k, nats (the paper's number)
+    prefix: Tensor  # (N, P): L_m for m in cfg.prefixes
+    ess: Tensor  # Kish effective sample size of the k weights
+    khat: Tensor  # PSIS Pareto k-hat; > 0.7: unreliable
+    mcse: Tensor  # Monte Carlo standard error of L_k, nats
+    log_px_jk: Tensor  # first-order jackknife of L_k (Nowozin 2018), nats
+
+
 @torch.inference_mode()
 def estimate_log_px(
     model: IWAEModel,
@@ -102,8 +117,8 @@ def estimate_log_px(
     image_ids: Sequence[int],
     cfg: EvalConfig = EvalConfig(),
     progress: Callable[[int], None] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Importance-sampled log p(x) per image, and the prefix bounds.
+) -> LogPxEstimate:
+    """Importance-sampled log p(x) per image, the prefix bounds and how reliable each estimate is.
 
     Args:
         model: the trained model (its device is used).
@@ -113,7 +128,8 @@ def estimate_log_px(
         progress: called with the number of images finished after each batch.
 
     Returns:
-        ``log_px`` ``(N,)`` = L_k in nats and ``prefix`` ``(N, P)`` = L_m for m in ``cfg.prefixes``.
+        A :class:`LogPxEstimate`: ``log_px`` ``(N,)`` = L_k in nats, ``prefix`` ``(N, P)`` = L_m for
+        m in ``cfg.prefixes``, and per image the ESS, k-hat, Monte Carlo error and jackknife.
     """
     model.eval()
     dev = next(model.parameters()).device
@@ -123,13 +139,12 @@ def estimate_log_px(
     sub = min(cfg.block, cfg.max_rows)  # samples per decoder pass when one block exceeds max_rows
     use_compile = cfg.compile if cfg.compile is not None else n_img * cfg.k >= 1_000_000
     score = _scorer(use_compile)
-    log_px = torch.empty(n_img, dtype=torch.float64)
+    out = {name: torch.empty(n_img, dtype=torch.float64) for name in ("log_px", "ess", "khat", "mcse", "log_px_jk")}
     prefix = torch.empty(n_img, len(cfg.prefixes), dtype=torch.float64)
     for a in range(0, n_img, imgs_per_pass):
         ids = [int(i) for i in image_ids[a : a + imgs_per_pass]]
         x = x_bin[a : a + imgs_per_pass].to(dev)  # (B, X)
-        acc = torch.full((len(ids),), -math.inf, dtype=torch.float64, device=dev)  # running logsumexp
-        pre_out = torch.empty(len(ids), len(cfg.prefixes), dtype=torch.float64, device=dev)
+        chunks: list[Tensor] = []  # the (c, B) log-weights of these images, k rows in all
         done = 0
         for b in range(math.ceil(cfg.k / cfg.block)):
             n = min(cfg.block, cfg.k - done)
@@ -144,18 +159,20 @@ def estimate_log_px(
                     warnings.warn(f"torch.compile failed ({type(e).__name__}); evaluating eagerly", stacklevel=2)
                     score = _log_w
                     log_w = score(model, x, eps).double()
-                start = done
-                for j, m in enumerate(cfg.prefixes):
-                    if start < m <= start + log_w.shape[0]:
-                        part = torch.logsumexp(log_w[: m - start], dim=0)
-                        pre_out[:, j] = torch.logaddexp(acc, part) - math.log(m)
-                acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
+                chunks.append(log_w)
                 done += log_w.shape[0]
-        log_px[a : a + len(ids)] = (acc - math.log(cfg.k)).cpu()
-        prefix[a : a + len(ids)] = pre_out.cpu()
+        all_w = torch.cat(chunks)  # (k, B)
+        sl = slice(a, a + len(ids))
+        for j, m in enumerate(cfg.prefixes):
+            prefix[sl, j] = iwae_bound(all_w[:m]).cpu()
+        out["log_px"][sl] = iwae_bound(all_w).cpu()
+        out["ess"][sl] = kish_ess(all_w).cpu()
+        out["khat"][sl] = pareto_khat(all_w).cpu()
+        out["mcse"][sl] = mc_stderr(all_w).cpu()
+        out["log_px_jk"][sl] = jackknife_bound(all_w).cpu() if cfg.k > 1 else out["log_px"][sl]
         if progress is not None:
             progress(len(ids))
-    return log_px, prefix
+    return LogPxEstimate(prefix=prefix, **out)
 
 
 def warm_up(model: IWAEModel, cfg: EvalConfig, n_images: int) -> None:

@@ -66,6 +66,10 @@ EVAL_SCHEMA = pa.schema(
         pa.field("log_px", pa.float64()),
         *[pa.field(f"l_{p}", pa.float64()) for p in PREFIXES],
         pa.field("log_px_pruned", pa.float64()),
+        pa.field("ess", pa.float64()),  # Kish effective sample size of the eval_k weights
+        pa.field("khat", pa.float64()),  # PSIS Pareto k-hat; > 0.7: this image's estimate is unreliable
+        pa.field("mcse", pa.float64()),  # Monte Carlo standard error of log_px (delta method), nats
+        pa.field("log_px_jk", pa.float64()),  # first-order jackknife of log_px (Nowozin 2018), nats
         pa.field("shard", pa.int64()),
     ]
 )

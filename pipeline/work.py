@@ -194,7 +194,10 @@ class ShardEvaluator:
             if self.plan.pruned and row is not None and row["unit_var_h1"] is not None:
                 variances = [torch.tensor(row["unit_var_h1"])] + ([torch.tensor(row["unit_var_h2"])] if row["unit_var_h2"] is not None else [])
                 masks = active_masks(variances)
-                pruned = prune(model, masks) if all(m.any() for m in masks) else None
+                if all(m.all() for m in masks):
+                    pruned = model  # every unit active: pruning changes nothing, skip the second pass
+                else:
+                    pruned = prune(model, masks) if all(m.any() for m in masks) else None
             self._run_id, self._models = run_id, (model, pruned, cfg)
         return self._models
 
@@ -222,15 +225,21 @@ class ShardEvaluator:
             raise UserError(f"--{self.plan.images}-images {self.plan.num_images} exceeds the {len(test)} {self.plan.images} images of run {run_id}")
         ids = self.plan.shard_ids(shard)
         x = binarize_by_id(torch.as_tensor(test[ids]), ids.tolist(), self.plan.eval.seed)
-        log_px, prefix = estimate_log_px(model, x, ids.tolist(), self.plan.eval)
-        pruned_px = estimate_log_px(pruned, x, ids.tolist(), self.plan.eval)[0] if pruned is not None else None
+        est = estimate_log_px(model, x, ids.tolist(), self.plan.eval)
+        pruned_px: torch.Tensor | None
+        if pruned is model:
+            pruned_px = est.log_px  # no inactive unit: the pruned model is this model, the value is equal
+        else:
+            pruned_px = estimate_log_px(pruned, x, ids.tolist(), self.plan.eval).log_px if pruned is not None else None
         flat = cfg.flat()
         rows = []
         for j, image_id in enumerate(ids.tolist()):
-            row = {**flat, "eval_k": self.plan.eval.k, "eval_seed": self.plan.eval.seed, "image_id": int(image_id), "log_px": float(log_px[j]), "shard": shard}
+            row = {**flat, "eval_k": self.plan.eval.k, "eval_seed": self.plan.eval.seed, "image_id": int(image_id), "shard": shard}
+            for col in ("log_px", "ess", "khat", "mcse", "log_px_jk"):
+                row[col] = float(getattr(est, col)[j])
             for c, p in enumerate(self.plan.eval.prefixes):
                 if p in PREFIXES:
-                    row[f"l_{p}"] = float(prefix[j, c])
+                    row[f"l_{p}"] = float(est.prefix[j, c])
             row["log_px_pruned"] = float(pruned_px[j]) if pruned_px is not None else None
             rows.append(row)
         fault = os.environ.get("IWAE_FAULT_SLEEP_BEFORE_WRITE")  # test hook: widen the window for a kill

@@ -98,3 +98,41 @@ def test_dynamic_binarisation_is_fresh_and_has_the_right_mean():
     assert not torch.equal(a, b)
     assert set(a.unique().tolist()) == {0.0, 1.0}
     assert abs(a.mean().item() - 0.3) < 0.005
+
+
+def test_pickle_pixels_become_the_papers_idx_over_255(tmp_path):
+    """The pickle's v/256 pixels cached as npz equal LeCun's IDX bytes / 255 on the same images, exactly."""
+    rng = np.random.default_rng(1)
+    tr, te = rng.integers(0, 256, (7, 28, 28)), rng.integers(0, 256, (3, 28, 28))
+    tr[0, 0, 0], tr[0, 0, 1] = 255, 0  # white and black present
+    _write_idx(tmp_path / D.IDX_TRAIN, tr)
+    _write_idx(tmp_path / D.IDX_TEST, te)
+    idx = D.load_mnist(tmp_path)
+    pickled = [(a.reshape(len(a), 784).astype(np.float32) / np.float32(256.0), np.zeros(len(a))) for a in (tr[:5], tr[5:], te)]
+    npz_dir = tmp_path / "npz"
+    arrays = {"version": np.array(D.MNIST_NPZ_VERSION)}
+    for name, (x, y) in zip(("train", "valid", "test"), pickled):
+        arrays[f"x_{name}"] = D.pickle_pixels_to_paper(x)
+        arrays[f"y_{name}"] = y
+    D.atomic_save_npz(npz_dir / D.MNIST_NPZ, arrays)
+    from_npz = D.load_mnist(npz_dir)
+    assert np.array_equal(from_npz.train, idx.train) and np.array_equal(from_npz.test, idx.test)
+    assert from_npz.train.max() == 1.0 and from_npz.train.dtype == np.float32
+    with pytest.raises(D.DataError, match="k/256"):
+        D.pickle_pixels_to_paper(np.full((1, 784), 0.3, np.float32))
+
+
+def test_a_stale_pixel_cache_is_refused_and_rebuilt(tmp_path):
+    """An npz from before the fix (no version, pixels /256) is not trusted: loading names the fetch that rebuilds it."""
+    stale = {k: np.full((2, 784), 255 / 256, np.float32) for k in ("x_train", "x_valid", "x_test")}
+    D.atomic_save_npz(tmp_path / D.MNIST_NPZ, stale)
+    with pytest.raises(D.DataError, match="stale.*data fetch mnist"):
+        D.load_mnist(tmp_path)
+
+
+def test_the_fetched_mnist_has_the_papers_pixels(mnist_dir):
+    """The real cache: white is exactly 1.0 and every pixel is a byte / 255 (256 grey levels)."""
+    ds = D.load_mnist(str(mnist_dir))  # a str path works as well as a Path
+    assert ds.train.max() == 1.0 and ds.test.max() == 1.0
+    levels = np.unique(ds.test)
+    assert len(levels) <= 256 and np.allclose(levels * 255, np.rint(levels * 255), atol=1e-4)

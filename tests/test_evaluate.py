@@ -17,12 +17,12 @@ def test_estimate_does_not_depend_on_batching_or_order():
     ids = list(range(100, 109))
     xb = binarize_by_id(x, ids, seed=5)
     cfg = EvalConfig(k=700, block=100, max_rows=900)
-    a, pa = estimate_log_px(m, xb, ids, cfg)
+    a, pa = estimate_log_px(m, xb, ids, cfg)[:2]
     perm = [4, 0, 8, 2]
-    b, pb = estimate_log_px(m, xb[perm], [ids[i] for i in perm], EvalConfig(k=700, block=100, max_rows=150))
+    b, pb = estimate_log_px(m, xb[perm], [ids[i] for i in perm], EvalConfig(k=700, block=100, max_rows=150))[:2]
     assert torch.allclose(a[perm], b, atol=1e-5) and torch.allclose(pa[perm], pb, atol=1e-5)
     assert torch.equal(binarize_by_id(x[perm], [ids[i] for i in perm], 5), xb[perm])
-    c, _ = estimate_log_px(m, xb, ids, EvalConfig(k=700, block=100, max_rows=900, seed=6))
+    c, _ = estimate_log_px(m, xb, ids, EvalConfig(k=700, block=100, max_rows=900, seed=6))[:2]
     assert not torch.allclose(a, c)  # the seed matters
 
 
@@ -31,9 +31,9 @@ def test_prefix_bounds_are_the_bounds_of_the_first_samples():
     m = tiny_model(x_dim=6, latent=(2,), hidden=8)
     x = torch.bernoulli(torch.full((3, 6), 0.5, dtype=torch.float64))
     cfg = EvalConfig(k=60, block=25, max_rows=50, prefixes=(1, 5, 30, 60))
-    est, pre = estimate_log_px(m, x, [0, 1, 2], cfg)
+    est, pre = estimate_log_px(m, x, [0, 1, 2], cfg)[:2]
     for kk, col in zip((1, 5, 30, 60), pre.T):
-        e2, _ = estimate_log_px(m, x, [0, 1, 2], EvalConfig(k=kk, block=25, max_rows=50, prefixes=()))
+        e2, _ = estimate_log_px(m, x, [0, 1, 2], EvalConfig(k=kk, block=25, max_rows=50, prefixes=()))[:2]
         assert torch.allclose(col, e2, atol=1e-9)
     assert torch.equal(pre[:, -1], est)
 
@@ -57,8 +57,8 @@ def test_pruning_inactive_units_keeps_log_px():
     assert small.cfg.latent == (2,)
     ids = list(range(10))
     xb = binarize_by_id(x[:10], ids, 0)
-    full, _ = estimate_log_px(m, xb, ids, EvalConfig(k=5000))
-    pruned, _ = estimate_log_px(small, xb, ids, EvalConfig(k=5000))
+    full, _ = estimate_log_px(m, xb, ids, EvalConfig(k=5000))[:2]
+    pruned, _ = estimate_log_px(small, xb, ids, EvalConfig(k=5000))[:2]
     with torch.no_grad():
         exact = exact_log_px_by_quadrature(small, xb)
     assert (full - exact).abs().max() < 0.06 and (pruned - exact).abs().max() < 0.06  # the paper's 0.06 nats
@@ -79,6 +79,6 @@ def test_compiled_and_folded_scoring_matches_eager():
     m = tiny_model(x_dim=6, latent=(3, 2), hidden=8, dtype=torch.float32)
     ids = list(range(5))
     xb = binarize_by_id(torch.rand(5, 6), ids, seed=1)
-    eager, pe = estimate_log_px(m, xb, ids, EvalConfig(k=300, block=100, compile=False))
-    compiled, pc = estimate_log_px(m, xb, ids, EvalConfig(k=300, block=100, compile=True))
+    eager, pe = estimate_log_px(m, xb, ids, EvalConfig(k=300, block=100, compile=False))[:2]
+    compiled, pc = estimate_log_px(m, xb, ids, EvalConfig(k=300, block=100, compile=True))[:2]
     assert torch.allclose(eager, compiled, atol=1e-4) and torch.allclose(pe, pc, atol=1e-4)

@@ -6,10 +6,12 @@ import jobs
 
 
 def test_table1_trains_k1_once_and_covers_the_paper_grid():
-    """L_1 is the ELBO, so k=1 is one model: 2 datasets x 2 layer counts x (1 + 2 + 2) = 20 runs."""
+    """L_1 is the ELBO, so k=1 is one model: 2 datasets x 2 layer counts x (1 + 2 + 2) = 20 cells,
+    and the k=5 and k=50 cells have a second seed (16 more runs); seed=0 is the paper's 20."""
     j = jobs.build("paper_table1")
     cells = {(r.dataset, len(r.model.latent), r.objective["name"], r.objective["k"]) for r in j.runs}
-    assert len(j.runs) == len(cells) == 20
+    assert len(cells) == 20 and len(j.runs) == 36 and len({r.run_id for r in j.runs}) == 36
+    assert len(jobs.select(j, ["seed=0"]).runs) == 20 and all(r.objective["k"] > 1 for r in jobs.select(j, ["seed=1"]).runs)
     assert ("mnist", 1, "iwae", 1) not in cells and ("mnist", 1, "vae", 1) in cells and ("omniglot", 2, "iwae", 50) in cells
     assert all(r.schedule.total_epochs == 3280 for r in j.runs) and j.train_images > 0 and j.pruned
 
@@ -27,7 +29,7 @@ def test_table2_continues_for_the_length_of_the_last_stage():
 
 
 def test_where_keeps_matching_runs_and_refuses_unknown_keys():
-    j = jobs.select(jobs.build("paper_table1", stages=2), ["dataset=mnist", "layers=1"])
+    j = jobs.select(jobs.build("paper_table1", stages=2), ["dataset=mnist", "layers=1", "seed=0"])
     assert sorted((r.objective["name"], r.objective["k"]) for r in j.runs) == [("iwae", 5), ("iwae", 50), ("vae", 1), ("vae", 5), ("vae", 50)]
     assert jobs.select(j, []) is j
     est = jobs.select(jobs.build("estimators"), ["objective=iwae,piwae"])
