@@ -42,6 +42,7 @@ IDX_TRAIN = "train-images-idx3-ubyte"
 IDX_TEST = "t10k-images-idx3-ubyte"
 OMNIGLOT_MAT = "chardata.mat"
 OMNIGLOT_SIZES = (24_345, 8_070)
+TEST_SIZES = {"mnist": 10_000, "omniglot": OMNIGLOT_SIZES[1], "synthetic": 500}  # test images per dataset
 AUTHORS_MNIST_TRAIN = 59_600  # yburda/iwae: the last 400 training images are an unused validation set
 AUTHORS_OMNIGLOT_TRAIN = 23_000  # shuffled with RandomState(123), last 1,345 held out
 

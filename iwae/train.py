@@ -9,7 +9,6 @@ Non-finite steps are skipped on the device (fused Adam's ``found_inf``) and coun
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -118,16 +117,23 @@ class _StepBound:
         return bound.detach(), bound
 
 
-def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The furthest readable checkpoint of ``run_dir`` (a truncated one is skipped and removed)."""
+def latest_checkpoint(checkpoints: checkpoint.Checkpoints) -> dict[str, Any] | None:
+    """The furthest readable checkpoint of a run.
+
+    A blob that was read but does not load is proven damaged: it is moved aside (never deleted) and
+    the next one is tried. A blob that cannot be read right now (``OSError``, e.g. a network error
+    on object storage) is not evidence of anything: the error propagates and nothing is touched.
+    """
     best: dict[str, Any] | None = None
-    for p in [run_dir / FINAL, run_dir / LATEST, *sorted(run_dir.glob("stage-*.pt"))]:
-        if not p.exists():
+    names = checkpoints.names()
+    for name in [FINAL, LATEST, *sorted(n for n in names if n.startswith("stage-"))]:
+        data = checkpoints.read(name)
+        if data is None:
             continue
         try:
-            ck = checkpoint.load(p)
+            ck = checkpoint.from_bytes(data, name)
         except checkpoint.CheckpointError:
-            p.unlink()  # a partial file is never data: redo that work
+            checkpoints.quarantine(name)
             continue
         if best is None or ck["epoch"] > best["epoch"]:
             best = ck
@@ -142,134 +148,166 @@ def build_model(cfg: RunConfig, data: Dataset, device: torch.device) -> IWAEMode
     return model.to(device)
 
 
+@dataclass
+class TrainState:
+    """Everything a run carries from one epoch to the next (and into its checkpoints)."""
+
+    cfg: RunConfig
+    model: IWAEModel
+    opt: torch.optim.Adam
+    gen: torch.Generator
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def payload(self, epoch: int | None = None) -> dict[str, Any]:
+        return _checkpoint_payload(self.cfg, self.model, self.opt, self.gen, self.epoch if epoch is None else epoch, self.history, self.seconds)
+
+
+def start_state(
+    cfg: RunConfig, data: Dataset, dev: torch.device, checkpoints: checkpoint.Checkpoints | None, init: dict[str, Any] | None
+) -> tuple[TrainState, int]:
+    """A fresh, resumed (from the furthest checkpoint) or continued (``init``: Table 2) state, and the
+    epoch it resumed from (0 when it did not)."""
+    model = build_model(cfg, data, dev)
+    state = TrainState(cfg, model, make_optimizer(model, cfg), torch.Generator(device=dev).manual_seed(cfg.seed))
+    ck = latest_checkpoint(checkpoints) if checkpoints is not None else None
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        state.opt.load_state_dict(ck["optimizer"])
+        state.gen.set_state(ck["rng"])
+        state.history, state.epoch, state.seconds = list(ck["history"]), int(ck["epoch"]), float(ck["seconds"])
+    elif init is not None:
+        model.load_state_dict(init["model"])
+        state.opt.load_state_dict(init["optimizer"])  # the authors carry Adam's state into Table 2's runs
+    return state, state.epoch
+
+
+def train_epoch(state: TrainState, x_train: torch.Tensor, step_bound: _StepBound, max_skip_fraction: float = 0.01) -> dict[str, Any]:
+    """One epoch of minibatch Adam on freshly binarised batches; returns the epoch's metrics row.
+
+    Non-finite steps are skipped on the device (fused Adam's ``found_inf``) and counted; more than
+    ``max_skip_fraction`` of them raises :class:`NonFiniteError` (the run diverged).
+    """
+    cfg, model, opt, gen = state.cfg, state.model, state.opt, state.gen
+    dev = x_train.device
+    n, bs = x_train.shape[0], cfg.schedule.batch_size
+    steps = n // bs  # the authors drop the last partial batch
+    stage, lr = stage_of_epoch(cfg, state.epoch)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    order = torch.arange(n, device=dev) if cfg.schedule.authors_code else torch.randperm(n, generator=gen, device=dev)
+    bound_sum, skipped, gnorm_sum = (torch.zeros((), device=dev) for _ in range(3))
+    t0 = time.perf_counter()
+    for step in range(steps):
+        xb = binarize(x_train[order[step * bs : (step + 1) * bs]], gen)  # (B, X)
+        bound, surrogate = step_bound(xb, gen)
+        loss = -(surrogate.sum() if cfg.schedule.authors_code else surrogate.mean())  # authors' code: minibatch sum
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        found_inf = (~torch.isfinite(gnorm) | ~torch.isfinite(loss)).float()
+        opt.found_inf = found_inf  # type: ignore[attr-defined]  # fused Adam skips the step on device
+        opt.step()
+        skipped += found_inf
+        gnorm_sum += torch.nan_to_num(gnorm, nan=0.0, posinf=0.0) * (1 - found_inf)
+        bound_sum += torch.nan_to_num(bound.sum(), nan=0.0, neginf=0.0) * (1 - found_inf)
+    opt.found_inf = None  # type: ignore[attr-defined]
+    dt = time.perf_counter() - t0
+    n_skipped = int(skipped.item())  # one host sync per epoch
+    good = steps - n_skipped
+    if n_skipped > max(1, max_skip_fraction * steps):
+        raise NonFiniteError(f"run {cfg.run_id}: {n_skipped} of {steps} steps were non-finite in epoch {state.epoch + 1}; it diverged")
+    state.epoch += 1
+    state.seconds += dt
+    row = {
+        "epoch": state.epoch,
+        "stage": stage,
+        "lr": lr,
+        "train_bound": float(bound_sum.item()) / max(good * bs, 1) if good else math.nan,
+        "grad_norm": float(gnorm_sum.item()) / max(good, 1) if good else math.nan,
+        "skipped_steps": n_skipped,
+        "steps": steps,
+        "seconds": dt,
+        "examples_per_s": steps * bs / dt,
+    }
+    state.history.append(row)
+    return row
+
+
+def save_checkpoints(state: TrainState, checkpoints: checkpoint.Checkpoints) -> None:
+    """``latest.pt`` after every epoch, ``stage-XX.pt`` at the end of each stage, ``final.pt`` at the end."""
+    blob = checkpoint.to_bytes(state.payload())
+    checkpoints.write(LATEST, blob)
+    stage = stage_of_epoch(state.cfg, state.epoch - 1)[0]
+    total = state.cfg.schedule.total_epochs
+    if state.epoch == total or stage_of_epoch(state.cfg, state.epoch)[0] != stage:
+        checkpoints.write(f"stage-{stage:02d}.pt", blob)
+    if state.epoch == total:
+        checkpoints.write(FINAL, blob)
+
+
 def train(
     cfg: RunConfig,
     data: Dataset,
-    run_dir: Path | None = None,
+    checkpoints: checkpoint.Checkpoints | str | Path | None = None,
     *,
     device: str | torch.device | None = None,
     init: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     max_skip_fraction: float = 0.01,
     compile_step: bool | str = "auto",
+    progress: bool = False,
 ) -> TrainResult:
-    """Train one run; resume from ``run_dir``'s checkpoints when there are any.
+    """Train one run; resume from its checkpoints when there are any.
 
     Args:
         cfg: the run.
         data: grey-level data; training batches are binarised afresh (dynamic binarisation).
-        run_dir: where checkpoints go (``stage-XX.pt`` after each stage, ``latest.pt`` every epoch,
-            ``final.pt`` at the end). ``None`` trains in memory only.
+        checkpoints: where checkpoints go: a :class:`~iwae.checkpoint.Checkpoints` sink, or a local
+            folder (``stage-XX.pt`` after each stage, ``latest.pt`` every epoch, ``final.pt`` at
+            the end). ``None`` trains in memory only.
         init: a checkpoint dict to start from (Table 2's objective swap): model and Adam state.
         on_epoch: called with each epoch's metrics dict.
         max_skip_fraction: more non-finite steps than this in an epoch raises ``NonFiniteError``.
         compile_step: ``torch.compile`` the bound (forward and backward) of the standard estimator.
             ``"auto"`` compiles runs of at least 500k training examples, where the ~30 s of
             compilation is repaid (bench: +20% to +50% examples/s on CPU); a failure falls back to eager.
+        progress: show a progress bar (epochs, the bound, examples/s).
     """
+    sink = checkpoint.DirectoryCheckpoints(checkpoints) if isinstance(checkpoints, (str, Path)) else checkpoints
     dev = pick_device(device)
-    model = build_model(cfg, data, dev)
-    opt = make_optimizer(model, cfg)
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    history: list[dict[str, Any]] = []
-    start_epoch, seconds = 0, 0.0
-    ck = latest_checkpoint(run_dir) if run_dir is not None else None
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        gen.set_state(ck["rng"])
-        history, start_epoch, seconds = list(ck["history"]), int(ck["epoch"]), float(ck["seconds"])
-    elif init is not None:
-        model.load_state_dict(init["model"])
-        opt.load_state_dict(init["optimizer"])  # the authors carry Adam's state into Table 2's runs
-    result = TrainResult(model, history, seconds, start_epoch)
+    state, resumed = start_state(cfg, data, dev, sink, init)
     total = cfg.schedule.total_epochs
-    if start_epoch >= total:
-        if run_dir is not None and not (run_dir / FINAL).exists():
-            checkpoint.save_atomic(_checkpoint_payload(cfg, model, opt, gen, total, history, seconds), run_dir / FINAL)
-        return result
-
-    objective, estimator = cfg.objective_obj(), cfg.estimator
     x_train = torch.as_tensor(data.train[: cfg.train_subset] if cfg.train_subset else data.train, device=dev)
-    n, bs = x_train.shape[0], cfg.schedule.batch_size
-    steps = n // bs  # the authors drop the last partial batch
-    if steps == 0:
-        raise ValueError(f"batch size {bs} is larger than the {n} training examples")
-    sum_grads = cfg.schedule.authors_code  # authors' code: minibatch sum; paper text silent
-    fault_epoch = _fault_epoch()  # test hook: poison one epoch with NaN losses
+    if x_train.shape[0] // cfg.schedule.batch_size == 0:
+        raise ValueError(f"batch size {cfg.schedule.batch_size} is larger than the {x_train.shape[0]} training examples")
     if compile_step == "auto":
-        compile_step = (total - start_epoch) * n >= 500_000
-    step_bound = _StepBound(model, objective, estimator, bool(compile_step))
-    model.train()
-    for epoch in range(start_epoch, total):
-        stage, lr = stage_of_epoch(cfg, epoch)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        order = torch.arange(n, device=dev) if cfg.schedule.authors_code else torch.randperm(n, generator=gen, device=dev)
-        bound_sum = torch.zeros((), device=dev)
-        skipped = torch.zeros((), device=dev)
-        gnorm_sum = torch.zeros((), device=dev)
-        t0 = time.perf_counter()
-        for step in range(steps):
-            xb = binarize(x_train[order[step * bs : (step + 1) * bs]], gen)  # (B, X)
-            bound, surrogate = step_bound(xb, gen)
-            loss = -(surrogate.sum() if sum_grads else surrogate.mean())
-            if epoch == fault_epoch:
-                loss = loss * float("nan")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            found_inf = (~torch.isfinite(gnorm) | ~torch.isfinite(loss)).float()
-            opt.found_inf = found_inf  # type: ignore[attr-defined]  # fused Adam skips the step on device
-            opt.step()
-            skipped += found_inf
-            gnorm_sum += torch.nan_to_num(gnorm, nan=0.0, posinf=0.0) * (1 - found_inf)
-            bound_sum += torch.nan_to_num(bound.sum(), nan=0.0, neginf=0.0) * (1 - found_inf)
-        opt.found_inf = None  # type: ignore[attr-defined]
-        dt = time.perf_counter() - t0
-        seconds += dt
-        n_skipped = int(skipped.item())  # one host sync per epoch
-        good = steps - n_skipped
-        row = {
-            "epoch": epoch + 1,
-            "stage": stage,
-            "lr": lr,
-            "train_bound": float(bound_sum.item()) / max(good * bs, 1) if good else math.nan,
-            "grad_norm": float(gnorm_sum.item()) / max(good, 1) if good else math.nan,
-            "skipped_steps": n_skipped,
-            "steps": steps,
-            "seconds": dt,
-            "examples_per_s": steps * bs / dt,
-        }
-        if n_skipped > max(1, max_skip_fraction * steps):
-            raise NonFiniteError(f"run {cfg.run_id}: {n_skipped} of {steps} steps were non-finite in epoch {epoch + 1}; it diverged")
-        history.append(row)
+        compile_step = (total - state.epoch) * x_train.shape[0] >= 500_000
+    step_bound = _StepBound(state.model, cfg.objective_obj(), cfg.estimator, bool(compile_step))
+    bar = _progress_bar(total, state.epoch, cfg) if progress else None
+    state.model.train()
+    while state.epoch < total:
+        row = train_epoch(state, x_train, step_bound, max_skip_fraction)
+        if sink is not None:
+            save_checkpoints(state, sink)
         if on_epoch is not None:
             on_epoch(row)
-        if run_dir is not None:
-            payload = _checkpoint_payload(cfg, model, opt, gen, epoch + 1, history, seconds)
-            checkpoint.save_atomic(payload, run_dir / LATEST)
-            if stage_of_epoch(cfg, epoch + 1)[0] != stage or epoch + 1 == total:
-                checkpoint.save_atomic(payload, run_dir / f"stage-{stage:02d}.pt")
-    result.history, result.seconds = history, seconds
-    if run_dir is not None:
-        checkpoint.save_atomic(_checkpoint_payload(cfg, model, opt, gen, total, history, seconds), run_dir / FINAL)
-    return result
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(bound=f"{row['train_bound']:.2f}", ex_s=f"{row['examples_per_s']:.0f}")
+    if bar is not None:
+        bar.close()
+    if sink is not None and sink.read(FINAL) is None:  # resumed past the end: the final checkpoint is the last state
+        sink.write(FINAL, checkpoint.to_bytes(state.payload(total)))
+    return TrainResult(state.model, state.history, state.seconds, resumed)
 
 
-def _fault_epoch() -> int:
-    """Fault injection for tests: ``IWAE_FAULT_NONFINITE_EPOCH=e`` makes epoch e's losses NaN; with
-    ``IWAE_FAULT_ONCE_FILE=path`` only the first attempt does (the file records that it fired)."""
-    epoch = int(os.environ.get("IWAE_FAULT_NONFINITE_EPOCH", "-1"))
-    once = os.environ.get("IWAE_FAULT_ONCE_FILE")
-    if epoch < 0 or not once:
-        return epoch
-    try:
-        with open(once, "x"):
-            return epoch
-    except FileExistsError:
-        return -1
+def _progress_bar(total: int, start: int, cfg: RunConfig) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=cfg.label(), unit="epoch", dynamic_ncols=True)
 
 
 def load_model(path: Path, device: str | torch.device | None = None) -> tuple[IWAEModel, RunConfig, dict[str, Any]]:

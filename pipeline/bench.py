@@ -161,27 +161,27 @@ def _fake_results(root: Path, model_cfg: ModelConfig, data: Any) -> tuple[Any, s
     res = Results.open(root)
     model = build_model(cfg, data, torch.device("cpu"))
     payload = _checkpoint_payload(cfg, model, make_optimizer(model, cfg), torch.Generator(), 1, [], 0.0)
-    checkpoint.save_atomic(payload, res.run_dir(cfg.run_id) / FINAL)
+    res.store.write_bytes(f"{res.run_key(cfg.run_id)}/{FINAL}", checkpoint.to_bytes(payload))
     return res, cfg.run_id
 
 
 def eval_throughput(data_dir: Path, data: Any, n_images: int, ray_path: bool, echo: Callable[[str], None]) -> dict[str, Any]:
     """k=5000 evaluation through the pipeline's shard evaluator: in-process, then on Ray actors."""
     from iwae.evaluate import EvalConfig
-    from pipeline.work import EvalPlan, ShardEvaluator, prepare_eval
+    from pipeline.work import EvalPlan, ShardScorer, prepare_eval
 
     model_cfg = ModelConfig.paper(1)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:
         res, run_id = _fake_results(Path(tmp) / "local", model_cfg, data)
         plan = EvalPlan(EvalConfig(k=5000), num_images=n_images, shards=2, pruned=False)
-        ev = ShardEvaluator(res, data_dir, plan)
-        ev._plan_images(RunConfig())  # load the data before timing
-        ev.warmup(run_id)  # load the model and compile (start-up, not measured)
+        ev = ShardScorer(res, data_dir, plan)
+        ev.images(RunConfig())  # load the data before timing
+        ev.score(run_id, 0)  # load the model and compile (start-up, not measured)
         prepare_eval(res, run_id, plan)
         t0 = time.perf_counter()
         for s in range(plan.shards):
-            ev.run(run_id, s)
+            ev.score(run_id, s)
         t_local = time.perf_counter() - t0
         out["eval_images_per_s"] = n_images / t_local
         out["eval_samples_per_s"] = n_images * 5000 / t_local

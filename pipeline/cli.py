@@ -26,11 +26,28 @@ app.add_typer(data_app, name="data")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ResultsOpt = Annotated[Path, typer.Option("--results", help="Results folder (Parquet tables, checkpoints, report).", envvar="IWAE_RESULTS")]
-DataOpt = Annotated[Path, typer.Option("--data-dir", help="Data folder (mnist.npz, IDX files, chardata.mat).", envvar="IWAE_DATA_DIR")]
+ResultsOpt = Annotated[
+    str,
+    typer.Option(
+        "--results", help="Results location: a folder, or s3://BUCKET/PREFIX (gs://, any pyarrow.fs URI): tables, checkpoints, report.", envvar="IWAE_RESULTS"
+    ),
+]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data-dir", help="Data folder (mnist.npz, IDX files, chardata.mat), or a URI holding them; nodes without it fetch MNIST.", envvar="IWAE_DATA_DIR"
+    ),
+]
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address; default: $RAY_ADDRESS, else a local Ray started here.")]
-DEFAULT_RESULTS = Path("results")
-DEFAULT_DATA = Path("data")
+DEFAULT_RESULTS = "results"
+DEFAULT_DATA = "data"
+
+
+def _loc(location: str) -> str:
+    """A local path made absolute (Ray workers run elsewhere); a URI as it is."""
+    from pipeline.storage import is_uri
+
+    return location if is_uri(location) else str(Path(location).expanduser().absolute())
 
 
 class Size(str, Enum):
@@ -135,7 +152,11 @@ def data_fetch(
 
     if dataset != "mnist":
         raise UserError(f"only mnist can be fetched; put chardata.mat for {dataset} into {data_dir} by hand")
-    path = fetch_mnist(data_dir.absolute(), source)
+    from pipeline.storage import is_uri
+
+    if is_uri(data_dir):
+        raise UserError(f"fetch into a local folder, then copy mnist.npz to {data_dir}; --data-dir takes a folder here")
+    path = fetch_mnist(_loc(data_dir), source)
     typer.echo(f"mnist ready: {path}")
 
 
@@ -195,13 +216,13 @@ def train(
         bar.update(1)
         bar.set_postfix(bound=f"{h['train_bound']:.2f}", ex_s=f"{h['examples_per_s']:.0f}")
 
-    row = train_run(cfg, res, data_dir.absolute(), on_epoch=on_epoch, compile_step=_compile_flag(compile_step))
+    row = train_run(cfg, res, _loc(data_dir), on_epoch=on_epoch, compile_step=_compile_flag(compile_step))
     bar.close()
     units = f"{row['active_h1']}" + (f"+{row['active_h2']}" if row["active_h2"] is not None else "")
     typer.echo(f"trained: final train bound {row['final_train_bound']:.2f}, active units {units}")
     if test_images:
         plan = EvalPlan(EvalConfig(k=eval_k), num_images=test_images, shards=1)
-        evaluate_local(res, data_dir.absolute(), [cfg.run_id], plan)
+        evaluate_local(res, _loc(data_dir), [cfg.run_id], plan)
         s = run_summary(res)
         s = s[s.run_id == cfg.run_id].iloc[0]
         typer.echo(f"test NLL (k={eval_k}, {test_images} images): {s.nll:.2f} ± {s.nll_se:.2f} nats; pruned {s.nll_pruned:.2f}")
@@ -235,13 +256,13 @@ def sweep(
     stages: Annotated[int | None, typer.Option(min=1, max=8, help="Cut the schedule to its first N stages.")] = None,
     epoch_scale: Annotated[float | None, typer.Option(min=1e-6, help="Scale every stage's epochs.")] = None,
     cpus_per_trial: Annotated[float, typer.Option(min=0.0, help="CPUs per trial.")] = 1.0,
-    gpus_per_trial: Annotated[float, typer.Option(min=0.0, help="GPUs per trial; fractions share a GPU.")] = 0.0,
+    gpus_per_trial: Annotated[float | None, typer.Option(min=0.0, help="GPUs per trial; fractions share a GPU (default: 1 when the cluster has GPUs).")] = None,
     max_failures: Annotated[int, typer.Option(min=0, help="Retries of a failed trial from its last checkpoint.")] = 2,
     evaluate_after: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate (k=5000) after training.")] = True,
     shards: Annotated[int | None, typer.Option(min=1, help="Evaluation shards per run (default: 1 per 500 images).")] = None,
-    eval_workers: Annotated[int | None, typer.Option(min=1, help="Evaluator actors (default: fill the cluster).")] = None,
-    eval_cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluator actor.")] = 1.0,
-    eval_gpus: Annotated[float, typer.Option(min=0.0, help="GPUs per evaluator actor.")] = 0.0,
+    eval_workers: Annotated[int | None, typer.Option(min=1, help="Shards scored at once (default: fill the cluster).")] = None,
+    eval_cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluation task.")] = 1.0,
+    eval_gpus: Annotated[float | None, typer.Option(min=0.0, help="GPUs per evaluation task (default: 1 when the cluster has GPUs).")] = None,
     compile_step: CompileOpt = Compile.auto,
     test_images: TestImagesOpt = None,
     train_images: TrainImagesOpt = None,
@@ -250,21 +271,31 @@ def sweep(
     results: ResultsOpt = DEFAULT_RESULTS,
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
-    """Train a job's grid on Ray Tune (resumable), evaluate it on Ray actors, print the report."""
+    """Train a job's grid on Ray Tune (resumable), evaluate it with Ray tasks, print the report."""
     from pipeline import ray_backend as rb
     from pipeline.report import build_report
     from pipeline.results import Results
+    from pipeline.work import run_complete
 
     j = _job(job, size, stages, epoch_scale, where)
-    res = Results.open(results)
-    if any(c.init_from and not res.run_done(c.init_from) for c in j.runs):
+    res = Results.open(_loc(results))
+    done = {c.run_id for c in j.runs if run_complete(res, c.run_id)}  # the job's state, computed once
+    if any(c.init_from and c.init_from not in done and not run_complete(res, c.init_from) for c in j.runs if c.run_id not in done):
         req = " and ".join(j.requires) or "the runs it starts from"
         raise UserError(f"{job} starts from {req}'s runs; run `iwae-pipeline sweep {req}` with the same --size/--stages/--epoch-scale first")
     t0 = time.monotonic()
     owned = rb.connect(address)
     try:
+        rb.check_storage(res)
+        gpus_per_trial, eval_gpus = _default_gpus(gpus_per_trial, rb), _default_gpus(eval_gpus, rb)
+        todo = [c for c in j.runs if c.run_id not in done]
+        typer.echo(
+            f"{job}: {len(j.runs)} runs ({len(todo)} to train); each trial gets {cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU, "
+            f"each evaluation task {eval_cpus:g} CPU and {eval_gpus:g} GPU; results in {res}",
+            err=True,
+        )
         bar = _bar(len(j.runs), f"{job}: trials", "trial")
-        bar.update(sum(res.run_done(c.run_id) for c in j.runs))
+        bar.update(len(done))
         base = bar.n
 
         def progress(msg: str, done: int, total: int) -> None:
@@ -272,36 +303,56 @@ def sweep(
             bar.set_postfix_str(msg[:60])
             bar.refresh()
 
-        rb.sweep(job, j.runs, res, data_dir.absolute(), rb.Resources(cpus_per_trial, gpus_per_trial), max_failures, progress, _compile_flag(compile_step))
+        rb.sweep(job, j.runs, res, _loc(data_dir), rb.Resources(cpus_per_trial, gpus_per_trial), max_failures, progress, _compile_flag(compile_step), todo=todo)
         bar.close()
         if evaluate_after:
-            _evaluate(j, res, data_dir, shards, eval_workers, eval_cpus, eval_gpus, test_images, train_images)
+            _evaluate(j, res, _loc(data_dir), shards, eval_workers, eval_cpus, eval_gpus, test_images, train_images)
     finally:
         if owned:
             rb.shutdown()
     rep = build_report(res)
     typer.echo(rep.markdown)
-    typer.echo(f"{job}: done in {time.monotonic() - t0:.0f} s; tables in {res.root / 'tables'}, report in {res.root / 'report'}")
+    typer.echo(f"{job}: done in {time.monotonic() - t0:.0f} s; tables in {res.store.uri('tables')}, report in {res.store.uri('report')}")
+
+
+def _default_gpus(asked: float | None, rb: Any) -> float:
+    """The user's choice, else one GPU per worker when the cluster has GPUs (none otherwise)."""
+    if asked is not None:
+        return asked
+    return 1.0 if rb.gpus_in_cluster() >= 1 else 0.0
 
 
 def _evaluate(
-    j: Any, res: Any, data_dir: Path, shards: int | None, workers: int | None, cpus: float, gpus: float, test_images: int | None, train_images: int | None
+    j: Any,
+    res: Any,
+    data_dir: str,
+    shards: int | None,
+    workers: int | None,
+    cpus: float,
+    gpus: float,
+    test_images: int | None,
+    train_images: int | None,
+    retries: int = 3,
 ) -> None:
-    """The job's k=5000 evaluation on the test set (and the pruned models), then on training images."""
-    from iwae.data import load_dataset
+    """The job's k=5000 evaluation on the test set (and the pruned models), then on training images.
+
+    Each dataset is sized on its own (MNIST has 10,000 test images, Omniglot 8,070).
+    """
+    from iwae.data import TEST_SIZES
     from pipeline.work import EvalPlan
 
-    n_test = test_images or j.test_images or len(load_dataset(j.runs[0].dataset, data_dir.absolute()).test)
-    plans = [EvalPlan(j.eval, num_images=n_test, shards=shards or max(1, n_test // 500), pruned=j.pruned)]
     n_train = j.train_images if train_images is None else train_images
-    if n_train:
-        plans.append(EvalPlan(j.eval, num_images=n_train, shards=max(1, n_train // 500), pruned=False, images="train"))
-    run_ids = [c.run_id for c in j.runs if res.run_done(c.run_id)]
-    for plan in plans:
-        _evaluate_plan(j.name, plan, res, data_dir, run_ids, workers, cpus, gpus)
+    for dataset in sorted({c.dataset for c in j.runs}):
+        run_ids = [c.run_id for c in j.runs if c.dataset == dataset and res.run_done(c.run_id)]
+        n_test = test_images or j.test_images or TEST_SIZES[dataset]
+        plans = [EvalPlan(j.eval, num_images=n_test, shards=shards or max(1, n_test // 500), pruned=j.pruned)]
+        if n_train:
+            plans.append(EvalPlan(j.eval, num_images=n_train, shards=max(1, n_train // 500), pruned=False, images="train"))
+        for plan in plans:
+            _evaluate_plan(f"{j.name} {dataset}", plan, res, data_dir, run_ids, workers, cpus, gpus, retries)
 
 
-def _evaluate_plan(name: str, plan: Any, res: Any, data_dir: Path, run_ids: list[str], workers: int | None, cpus: float, gpus: float) -> None:
+def _evaluate_plan(name: str, plan: Any, res: Any, data_dir: str, run_ids: list[str], workers: int | None, cpus: float, gpus: float, retries: int = 3) -> None:
     from pipeline import ray_backend as rb
 
     bar = _bar(0, f"{name}: {plan.images} shards", "shard")
@@ -310,8 +361,13 @@ def _evaluate_plan(name: str, plan: Any, res: Any, data_dir: Path, run_ids: list
         bar.total, bar.n = total, done
         bar.refresh()
 
-    rb.evaluate(res, data_dir.absolute(), run_ids, plan, rb.Resources(cpus, gpus), workers, progress)
-    bar.close()
+    def notice(line: str) -> None:
+        bar.write(line, file=sys.stderr)
+
+    try:
+        rb.evaluate(res, data_dir, run_ids, plan, rb.Resources(cpus, gpus), workers, progress, notice=notice, max_retries=retries)
+    finally:
+        bar.close()
 
 
 @app.command()
@@ -322,9 +378,10 @@ def evaluate(
     stages: Annotated[int | None, typer.Option(min=1, max=8)] = None,
     epoch_scale: Annotated[float | None, typer.Option(min=1e-6)] = None,
     shards: Annotated[int | None, typer.Option(min=1, help="Shards per run (default: 1 per 500 images).")] = None,
-    workers: Annotated[int | None, typer.Option(min=1, help="Evaluator actors.")] = None,
-    cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per actor.")] = 1.0,
-    gpus: Annotated[float, typer.Option(min=0.0, help="GPUs per actor.")] = 0.0,
+    workers: Annotated[int | None, typer.Option(min=1, help="Shards scored at once (default: fill the cluster).")] = None,
+    cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluation task.")] = 1.0,
+    gpus: Annotated[float | None, typer.Option(min=0.0, help="GPUs per evaluation task (default: 1 when the cluster has GPUs).")] = None,
+    retries: Annotated[int, typer.Option("--retries", min=0, help="Times a shard is retried after its worker or node is lost.")] = 3,
     test_images: TestImagesOpt = None,
     train_images: TrainImagesOpt = None,
     where: WhereOpt = None,
@@ -332,21 +389,22 @@ def evaluate(
     results: ResultsOpt = DEFAULT_RESULTS,
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
-    """Evaluate a job's trained runs (k=5000, sharded over Ray actors); shards already written are skipped."""
+    """Evaluate a job's trained runs (k=5000, sharded over Ray tasks); shards already written whole are skipped."""
     from pipeline import ray_backend as rb
     from pipeline.results import Results
 
     j = _job(job, size, stages, epoch_scale, where)
-    res = Results.open(results, create=False)
+    res = Results.open(_loc(results), create=False)
     if not any(res.run_done(c.run_id) for c in j.runs):
-        raise UserError(f"no trained runs of {job} in {res.root}; run `iwae-pipeline sweep {job}` first")
+        raise UserError(f"no trained runs of {job} in {res}; run `iwae-pipeline sweep {job} --results {results}` first")
     owned = rb.connect(address)
     try:
-        _evaluate(j, res, data_dir, shards, workers, cpus, gpus, test_images, train_images)
+        rb.check_storage(res)
+        _evaluate(j, res, _loc(data_dir), shards, workers, cpus, _default_gpus(gpus, rb), test_images, train_images, retries)
     finally:
         if owned:
             rb.shutdown()
-    typer.echo(f"evaluated {job} into {res.root / 'tables' / 'eval'}")
+    typer.echo(f"evaluated {job} into {res.store.uri('tables/eval')}")
 
 
 @app.command()
@@ -356,7 +414,7 @@ def report(results: ResultsOpt = DEFAULT_RESULTS, out: Annotated[Path | None, ty
     from pipeline.report import build_report
     from pipeline.results import Results
 
-    rep = build_report(Results.open(results, create=False), out)
+    rep = build_report(Results.open(_loc(results), create=False), out)
     typer.echo(rep.markdown)
 
 
@@ -373,33 +431,41 @@ def submit(
     size: Annotated[Size, typer.Option()] = Size.full,
     stages: Annotated[int | None, typer.Option(min=1, max=8)] = None,
     epoch_scale: Annotated[float | None, typer.Option(min=1e-6)] = None,
-    gpus_per_trial: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    gpus_per_trial: Annotated[float | None, typer.Option(min=0.0, help="GPUs per trial (default: 1 when the cluster has GPUs).")] = None,
     cpus_per_trial: Annotated[float, typer.Option(min=0.0)] = 1.0,
     where: WhereOpt = None,
-    results: Annotated[str, typer.Option("--results", help="Results folder on the cluster (shared storage on multi-node clusters).")] = "results",
-    data_dir: Annotated[str, typer.Option("--data-dir", help="Data folder on the cluster.")] = "data",
+    results: Annotated[
+        str | None,
+        typer.Option("--results", help="Results location the cluster writes: s3://BUCKET/PREFIX (or gs://), or an absolute path every node shares."),
+    ] = None,
+    data_dir: Annotated[str, typer.Option("--data-dir", help="Data folder on the cluster's nodes, or a URI; nodes without MNIST fetch it.")] = "data",
     submission_id: Annotated[str | None, typer.Option(help="Submission id (default: Ray picks one).")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job and exit non-zero if it fails.")] = False,
     timeout: Annotated[float, typer.Option(min=1.0, help="Seconds to wait with --wait.")] = 3600.0,
 ) -> None:
     """Submit `iwae-pipeline sweep JOB` to a Ray cluster (Ray Jobs), uploading this working directory."""
     from pipeline import ray_backend as rb
+    from pipeline.storage import is_uri
 
     _job(job, size, stages, epoch_scale, where)  # validate locally before uploading anything
+    if results is None or not (is_uri(results) or Path(results).is_absolute()):
+        got = f"--results {results} is relative: it would land in the job's temporary folder" if results else "--results is needed"
+        raise UserError(f"{got}; pass --results s3://BUCKET/PREFIX (or an absolute path every node shares)")
     args = [
         f"sweep {job}",
         f"--size {size.value}",
-        f"--results {results}",
-        f"--data-dir {data_dir}",
-        f"--gpus-per-trial {gpus_per_trial}",
+        f"--results {shlex.quote(results)}",
+        f"--data-dir {shlex.quote(data_dir)}",
         f"--cpus-per-trial {cpus_per_trial}",
     ]
+    if gpus_per_trial is not None:
+        args.append(f"--gpus-per-trial {gpus_per_trial}")
     if stages:
         args.append(f"--stages {stages}")
     if epoch_scale:
         args.append(f"--epoch-scale {epoch_scale}")
     args += [f"--where {shlex.quote(w)}" for w in where or []]
-    entry = f"python -m pipeline.cli data fetch mnist --data-dir {data_dir} && python -m pipeline.cli " + " ".join(args)
+    entry = "python -m pipeline.cli " + " ".join(args)  # each node fetches (or copies) the data it needs itself
     env = {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     sid = rb.submit(address, entry, Path.cwd(), submission_id, env)
     typer.echo(sid)
@@ -466,7 +532,7 @@ def bench(
     """Measure training examples/s (ours vs Pyro), k=5000 evaluation throughput vs the matmul roofline, memory."""
     from pipeline.bench import run_bench
 
-    figures = run_bench(quick=quick, pyro=pyro, ray_path=ray_path, data_dir=data_dir.absolute(), echo=typer.echo)
+    figures = run_bench(quick=quick, pyro=pyro, ray_path=ray_path, data_dir=Path(_loc(data_dir)), echo=typer.echo)
     typer.echo(json.dumps(figures, sort_keys=True))
     if out is not None:
         import pyarrow as pa

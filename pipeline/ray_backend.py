@@ -1,17 +1,22 @@
 """Every Ray call of the project lives here (Ray's APIs move; keep them in one place).
 
-- ``connect``: the embedded local Ray (loopback only) or an existing cluster, failing fast.
-- ``sweep``: one Tune trial per grid cell, retries from stage checkpoints, resumable.
-- ``evaluate``: evaluator actors over a manifest of (run, shard) items, idempotent per shard.
+- ``connect``: the embedded local Ray (loopback only) or an existing cluster, within a deadline.
+- ``check_storage``: every node that may run work can read and write the results location.
+- ``sweep``: one Tune trial per grid cell, retried from its checkpoints in the store, resumable.
+- ``evaluate``: Ray tasks over a manifest of (run, shard) items; the driver writes each shard once.
 - ``submit``/``status``/``logs``/``stop``: Ray Jobs from a laptop.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import ipaddress
 import os
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,17 +26,27 @@ from urllib.parse import urlparse
 from iwae.config import RunConfig
 from pipeline.errors import RunFailed, UserError
 from pipeline.results import Results
-from pipeline.work import EvalPlan, ShardEvaluator, mark_failed, prepare_eval, run_complete, train_run
+from pipeline.storage import Store
+from pipeline.work import EvalPlan, load_final, mark_failed, prepare_eval, run_complete, scorer, train_run, write_shard
 
 ENV_ADDRESS = "RAY_ADDRESS"
+CONNECT_TIMEOUT_S = float(os.environ.get("IWAE_CONNECT_TIMEOUT", "30"))
+
+
+class ConnectTimeout(UserError):
+    """``ray.init`` did not return in time; the process must exit without waiting for it."""
+
+
+def _hostport(address: str) -> tuple[str | None, int]:
+    url = urlparse(address if "://" in address else f"tcp://{address}")
+    return url.hostname, url.port or (10001 if url.scheme == "ray" else 6379)
 
 
 def _probe(address: str, timeout: float = 3.0) -> None:
     """Fail in seconds, not minutes, when nothing listens at ``address``."""
     if address in ("auto", "local"):
         return
-    url = urlparse(address if "://" in address else f"tcp://{address}")
-    host, port = url.hostname, url.port or (10001 if url.scheme == "ray" else 6379)
+    host, port = _hostport(address)
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
@@ -39,11 +54,24 @@ def _probe(address: str, timeout: float = 3.0) -> None:
         raise UserError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); check --address, or omit it to run on a local Ray") from None
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
+def _is_loopback(address: str) -> bool:
+    host, _ = _hostport(address)
+    if host == "localhost":
+        return True
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, timeout: float | None = None) -> bool:
     """Start the embedded local Ray (no address) or connect to ``address``/``$RAY_ADDRESS``.
 
-    The local Ray binds to 127.0.0.1 with no dashboard: nothing listens beyond loopback.
-    Returns True when this call started the connection (the caller then shuts it down).
+    The local Ray binds to 127.0.0.1 with no dashboard: nothing listens beyond loopback, and its
+    token-auth notice is not printed (it guards nothing there). Connecting to a cluster either
+    succeeds or fails within ``timeout`` seconds (``$IWAE_CONNECT_TIMEOUT``, 30 by default) with one
+    line; ``ray.init`` itself has no deadline. Returns True when this call started the connection
+    (the caller then shuts it down).
     """
     import ray
 
@@ -55,6 +83,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is None:
         _keep_loopback()
+        import logging
+
+        logging.getLogger("ray").setLevel(logging.ERROR)  # the token-auth notice: noise on a loopback-only Ray
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,
@@ -67,10 +98,35 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         )
         return True
     _probe(address)
-    try:
-        ray.init(address=address, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot connect to Ray at {address} ({str(e).splitlines()[0][:120]}); check --address and RAY_AUTH_MODE") from None
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": False}
+    if _is_loopback(address):
+        # A head on 127.0.0.1: Ray 2.60 would replace the driver's node IP by the host's address and
+        # then wait for a raylet there forever. Keep the driver on loopback, as the cluster is.
+        import ray._private.ray_constants as rc
+
+        rc.ENABLE_RAY_CLUSTER = False
+        kwargs["_node_ip_address"] = "127.0.0.1"
+    limit = CONNECT_TIMEOUT_S if timeout is None else timeout
+    outcome: dict[str, BaseException | None] = {}
+
+    def init() -> None:
+        try:
+            ray.init(**kwargs)
+            outcome["error"] = None
+        except BaseException as e:  # reported on the main thread
+            outcome["error"] = e
+
+    t = threading.Thread(target=init, daemon=True, name="ray-init")
+    t.start()
+    t.join(limit)
+    if t.is_alive():
+        raise ConnectTimeout(
+            f"no answer from the Ray cluster at {address} within {limit:g} s; check that --address is the head's GCS address as `ray status` "
+            "prints it (HOST:6379), and RAY_AUTH_MODE/RAY_AUTH_TOKEN; IWAE_CONNECT_TIMEOUT sets the wait"
+        )
+    err = outcome.get("error")
+    if err is not None:
+        raise UserError(f"cannot connect to Ray at {address} ({str(err).splitlines()[0][:120]}); check --address and RAY_AUTH_MODE") from None
     return True
 
 
@@ -100,6 +156,19 @@ def shutdown() -> None:
         del services._iwae_original_resolve
 
 
+def _work_nodes() -> list[dict[str, Any]]:
+    """Alive nodes that can run trials or evaluation (a CPU or a GPU to offer)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive") and (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)]
+
+
+def gpus_in_cluster() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
 def check_resources(cpus: float, gpus: float) -> None:
     """Refuse requests the cluster can never meet (Ray would wait forever instead of failing)."""
     import ray
@@ -116,6 +185,56 @@ def check_resources(cpus: float, gpus: float) -> None:
         raise UserError(f"asked for {cpus:g} CPUs per worker but the largest node has {max_cpu:g}; lower --cpus")
 
 
+def _probe_store(location: str, key: str, token: str) -> str:
+    """On a node: read the driver's marker and write this node's answer beside it. Returns '' or why not."""
+    try:
+        store = Store.open(location)
+        if store.read_bytes(key).decode() != token:
+            return "it holds another marker there"
+        store.write_bytes(f"{key.rsplit('/', 1)[0]}/{socket.gethostname()}-{os.getpid()}", b"ok")
+        return ""
+    except FileNotFoundError:
+        return "it does not see the driver's files there"
+    except Exception as e:  # credentials, network, permissions: one line
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def check_storage(results: Results, data_location: str | Path | None = None) -> None:
+    """Before any work: every node that may run work must read and write the results location.
+
+    The driver writes a marker with a random token; a zero-CPU task pinned to each node reads it and
+    writes an answer (Ray's ``storage_path`` guard works the same way). A node that cannot is named
+    in one line with the fix. On the embedded single-node Ray there is nothing to check.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = _work_nodes()
+    here = ray.get_runtime_context().get_node_id()
+    if not nodes or (len(nodes) == 1 and nodes[0]["NodeID"] == here):
+        return
+    token = uuid.uuid4().hex
+    key = f"_check/{token}/marker"
+    results.store.write_bytes(key, token.encode())
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_store)
+    try:
+        refs = {
+            n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(results.location, key, token)
+            for n in nodes
+        }
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=120)
+        answers = {nid: (ray.get(r) if r in ready else "no answer in 120 s") for nid, r in refs.items()}
+    finally:
+        results.store.delete_dir(f"_check/{token}")
+    bad = {nid: why for nid, why in answers.items() if why}
+    if bad:
+        nid, why = next(iter(bad.items()))
+        fix = "pass --results s3://BUCKET/PREFIX (or gs://...)" if results.store.is_local else "give every node credentials for it (environment or IAM role)"
+        raise UserError(
+            f"{len(bad)} of {len(nodes)} nodes cannot use the results location {results} (node {nid[:8]}: {why}); {fix}, or a folder all nodes share"
+        )
+
+
 @dataclass(frozen=True)
 class Resources:
     cpus: float = 1.0
@@ -123,12 +242,12 @@ class Resources:
 
 
 def _trainable(config: dict[str, Any]) -> None:
-    """One Tune trial = one run. Resumes from the run's own stage checkpoints on a retry."""
+    """One Tune trial = one run. On a retry (any node) it resumes from its checkpoints in the store."""
     import torch
     from ray import tune
 
     cfg = RunConfig.from_dict(config["run"])
-    results = Results(Path(config["results"]))
+    results = Results(Store.open(config["results"]))
     threads = int(config.get("threads") or 0)
     if threads:
         torch.set_num_threads(threads)
@@ -136,28 +255,38 @@ def _trainable(config: dict[str, Any]) -> None:
     def report(row: dict[str, Any]) -> None:
         tune.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
 
-    row = train_run(cfg, results, Path(config["data_dir"]), on_epoch=report, compile_step=config.get("compile", "auto"))
+    row = train_run(cfg, results, config["data_dir"], on_epoch=report, compile_step=config.get("compile", "auto"))
     tune.report({"done": 1, "active_h1": row.get("active_h1") or 0, "final_train_bound": row.get("final_train_bound") or 0.0})
+
+
+def _tune_storage(results: Results) -> tuple[str, Any]:
+    """Tune's ``storage_path`` and ``storage_filesystem``: the results store's ``tune/`` folder."""
+    store = results.store
+    if store.is_local:
+        return store.path(results.tune_key), None
+    return store.path(results.tune_key), store.fs
 
 
 def sweep(
     name: str,
     runs: Sequence[RunConfig],
     results: Results,
-    data_dir: Path,
+    data_dir: str | Path,
     res: Resources,
     max_failures: int = 2,
     progress: Callable[[str, int, int], None] | None = None,
     compile_step: bool | str = "auto",
+    todo: Sequence[RunConfig] | None = None,
 ) -> list[str]:
     """Train every run not done yet as a Tune trial; returns the run ids trained. Raises RunFailed.
 
     Re-running the same command after a crash resumes: finished runs are skipped (their rows are
-    done), Tune restores its experiment when it can, and each trial resumes from its last epoch.
+    done), Tune restores its experiment from the store when it can, and each trial resumes from its
+    last epoch's checkpoint in the store, on whichever node it lands.
     """
     from ray import tune
 
-    todo = [c for c in runs if not run_complete(results, c.run_id)]
+    todo = list(todo) if todo is not None else [c for c in runs if not run_complete(results, c.run_id)]
     if not todo:
         return []
     check_resources(res.cpus, res.gpus)
@@ -165,16 +294,17 @@ def sweep(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     digest = hashlib.sha256(",".join(sorted(c.run_id for c in todo)).encode()).hexdigest()[:8]
     exp_name = f"{name}-{digest}"
-    exp_path = results.tune_dir / exp_name
+    storage_path, storage_fs = _tune_storage(results)
+    exp_path = f"{storage_path}/{exp_name}"
     trainable = tune.with_resources(_trainable, {"cpu": res.cpus, "gpu": res.gpus})
     by_id = {c.run_id: c for c in todo}
     callbacks: list[Any] = [_progress_callback(progress, len(todo))] if progress else []
-    if tune.Tuner.can_restore(str(exp_path)):
-        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
     else:
         space = {
             "run": tune.grid_search([c.to_dict() for c in todo]),
-            "results": str(results.root),
+            "results": results.location,
             "data_dir": str(data_dir),
             "threads": max(1, int(res.cpus)),
             "compile": compile_step,
@@ -188,7 +318,8 @@ def sweep(
             ),
             run_config=tune.RunConfig(
                 name=exp_name,
-                storage_path=str(results.tune_dir),
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 verbose=0,
                 callbacks=callbacks,
@@ -234,61 +365,128 @@ def _progress_callback(progress: Callable[[str, int, int], None], total: int) ->
     return ProgressCallback()
 
 
+def _score(results_location: str, data_dir: str, plan: EvalPlan, run_id: str, shard: int, threads: int) -> Any:
+    """A Ray task: score one shard on whichever node Ray picks, with this process's cached model."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return scorer(Results(Store.open(results_location)), data_dir, plan).score(run_id, shard)
+
+
+def _system_errors() -> tuple[type[BaseException], ...]:
+    """Ray's errors for lost work (a worker, actor, node or owner gone): never only RayTaskError."""
+    import ray.exceptions as rex
+
+    names = (
+        "WorkerCrashedError",
+        "NodeDiedError",
+        "OwnerDiedError",
+        "ObjectLostError",
+        "ActorDiedError",
+        "ActorUnavailableError",
+        "TaskUnschedulableError",
+        "RaySystemError",
+    )
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
 def evaluate(
     results: Results,
-    data_dir: Path,
+    data_dir: str | Path,
     run_ids: Sequence[str],
     plan: EvalPlan,
     res: Resources,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     timings: dict[str, float] | None = None,
+    notice: Callable[[str], None] | None = None,
+    max_retries: int = 3,
+    stall_timeout: float = 300.0,
 ) -> int:
-    """Evaluate every (run, shard) not written yet on a pool of actors; returns rows written.
+    """Score every (run, shard) not written yet as Ray tasks; the driver writes each shard. Returns rows.
 
-    Actors load a run's model once; a killed actor is restarted by Ray and its item retried.
-    Writes are idempotent (atomic rename of a deterministic file name), so retries never double rows.
+    Why tasks and not an actor pool: a task whose worker or node is lost is retried by Ray on any
+    node that is left (``max_retries``), while an actor pool waits for its dead actor to come back,
+    which never happens when the surviving actors hold every free CPU (the hang this replaces).
+    Each worker process keeps its model and data between shards (:func:`pipeline.work.scorer`), so
+    tasks cost what actors did. The driver is the one writer: it checks each returned shard and
+    writes it whole, so a shard computed twice (a retry of a task whose result was lost) is written
+    twice with the same content, never duplicated. When a shard runs out of retries the others
+    still finish and are kept, then ``RunFailed`` names it.
     """
     import ray
-    from ray.util import ActorPool
+    from ray.exceptions import RayTaskError
 
-    from iwae import checkpoint
-    from iwae.train import FINAL
-
-    items = [(rid, s) for rid in run_ids for s in prepare_eval(results, rid, plan)]
+    items = [(rid, s) for rid in run_ids for s in prepare_eval(results, rid, plan, notice)]
     if not items:
         return 0
     for rid in sorted({rid for rid, _ in items}):
-        checkpoint.load(results.run_dir(rid) / FINAL)  # a truncated or foreign checkpoint fails here, in one line
+        load_final(results, rid)  # a damaged or foreign checkpoint fails here, in one line
     check_resources(res.cpus, res.gpus)
     cluster = ray.cluster_resources()
     if workers is None:
         by_cpu = int(cluster.get("CPU", 1) // max(res.cpus, 1e-9)) if res.cpus else len(items)
         by_gpu = int(cluster.get("GPU", 0) // res.gpus) if res.gpus else by_cpu
         workers = max(1, min(len(items), by_cpu, by_gpu))
-    actor_cls = ray.remote(ShardEvaluator).options(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=-1, max_task_retries=3)
-    actors = [actor_cls.remote(results, data_dir, plan, None, max(1, int(res.cpus))) for _ in range(workers)]
-    ray.get([a.warmup.remote(items[0][0]) for a in actors])  # type: ignore[attr-defined]  # load + compile once per actor (start-up)
-    t0 = time.perf_counter()
-    pool = ActorPool(actors)
-    rows, done = 0, 0
-    # sort so consecutive items share a model: an actor reloads only when the run changes
+    # max_calls=0: keep GPU workers alive between tasks too (Ray's default for GPU tasks is 1 call)
+    task = ray.remote(max_calls=0)(_score).options(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=max_retries, retry_exceptions=False)
+    threads = max(1, int(res.cpus))
+    queue = collections.deque(sorted(items))  # consecutive shards of a run: a worker reloads only when the run changes
+    pending: dict[Any, tuple[str, int]] = {}
+    failed: dict[tuple[str, int], str] = {}
+    rows = done = 0
+    alive = {n["NodeID"] for n in _work_nodes()}
+    t0 = last_progress = time.perf_counter()
     try:
-        for _run_id, _shard, n in pool.map_unordered(lambda a, it: a.run.remote(*it), sorted(items)):
-            rows += n
-            done += 1
-            if progress:
-                progress(done, len(items))
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, UserError):
-            raise cause from None  # bad input found inside an actor: the same one-line error
-        raise RunFailed(f"evaluation failed: {str(cause or e).strip().splitlines()[-1][:200]}") from None
+        while queue or pending:
+            while queue and len(pending) < 2 * workers:  # bounded in flight; Ray schedules them where resources are
+                item = queue.popleft()
+                pending[task.remote(results.location, str(data_dir), plan, item[0], item[1], threads)] = item
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+            now_alive = {n["NodeID"] for n in _work_nodes()}
+            if notice and alive - now_alive:
+                notice(f"lost {len(alive - now_alive)} node(s) of {len(alive)}; their shards are rescheduled on the {len(now_alive)} left")
+            if notice and now_alive - alive:
+                notice(f"{len(now_alive - alive)} node(s) joined")
+            alive = now_alive
+            for ref in ready:
+                run_id, shard = pending.pop(ref)
+                try:
+                    table = ray.get(ref)
+                except RayTaskError as e:
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, UserError):
+                        raise cause from None  # bad input found inside a task: the same one-line error
+                    failed[(run_id, shard)] = str(cause or e).strip().splitlines()[-1][:160]
+                    continue
+                except _system_errors() as e:
+                    failed[(run_id, shard)] = f"{type(e).__name__} after {max_retries} retries"
+                    continue
+                rows += write_shard(results, run_id, plan, shard, table)
+                done += 1
+                last_progress = time.perf_counter()
+                if progress:
+                    progress(done, len(items))
+            if pending and not ready and time.perf_counter() - last_progress > stall_timeout and not _can_run(res):
+                raise RunFailed(
+                    f"evaluation stalled: no node left can run a shard ({res.cpus:g} CPU, {res.gpus:g} GPU) for {stall_timeout:.0f} s; "
+                    f"{done} of {len(items)} shards are written and kept; add nodes and run the same command again"
+                )
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
     if timings is not None:
         timings["work_seconds"] = time.perf_counter() - t0
-    for a in actors:
-        ray.kill(a)  # type: ignore[arg-type]
+    if failed:
+        (rid, shard), why = next(iter(sorted(failed.items())))
+        more = f" and {len(failed) - 1} more shard(s)" if len(failed) > 1 else ""
+        raise RunFailed(f"evaluation of run {rid} shard {shard}{more} failed ({why}); the {done} shards written are kept; run the same command again to finish")
     return rows
+
+
+def _can_run(res: Resources) -> bool:
+    return any(n["Resources"].get("CPU", 0) >= res.cpus and n["Resources"].get("GPU", 0) >= res.gpus for n in _work_nodes())
 
 
 # ---------------------------------------------------------------- Ray Jobs (laptop -> cluster)

@@ -8,13 +8,17 @@ images use the paired per-image difference.
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from pipeline.results import PREFIXES, Results, write_arrow_atomic
+from iwae.diagnostics import KHAT_UNRELIABLE
+from pipeline.results import PREFIXES, Results
+from pipeline.storage import Store
 
 # Table 1 of Burda et al. 2016 (v4): test NLL (nats) and active units, 3,280 epochs.
 PAPER_TABLE1 = {
@@ -37,7 +41,7 @@ PAPER_TABLE1 = {
 class Report:
     markdown: str
     summary: pd.DataFrame
-    files: tuple[Path, ...]
+    files: tuple[str, ...]  # where each file was written (a path or a URI)
 
 
 def run_summary(results: Results) -> pd.DataFrame:
@@ -48,8 +52,13 @@ def run_summary(results: Results) -> pd.DataFrame:
         return runs
     agg = []
     for run_id, g in ev.groupby("run_id"):
-        row = {"run_id": run_id, "eval_k": int(g["eval_k"].iloc[0])}
+        g = g[g.eval_k == g.eval_k.max()]  # the headline estimate (k=5000) when a run has several
+        row = {"run_id": run_id, "eval_k": int(g["eval_k"].iloc[0]), "eval_seed": int(g["eval_seed"].iloc[0])}
         row["test_images"], row["nll"], row["nll_se"] = _nll(g)
+        row["nll_jk"] = -g["log_px_jk"].mean() if g["log_px_jk"].notna().all() else math.nan
+        row["ess_median"] = float(g["ess"].median()) if g["ess"].notna().all() else math.nan
+        row["khat_high"] = float((g["khat"] > KHAT_UNRELIABLE).mean()) if g["khat"].notna().any() else math.nan
+        row["mcse_mean"] = float(g["mcse"].mean()) if g["mcse"].notna().all() else math.nan
         row["nll_pruned"] = -g["log_px_pruned"].mean() if g["log_px_pruned"].notna().all() else math.nan
         for p in PREFIXES:
             row[f"nll_l{p}"] = -g[f"l_{p}"].mean() if g[f"l_{p}"].notna().all() else math.nan
@@ -79,10 +88,15 @@ def _fmt(v: float, se: float | None = None) -> str:
     return f"{v:.2f} ± {se:.2f}" if se is not None and not math.isnan(se) else f"{v:.2f}"
 
 
+def _headline(ev: pd.DataFrame, run_id: str) -> pd.Series:
+    g = ev[ev.run_id == run_id]
+    return g[g.eval_k == g.eval_k.max()].set_index("image_id")["log_px"] if len(g) else g.set_index("image_id")["log_px"]
+
+
 def paired_gap(ev: pd.DataFrame, a: str, b: str) -> tuple[float, float, int]:
     """Mean and standard error of log p_b(x) - log p_a(x) over the images both runs evaluated."""
-    pa = ev[ev.run_id == a].set_index("image_id")["log_px"]
-    pb = ev[ev.run_id == b].set_index("image_id")["log_px"]
+    pa = _headline(ev, a)
+    pb = _headline(ev, b)
     d = (pb - pa).dropna()
     if len(d) < 2:
         return math.nan, math.nan, len(d)
@@ -93,24 +107,73 @@ def table1(summary: pd.DataFrame, ev: pd.DataFrame) -> str:
     """VAE vs IWAE per (dataset, layers, k, epochs), ours beside the paper's, with the paired gap."""
     done = summary[(summary.status == "done") & (summary.estimator == "standard") & (summary.objective.isin(["vae", "iwae"])) & (summary.init_from == "")]
     lines = [
-        "| data | layers | k | epochs | VAE NLL | VAE active | IWAE NLL | IWAE active | IWAE gain (paired) | paper VAE | paper IWAE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data | layers | k | epochs | seed | VAE NLL | VAE active | IWAE NLL | IWAE active | IWAE gain (paired) | paper VAE | paper IWAE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (dataset, layers, k, epochs), g in done.groupby(["dataset", "layers", "k", "epochs"], sort=True):
+    for (dataset, layers, k, epochs, seed), g in done.groupby(["dataset", "layers", "k", "epochs", "seed"], sort=True):
         vae, iw = g[g.objective == "vae"], g[g.objective == "iwae"]
         v = vae.iloc[0] if len(vae) else None
         i = iw.iloc[0] if len(iw) else None
         if i is None and k == 1:
             i = v  # L_1 is the ELBO: one model in both columns, as in the paper
+        if v is None and i is None:
+            continue
         gain = paired_gap(ev, v.run_id, i.run_id) if v is not None and i is not None else (math.nan, math.nan, 0)
         paper = PAPER_TABLE1.get((dataset, int(layers), int(k)))
         lines.append(
-            f"| {dataset} | {layers} | {k} | {epochs} | "
+            f"| {dataset} | {layers} | {k} | {epochs} | {seed} | "
             f"{_fmt(v.nll, v.nll_se) if v is not None else '-'} | {v.active if v is not None else '-'} | "
             f"{_fmt(i.nll, i.nll_se) if i is not None else '-'} | {i.active if i is not None else '-'} | "
             f"{_fmt(gain[0], gain[1])} | {f'{paper[0]:.2f} ({paper[1]})' if paper else '-'} | {f'{paper[2]:.2f} ({paper[3]})' if paper else '-'} |"
         )
     return "\n".join(lines)
+
+
+def seed_table(summary: pd.DataFrame, ev: pd.DataFrame) -> str | None:
+    """Cells of Table 1 trained with more than one seed: each objective's NLL per seed and its spread
+    across seeds, beside the paired IWAE gain per seed (its standard error is within one seed only)."""
+    done = summary[(summary.status == "done") & (summary.estimator == "standard") & (summary.objective.isin(["vae", "iwae"])) & (summary.init_from == "")]
+    rows = []
+    for (dataset, layers, k, epochs), g in done.groupby(["dataset", "layers", "k", "epochs"], sort=True):
+        seeds = sorted(set(g.seed))
+        if len(seeds) < 2 or k == 1:
+            continue
+        cells = []
+        gains = []
+        for obj in ("vae", "iwae"):
+            vals = [g[(g.objective == obj) & (g.seed == s)].nll for s in seeds]
+            nll = [float(v.iloc[0]) for v in vals if len(v)]
+            cells.append(" / ".join(f"{x:.2f}" for x in nll) + (f" (sd {np.std(nll, ddof=1):.2f})" if len(nll) > 1 else ""))
+        for sd in seeds:
+            v, i = g[(g.objective == "vae") & (g.seed == sd)], g[(g.objective == "iwae") & (g.seed == sd)]
+            if len(v) and len(i):
+                gains.append(paired_gap(ev, str(v.run_id.iloc[0]), str(i.run_id.iloc[0])))
+        gain_txt = " / ".join(_fmt(m, se) for m, se, _ in gains)
+        spread = f"{np.std([m for m, _, _ in gains], ddof=1):.2f}" if len(gains) > 1 else "-"
+        rows.append(f"| {dataset} | {layers} | {k} | {epochs} | {', '.join(map(str, seeds))} | {cells[0]} | {cells[1]} | {gain_txt} | {spread} |")
+    if not rows:
+        return None
+    head = (
+        "| data | layers | k | epochs | seeds | VAE NLL per seed | IWAE NLL per seed | IWAE gain per seed (paired) | sd of the gain across seeds |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
+    return head + "\n" + "\n".join(rows)
+
+
+def reliability_table(summary: pd.DataFrame) -> str | None:
+    """Per run: how far to trust its k-sample estimates, from the same pass (iwae.diagnostics)."""
+    done = summary[(summary.status == "done") & summary.get("nll", pd.Series(dtype=float)).notna()]
+    if done.empty or "khat_high" not in done:
+        return None
+    rows = []
+    for r in done.itertuples():
+        jk_gap = r.nll - r.nll_jk if not pd.isna(r.nll_jk) else math.nan  # NLL from L_k minus NLL from the jackknife
+        rows.append(
+            f"| {r.label}{' s' + str(r.seed) if r.seed else ''} | {int(r.eval_k)} | {int(r.test_images)} | {_fmt(r.nll)} | {_fmt(r.nll_jk)} | {jk_gap:.3f} | "
+            f"{r.ess_median:.0f} | {100 * r.khat_high:.1f}% | {r.mcse_mean:.3f} |"
+        )
+    head = "| run | k | images | NLL from L_k | NLL from the jackknife | L_k - jackknife | median ESS | k-hat > 0.7 | mean MC s.e. |\n" + "|---" * 9 + "|"
+    return head + "\n" + "\n".join(rows)
 
 
 PAPER_TABLE2 = {("vae", 1): (86.76, "19", 84.88, "22"), ("iwae", 50): (84.78, "25", 86.02, "23")}
@@ -191,7 +254,7 @@ def all_runs_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def plots(results: Results, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
+def plots(results: Results, summary: pd.DataFrame, out_dir: Path, ev: pd.DataFrame | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,6 +299,20 @@ def plots(results: Results, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_title("Active units (paper sec. 5.2, App. C)")
         ax.legend(fontsize=7)
         files.append(_save(fig, out_dir / "active_units.png"))
+    if ev is not None and "khat" in ev and ev["khat"].notna().any():
+        fig, ax = plt.subplots(figsize=(7, 4))
+        finite = ev[np.isfinite(ev["khat"])]
+        lo, hi = float(finite["khat"].min()), float(finite["khat"].max())
+        bins = list(np.linspace(min(lo, 0.0), max(hi, 1.0), 50))
+        for rid, g in finite.groupby("run_id"):
+            g = g[g.eval_k == g.eval_k.max()]
+            ax.hist(g["khat"], bins=bins, histtype="step", lw=1.2, label=labels.get(rid, rid))
+        ax.axvline(KHAT_UNRELIABLE, color="k", ls="--", lw=1)
+        ax.set_xlabel("Pareto k-hat of an image's importance weights (> 0.7: unreliable)")
+        ax.set_ylabel("test images")
+        ax.set_title("Reliability of the per-image estimates")
+        ax.legend(fontsize=7)
+        files.append(_save(fig, out_dir / "khat.png"))
     return files
 
 
@@ -250,13 +327,22 @@ def _save(fig: object, path: Path) -> Path:
     return path
 
 
-def build_report(results: Results, out_dir: Path | None = None) -> Report:
-    """Render the report into ``out_dir`` (default ``results/report``): report.md, PNGs, summary.parquet."""
-    out_dir = out_dir or results.root / "report"
+def build_report(results: Results, out: str | Path | None = None) -> Report:
+    """Render the report into ``out`` (default ``RESULTS/report``, a folder or a URI): report.md, PNGs, summary.parquet."""
+    dest = Store.open(out) if out is not None else results.store.sub("report")
     summary = run_summary(results)
     ev = results.read("eval")
     if summary.empty:
         return Report("No runs in this results folder yet.", summary, ())
+    with tempfile.TemporaryDirectory(prefix="iwae-report-") as tmp:
+        md, files = _render(results, summary, ev, Path(tmp))
+        for f in files:
+            dest.write_bytes(f.name, f.read_bytes())
+        return Report(md, summary, tuple(dest.uri(f.name) for f in files))
+
+
+def _render(results: Results, summary: pd.DataFrame, ev: pd.DataFrame, out_dir: Path) -> tuple[str, list[Path]]:
+    """Write report.md, the PNGs and summary.parquet into a local folder; returns the markdown and files."""
     parts = ["# iwae-pipeline report", "", "## Table 1: VAE vs IWAE (test NLL in nats ± standard error; lower is better)", "", table1(summary, ev), ""]
     parts += [
         "IWAE gain: mean over test images of log p_IWAE(x) - log p_VAE(x) with its paired standard error (positive favours IWAE).",
@@ -264,6 +350,30 @@ def build_report(results: Results, out_dir: Path | None = None) -> Report:
         "Paper columns: 3,280 epochs, full test set (Burda et al. 2016, Table 1).",
         "",
     ]
+    ts = seed_table(summary, ev)
+    if ts:
+        parts += [
+            "## Seeds: the objective's effect against the seed's",
+            "",
+            ts,
+            "",
+            "sd: standard deviation across seeds. A paired gain's standard error covers the test images of one seed only;"
+            " when the gain's spread across seeds exceeds it, one seed does not settle the sign.",
+            "",
+        ]
+    tr = reliability_table(summary)
+    if tr:
+        parts += [
+            "## How far each estimate can be trusted (per test image, from the same k-sample pass)",
+            "",
+            tr,
+            "",
+            "L_k is a lower bound biased low by O(1/k); the first-order jackknife (Nowozin 2018) removes the leading term, so"
+            " 'L_k - jackknife' (in NLL) is the estimated bias left at this k. ESS: Kish's effective sample size of the k weights."
+            " k-hat: PSIS Pareto shape of the largest weights (Vehtari et al. 2024); above 0.7 an image's estimate is unreliable"
+            " whatever k. MC s.e.: the Monte Carlo standard error of one image's L_k (delta method). The headline stays L_k.",
+            "",
+        ]
     t2 = table2(summary, ev)
     if t2:
         parts += [
@@ -297,14 +407,12 @@ def build_report(results: Results, out_dir: Path | None = None) -> Report:
     failed = summary[summary.status != "done"]
     if len(failed):
         parts += [f"**{len(failed)} run(s) failed**: " + ", ".join(f"{r.run_id} ({r.label})" for r in failed.itertuples()), ""]
-    files = plots(results, summary, out_dir)
+    files = plots(results, summary, out_dir, ev)
     parts += [f"![{p.stem}]({p.name})" for p in files]
     md = "\n".join(parts) + "\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "_report.md").write_text(md)
-    (out_dir / "_report.md").replace(out_dir / "report.md")
+    (out_dir / "report.md").write_text(md)
     flat = summary.drop(columns=[c for c in ("unit_var_h1", "unit_var_h2") if c in summary])
-    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    write_arrow_atomic(pa.Table.from_pandas(flat, preserve_index=False), out_dir / "summary.parquet")
-    return Report(md, summary, tuple(files))
+    pq.write_table(pa.Table.from_pandas(flat, preserve_index=False), out_dir / "summary.parquet")
+    return md, [out_dir / "report.md", *files, out_dir / "summary.parquet"]

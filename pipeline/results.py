@@ -1,38 +1,40 @@
-"""The results folder: one declared Parquet schema per table, atomic writes, safe reads.
+"""The results location: one declared Parquet schema per table, atomic writes, safe reads.
 
-Layout (``pd.read_parquet(results / "tables" / NAME)`` reads each table with no extra arguments)::
+A local folder or an object-store prefix (``s3://bucket/prefix``): every read and write goes through
+:class:`pipeline.storage.Store`. Layout (``pd.read_parquet(RESULTS + "/tables/NAME")`` reads each
+table, with ``storage_options`` for object stores)::
 
-    results/
-      _iwae-pipeline.json          marker: this folder is ours
+    RESULTS/
+      _iwae-pipeline.json          marker: this location is ours
       tables/runs/<run_id>.parquet one row per run: config, status, active units, wall time, versions
       tables/train/<run_id>.parquet one row per epoch: the training history
-      tables/eval/<run_id>/shard-00000-of-00004.parquet  one row per test image
-      tables/eval/<run_id>/_eval.json  the evaluation's identity (k, seed, images, shards)
+      tables/eval/<run_id>/<estimate>/shard-00000-of-00004.parquet  one row per test image
+      tables/eval/<run_id>/<estimate>/_eval.json  the evaluation's identity (images, shards)
       tables/eval_train/<run_id>/...  the same for the first training images (the train-test gap)
       runs/<run_id>/*.pt           checkpoints
       tune/                        Ray Tune's experiment state
+      _quarantine/                 damaged files, moved aside (never deleted)
 
-Every file is written under a ``_``-prefixed temporary name in its final folder and renamed into
-place (atomic on POSIX), so readers (which skip ``_``/``.`` names) never see a partial file, and
-rewriting a file with the same content never duplicates rows.
+``<estimate>`` names the estimator (``k5000-seed123-block500``): evaluations with other settings
+never share a file. Every write is whole and atomic (see :mod:`pipeline.storage`), so readers never
+see a partial file, and rewriting a file with the same content never duplicates rows.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
+from pipeline.storage import Store
 
 MARKER = "_iwae-pipeline.json"
 PREFIXES = (1, 5, 50, 500, 5000)
@@ -116,108 +118,129 @@ RUNS_SCHEMA = pa.schema(
 SCHEMAS = {"runs": RUNS_SCHEMA, "train": TRAIN_SCHEMA, "eval": EVAL_SCHEMA, "eval_train": EVAL_SCHEMA}
 
 
+def rows_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts) as an Arrow table of ``schema``; missing columns are null."""
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+
+
 def write_table_atomic(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
-    """Write ``rows`` with ``schema`` to ``path`` via a ``_``-prefixed temp file and ``os.replace``."""
-    write_arrow_atomic(pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema), path)
+    """Write ``rows`` with ``schema`` to a local ``path`` atomically (bench and local tools)."""
+    write_arrow_atomic(rows_table(rows, schema), path)
 
 
 def write_arrow_atomic(table: pa.Table, path: Path) -> None:
-    """Write an Arrow table to ``path`` atomically (temp name starting with ``_``, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"_tmp-{uuid.uuid4().hex}.parquet"
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write an Arrow table to a local ``path`` atomically (temp name starting with ``_``, then rename)."""
+    store = Store.open(Path(path).parent)
+    store.write_table(Path(path).name, table)
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="_tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+class DamagedFile(Exception):
+    """A results file that was read but does not parse: proven damaged, safe to move aside."""
 
 
 @dataclass(frozen=True)
 class Results:
-    """A results folder. ``Results.open`` checks it is empty or ours."""
+    """A results location (folder or object-store prefix). ``Results.open`` checks it is empty or ours."""
 
-    root: Path
+    store: Store
 
     @classmethod
-    def open(cls, root: Path, create: bool = True) -> Results:
-        root = Path(root).absolute()
-        if root.exists() and not root.is_dir():
-            raise UserError(f"{root} is a file, not a results folder; pass --results with a folder path")
-        marker = root / MARKER
-        if root.exists() and any(root.iterdir()) and not marker.exists():
-            raise UserError(f"{root} holds files not written by iwae-pipeline; pass --results with an empty or new folder")
-        if not root.exists() and not create:
-            raise UserError(f"results folder {root} does not exist; run `iwae-pipeline sweep JOB --results {root}` first")
-        if create and not marker.exists():
-            write_json_atomic({"format": "iwae-pipeline/1"}, marker)
-        res = cls(root)
+    def open(cls, location: str | Path, create: bool = True) -> Results:
+        store = Store.open(location)
+        where = store.uri()
+        kind = store.kind()
+        if kind == pafs.FileType.File:
+            raise UserError(f"{where} is a file, not a results folder; pass --results with a folder path or an s3:// URI")
+        try:
+            ours = store.exists(MARKER)
+            empty = kind == pafs.FileType.NotFound or store.is_empty()
+        except OSError as e:
+            raise UserError(f"cannot read {where} ({str(e).splitlines()[0][:160]}); check the location and its credentials") from None
+        if not empty and not ours:
+            raise UserError(f"{where} holds files not written by iwae-pipeline; pass --results with an empty or new location")
+        if empty and not create:
+            raise UserError(f"no results in {where}; run `iwae-pipeline sweep JOB --results {store.location}` first")
+        if create and not ours:
+            try:
+                store.write_bytes(MARKER, json.dumps({"format": "iwae-pipeline/1"}).encode())
+            except OSError as e:
+                raise UserError(f"cannot write to {where} ({str(e).splitlines()[0][:160]}); pass --results with a writable location") from None
+        res = cls(store)
         res.check_tables()
         return res
 
-    def table_dir(self, name: str) -> Path:
-        return self.root / "tables" / name
-
-    def run_dir(self, run_id: str) -> Path:
-        return self.root / "runs" / run_id
-
-    def runs_path(self, run_id: str) -> Path:
-        return self.table_dir("runs") / f"{run_id}.parquet"
-
-    def train_path(self, run_id: str) -> Path:
-        return self.table_dir("train") / f"{run_id}.parquet"
-
-    def eval_dir(self, run_id: str, table: str = "eval") -> Path:
-        return self.table_dir(table) / run_id
+    def __str__(self) -> str:
+        return self.store.uri()
 
     @property
-    def tune_dir(self) -> Path:
-        return self.root / "tune"
+    def location(self) -> str:
+        return self.store.location
+
+    def table_key(self, name: str) -> str:
+        return f"tables/{name}"
+
+    def run_key(self, run_id: str) -> str:
+        """Where a run's checkpoints live (``runs/<run_id>``)."""
+        return f"runs/{run_id}"
+
+    def runs_key(self, run_id: str) -> str:
+        return f"tables/runs/{run_id}.parquet"
+
+    def train_key(self, run_id: str) -> str:
+        return f"tables/train/{run_id}.parquet"
+
+    def eval_key(self, run_id: str, table: str = "eval") -> str:
+        return f"tables/{table}/{run_id}"
+
+    @property
+    def tune_key(self) -> str:
+        return "tune"
 
     def check_tables(self) -> None:
         """Refuse table folders that hold files we did not write (they would be read as data)."""
-        for name in SCHEMAS:
-            d = self.table_dir(name)
-            if not d.exists():
-                continue
-            for p in d.rglob("*"):
-                if p.is_dir() or p.name.startswith(("_", ".")):
-                    continue
-                if p.suffix != ".parquet":
-                    raise UserError(f"{p} is not a results file; move it out of {self.root / 'tables'}")
+        for key in self.store.list("tables"):
+            if not key.endswith(".parquet"):
+                raise UserError(f"{self.store.uri(key)} is not a results file; move it out of {self.store.uri('tables')}")
+
+    def read_file(self, key: str, name: str) -> pa.Table:
+        """One table file; ``DamagedFile`` if it was read but does not parse (``OSError`` if unreadable now)."""
+        data = self.store.read_bytes(key)
+        try:
+            return pq.read_table(pa.BufferReader(data), schema=SCHEMAS[name])
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, OSError) as e:
+            raise DamagedFile(f"{self.store.uri(key)} is not a valid {name} table ({type(e).__name__})") from None
 
     def read(self, name: str) -> pd.DataFrame:
         """A whole table as a DataFrame (empty, with the declared columns, when there is nothing yet)."""
-        schema = SCHEMAS[name]
-        d = self.table_dir(name)
-        files = sorted(p for p in d.rglob("*.parquet") if not p.name.startswith(("_", "."))) if d.exists() else []
-        if not files:
-            return schema.empty_table().to_pandas()
-        try:
-            tables = [pq.read_table(p, schema=schema) for p in files]
-        except (pa.ArrowInvalid, OSError, ValueError) as e:
-            raise UserError(f"a file in {d} is not a valid {name} table ({type(e).__name__}); move it out of the results folder") from None
+        keys = self.store.list(self.table_key(name), ".parquet")
+        if not keys:
+            return SCHEMAS[name].empty_table().to_pandas()
+        tables = []
+        for key in keys:
+            try:
+                tables.append(self.read_file(key, name))
+            except DamagedFile as e:
+                raise UserError(f"{e}; move that file out of the results (a re-run of the same command redoes it)") from None
         return pa.concat_tables(tables).to_pandas()
 
     def run_row(self, run_id: str) -> dict[str, Any] | None:
-        p = self.runs_path(run_id)
-        if not p.exists():
+        """The run's row, or None when there is none, or when it is damaged (moved aside, to redo)."""
+        key = self.runs_key(run_id)
+        try:
+            rows = self.read_file(key, "runs").to_pylist()
+        except FileNotFoundError:
             return None
-        return pq.read_table(p, schema=RUNS_SCHEMA).to_pylist()[0]
+        except DamagedFile:
+            self.store.quarantine(key)  # proven damaged: the run is redone, the file kept aside
+            return None
+        return rows[0] if rows else None
 
     def run_done(self, run_id: str) -> bool:
         row = self.run_row(run_id)
         return row is not None and row["status"] == "done"
+
+    def write_rows(self, key: str, rows: list[dict[str, Any]], name: str) -> None:
+        self.store.write_table(key, rows_table(rows, SCHEMAS[name]))
 
 
 def versions() -> dict[str, str]:

@@ -1,12 +1,18 @@
-"""Units of work, free of Ray: train one run, evaluate one shard. Tune trials and actors call these.
+"""Units of work, free of Ray: train one run, score one shard. Tune trials and Ray tasks call these.
 
-They only call into :mod:`iwae` for the science and into :mod:`pipeline.results` for storage, and
-are idempotent: a finished run or a written shard is never redone, so retries and re-runs are safe.
+They call into :mod:`iwae` for the science and read and write through :class:`pipeline.results.Results`
+(a local folder or object storage), so they run the same on any node. They are idempotent: a
+finished run or a written shard is never redone, so retries and re-runs are safe.
+
+Scoring a shard returns its rows (an Arrow table) instead of writing them: one writer, the driver,
+checks each shard (row count, identity) and writes it whole, so every image lands exactly once
+whichever worker or node computed it, died or retried.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -16,29 +22,129 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from iwae import checkpoint
 from iwae.config import RunConfig
-from iwae.data import Dataset, load_dataset
-from iwae.evaluate import EvalConfig, binarize_by_id, estimate_log_px, warm_up
+from iwae.data import MNIST_NPZ, DataError, Dataset, fetch_mnist, load_dataset
+from iwae.evaluate import EvalConfig, binarize_by_id, estimate_log_px
 from iwae.models import IWAEModel
-from iwae.train import FINAL, load_model, pick_device, train
+from iwae.train import FINAL, pick_device, train
 from iwae.units import active_masks, prune, unit_variances
 from pipeline.errors import UserError
-from pipeline.results import EVAL_SCHEMA, PREFIXES, RUNS_SCHEMA, TRAIN_SCHEMA, Results, versions, write_json_atomic, write_table_atomic
+from pipeline.results import EVAL_SCHEMA, PREFIXES, DamagedFile, Results, rows_table, versions
+from pipeline.storage import Store, is_uri
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+# ---------------------------------------------------------------------------------------- data
+
+
+def node_cache_dir() -> Path:
+    """This node's own data cache: ``$IWAE_CACHE_DIR`` or ``~/.cache/iwae-pipeline``."""
+    return Path(os.environ.get("IWAE_CACHE_DIR") or Path.home() / ".cache" / "iwae-pipeline").absolute()
+
+
+def _has_data(name: str, folder: Path) -> bool:
+    if name == "mnist":
+        return (folder / MNIST_NPZ).exists() or (folder / "train-images-idx3-ubyte").exists() or (folder / "train-images-idx3-ubyte.gz").exists()
+    if name == "omniglot":
+        return (folder / "chardata.mat").exists()
+    return True
+
+
+def data_folder(name: str, location: str | Path) -> Path:
+    """A local folder holding dataset ``name`` on this node, fetched once per node if need be.
+
+    ``location`` is the user's ``--data-dir``: a local folder, or a URI (``s3://...``) whose files
+    are copied into this node's cache. A local folder that this node does not have (a multi-node
+    cluster whose nodes share no disk) is replaced by the node's cache, where MNIST is fetched
+    (sha256-checked) under a file lock, so that the first piece of work on a node fetches it and
+    the others wait for it.
+    """
+    from filelock import FileLock
+
+    if not is_uri(location) and _has_data(name, Path(location)):
+        return Path(location).absolute()
+    cache = node_cache_dir()
+    if is_uri(location):
+        cache = cache / hashlib.sha256(str(location).encode()).hexdigest()[:12]
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / "_fetch.lock"), timeout=1800):
+        if _has_data(name, cache):
+            return cache
+        if is_uri(location):
+            store = Store.open(str(location))
+            for fname in (MNIST_NPZ,) if name == "mnist" else ("chardata.mat",):
+                try:
+                    (cache / f"_{fname}").write_bytes(store.read_bytes(fname))
+                except FileNotFoundError:
+                    raise DataError(f"{store.uri(fname)} not found; copy {fname} there or pass a local --data-dir") from None
+                os.replace(cache / f"_{fname}", cache / fname)
+        elif name == "mnist":
+            fetch_mnist(cache)
+        else:
+            raise DataError(
+                f"{name} is not in {location} on node {os.uname().nodename}; copy it there, or put it in object storage and pass --data-dir s3://..."
+            )
+    return cache
+
+
+_DATA: dict[tuple[str, str, str], Dataset] = {}
+
+
+def load_data(name: str, location: str | Path, split: str = "paper") -> Dataset:
+    """The dataset, loaded once per process (workers reuse it across trials and shards)."""
+    key = (name, str(location), split)
+    if key not in _DATA:
+        _DATA.clear()  # one dataset at a time: bounded memory
+        _DATA[key] = load_dataset(name, data_folder(name, location), split)
+    return _DATA[key]
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+class StoreCheckpoints:
+    """A run's checkpoints in the results store (``runs/<run_id>/*.pt``), on any node."""
+
+    def __init__(self, results: Results, run_id: str):
+        self.store, self.prefix = results.store, results.run_key(run_id)
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return self.store.read_bytes(f"{self.prefix}/{name}")
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, data: bytes) -> None:
+        self.store.write_bytes(f"{self.prefix}/{name}", data)
+
+    def names(self) -> list[str]:
+        return [k.rsplit("/", 1)[-1] for k in self.store.list(self.prefix, ".pt")]
+
+    def quarantine(self, name: str) -> None:
+        self.store.quarantine(f"{self.prefix}/{name}")
+
+
+def load_final(results: Results, run_id: str) -> dict[str, Any]:
+    """A run's final checkpoint from the store (``CheckpointError`` if missing or damaged)."""
+    data = StoreCheckpoints(results, run_id).read(FINAL)
+    if data is None:
+        raise checkpoint.CheckpointError(f"run {run_id} has no final checkpoint in {results}; train it first (`iwae-pipeline sweep JOB`)")
+    return checkpoint.from_bytes(data, results.store.uri(f"{results.run_key(run_id)}/{FINAL}"))
+
+
 def run_complete(results: Results, run_id: str) -> bool:
-    """Done = its row says done *and* its final checkpoint reads (a truncated one is redone)."""
+    """Done = its row reads and says done *and* its final checkpoint reads (a damaged one is redone)."""
     if not results.run_done(run_id):
         return False
     try:
-        checkpoint.load(results.run_dir(run_id) / FINAL)
+        load_final(results, run_id)
     except checkpoint.CheckpointError:
         return False
     return True
@@ -48,38 +154,38 @@ def init_checkpoint(results: Results, cfg: RunConfig) -> dict[str, Any] | None:
     """The final checkpoint of ``cfg.init_from`` (Table 2 starts from Table 1's models)."""
     if not cfg.init_from:
         return None
-    path = results.run_dir(cfg.init_from) / FINAL
-    if not path.exists():
-        raise UserError(f"run {cfg.init_from} (the starting point of {cfg.run_id}) is not trained; run its job first (see `iwae-pipeline jobs`)")
-    return checkpoint.load(path)
+    try:
+        return load_final(results, cfg.init_from)
+    except checkpoint.CheckpointError:
+        raise UserError(f"run {cfg.init_from} (the starting point of {cfg.run_id}) is not trained; run its job first (see `iwae-pipeline jobs`)") from None
 
 
 def train_run(
     cfg: RunConfig,
     results: Results,
-    data_dir: Path,
+    data_dir: str | Path,
     *,
     device: str | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     data: Dataset | None = None,
     compile_step: bool | str = "auto",
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Train ``cfg`` (resuming from its checkpoints), measure active units, write its tables.
+    """Train ``cfg`` (resuming from its checkpoints in the store), measure active units, write its rows.
 
-    Returns the run's row. A run already marked done is returned as it is, without training.
+    Returns the run's row. A run already complete is returned as it is, without training.
     """
     row = results.run_row(cfg.run_id)
     if row is not None and row["status"] == "done" and run_complete(results, cfg.run_id):
         return row
-    data = data or load_dataset(cfg.dataset, data_dir, cfg.split)
+    data = data or load_data(cfg.dataset, data_dir, cfg.split)
     init = init_checkpoint(results, cfg)
     dev = pick_device(device)
-    res = train(cfg, data, results.run_dir(cfg.run_id), device=dev, init=init, on_epoch=on_epoch, compile_step=compile_step)
+    res = train(cfg, data, StoreCheckpoints(results, cfg.run_id), device=dev, init=init, on_epoch=on_epoch, compile_step=compile_step, progress=progress)
     train_x = data.train[: cfg.train_subset] if cfg.train_subset else data.train
     variances = unit_variances(res.model, torch.as_tensor(train_x[: cfg.num_active_examples]))
     masks = active_masks(variances)
-    hist = [{"run_id": cfg.run_id, **h} for h in res.history]
-    write_table_atomic(hist, TRAIN_SCHEMA, results.train_path(cfg.run_id))
+    results.write_rows(results.train_key(cfg.run_id), [{"run_id": cfg.run_id, **h} for h in res.history], "train")
     row = {
         **cfg.flat(),
         "label": cfg.label(),
@@ -98,7 +204,7 @@ def train_run(
         "finished_at": _now(),
         **versions(),
     }
-    write_table_atomic([row], RUNS_SCHEMA, results.runs_path(cfg.run_id))
+    results.write_rows(results.runs_key(cfg.run_id), [row], "runs")
     return row
 
 
@@ -114,7 +220,10 @@ def mark_failed(results: Results, cfg: RunConfig, error: str) -> None:
         "finished_at": _now(),
         **versions(),
     }
-    write_table_atomic([row], RUNS_SCHEMA, results.runs_path(cfg.run_id))
+    results.write_rows(results.runs_key(cfg.run_id), [row], "runs")
+
+
+# ---------------------------------------------------------------------------------------- evaluation
 
 
 @dataclass(frozen=True)
@@ -139,6 +248,11 @@ class EvalPlan:
     def table(self) -> str:
         return "eval" if self.images == "test" else "eval_train"
 
+    @property
+    def estimate(self) -> str:
+        """The estimator's identity as a folder name: settings that change the numbers."""
+        return f"k{self.eval.k}-seed{self.eval.seed}-block{self.eval.block}"
+
     def shard_ids(self, shard: int) -> np.ndarray:
         return np.array_split(np.arange(self.num_images), self.shards)[shard]
 
@@ -146,85 +260,142 @@ class EvalPlan:
         return {"k": self.eval.k, "seed": self.eval.seed, "block": self.eval.block, "num_images": self.num_images, "shards": self.shards, "pruned": self.pruned}
 
 
-def shard_path(results: Results, run_id: str, shard: int, shards: int, table: str = "eval") -> Path:
-    return results.eval_dir(run_id, table) / f"shard-{shard:05d}-of-{shards:05d}.parquet"
+def eval_dir_key(results: Results, run_id: str, plan: EvalPlan) -> str:
+    return f"{results.eval_key(run_id, plan.table)}/{plan.estimate}"
+
+
+def shard_key(results: Results, run_id: str, plan: EvalPlan, shard: int) -> str:
+    return f"{eval_dir_key(results, run_id, plan)}/shard-{shard:05d}-of-{plan.shards:05d}.parquet"
+
+
+def shard_problem(results: Results, run_id: str, plan: EvalPlan, shard: int) -> str | None:
+    """Why a written shard does not count as done (None when it reads whole and matches).
+
+    Done means: its Parquet reads, its row count equals the shard's image count, and its rows carry
+    this evaluation's identity (run, k, seed, images). ``FileNotFoundError`` when there is none.
+    """
+    try:
+        t = results.read_file(shard_key(results, run_id, plan, shard), plan.table)
+    except DamagedFile:
+        return "does not read as Parquet"
+    want = plan.shard_ids(shard)
+    if t.num_rows != len(want):
+        return f"has {t.num_rows} rows, not {len(want)}"
+    d = t.select(["run_id", "eval_k", "eval_seed", "image_id"]).to_pydict()
+    if set(d["run_id"]) != {run_id} or set(d["eval_k"]) != {plan.eval.k} or set(d["eval_seed"]) != {plan.eval.seed}:
+        return "belongs to another evaluation"
+    if sorted(d["image_id"]) != want.tolist():
+        return "holds other images"
+    return None
 
 
 def _covers(old: dict[str, Any], plan: EvalPlan, finished: Callable[[], bool]) -> bool:
-    """A finished evaluation with the same estimator settings on at least these images (and a pruned
-    pass if this plan wants one) stands for this plan: a run shared by two jobs is scored once."""
+    """A finished evaluation with the same estimator on at least these images (and a pruned pass if
+    this plan wants one) stands for this plan: a run shared by two jobs is scored once."""
+    return old.get("num_images", 0) >= plan.num_images and (old.get("pruned", False) or not plan.pruned) and finished()
+
+
+def prepare_eval(results: Results, run_id: str, plan: EvalPlan, notice: Callable[[str], None] | None = None) -> list[int]:
+    """Check (or record) the evaluation's identity for a run; return the shards still to do.
+
+    A written shard that does not read whole (truncated, empty, another evaluation's) is moved aside
+    to ``_quarantine/`` (never deleted), ``notice`` is told in one line, and the shard is redone.
+    """
+    store = results.store
+    meta = f"{eval_dir_key(results, run_id, plan)}/_eval.json"
     new = plan.identity()
-    same = all(old.get(k) == new[k] for k in ("k", "seed", "block"))
-    return same and old.get("num_images", 0) >= plan.num_images and (old.get("pruned", False) or not plan.pruned) and finished()
+    try:
+        old = json.loads(store.read_bytes(meta))
+    except FileNotFoundError:
+        old = None
+    except ValueError:
+        old = None  # a damaged identity file: written again below (the shards are checked one by one)
+    if old is not None and old != new:
+        n_old = int(old.get("shards", 0))
+        old_plan = EvalPlan(plan.eval, int(old.get("num_images", 0)), n_old, bool(old.get("pruned")), plan.images)
+        if _covers(old, plan, lambda: all(_shard_ok(results, run_id, old_plan, s) for s in range(n_old))):
+            return []
+        diff = ", ".join(f"{k}={old.get(k)}" for k in new if old.get(k) != new[k])
+        raise UserError(f"run {run_id} was evaluated with {diff}; use the same options, or a new --results location")
+    if old is None:
+        store.write_bytes(meta, json.dumps(new, sort_keys=True).encode())
+    todo = []
+    for s in range(plan.shards):
+        key = shard_key(results, run_id, plan, s)
+        try:
+            why = shard_problem(results, run_id, plan, s)
+        except FileNotFoundError:
+            todo.append(s)
+            continue
+        if why is not None:
+            where = store.quarantine(key)
+            if notice:
+                notice(f"{store.uri(key)} {why}: moved to {where}; redoing shard {s} of run {run_id}")
+            todo.append(s)
+    return todo
 
 
-def prepare_eval(results: Results, run_id: str, plan: EvalPlan) -> list[int]:
-    """Check (or record) the evaluation's identity for a run; return the shards still to do."""
-    meta = results.eval_dir(run_id, plan.table) / "_eval.json"
-    if meta.exists():
-        old, new = json.loads(meta.read_text()), plan.identity()
-        if old != new:
-            n_old = int(old.get("shards", 0))
-            if _covers(old, plan, lambda: all(shard_path(results, run_id, s, n_old, plan.table).exists() for s in range(n_old))):
-                return []
-            diff = ", ".join(f"{k}={old.get(k)}" for k in new if old.get(k) != new[k])
-            raise UserError(f"run {run_id} was evaluated with {diff}; use the same options, or a new --results folder")
-    else:
-        write_json_atomic(plan.identity(), meta)
-    return [s for s in range(plan.shards) if not shard_path(results, run_id, s, plan.shards, plan.table).exists()]
+def _shard_ok(results: Results, run_id: str, plan: EvalPlan, shard: int) -> bool:
+    try:
+        return shard_problem(results, run_id, plan, shard) is None
+    except FileNotFoundError:
+        return False
 
 
-class ShardEvaluator:
-    """Loads a run's model once (and its pruned version) and evaluates shards of the test set."""
+def write_shard(results: Results, run_id: str, plan: EvalPlan, shard: int, table: pa.Table) -> int:
+    """The one writer: check a scored shard and write it whole. Returns the rows written."""
+    want = len(plan.shard_ids(shard))
+    ids = table.column("image_id").to_pylist()
+    if table.num_rows != want or sorted(ids) != plan.shard_ids(shard).tolist():
+        raise RuntimeError(f"shard {shard} of run {run_id} came back with {table.num_rows} rows, expected {want}")
+    results.store.write_table(shard_key(results, run_id, plan, shard), table.cast(EVAL_SCHEMA))
+    return table.num_rows
 
-    def __init__(self, results: Results, data_dir: Path, plan: EvalPlan, device: str | None = None, threads: int | None = None):
+
+class ShardScorer:
+    """Loads a run's model once (and its pruned version) and scores shards of its images.
+
+    One per worker process (see :func:`scorer`): consecutive shards of a run reuse the loaded model.
+    """
+
+    def __init__(self, results: Results, data_dir: str | Path, plan: EvalPlan, device: str | None = None):
         self.results, self.data_dir, self.plan = results, data_dir, plan
         self.device = pick_device(device)
-        if threads:
-            torch.set_num_threads(threads)
         self._run_id: str | None = None
         self._models: tuple[IWAEModel, IWAEModel | None, RunConfig] | None = None
-        self._images: dict[tuple[str, str, int], np.ndarray] = {}
 
     def _load(self, run_id: str) -> tuple[IWAEModel, IWAEModel | None, RunConfig]:
         if self._run_id != run_id or self._models is None:
-            model, cfg, _ = load_model(self.results.run_dir(run_id) / FINAL, self.device)
-            pruned = None
+            ck = load_final(self.results, run_id)
+            cfg = RunConfig.from_dict(ck["config"])
+            model = IWAEModel(cfg.model)
+            model.load_state_dict(ck["model"])
+            model = model.to(self.device).eval()
+            pruned: IWAEModel | None = None
             row = self.results.run_row(run_id)
             if self.plan.pruned and row is not None and row["unit_var_h1"] is not None:
                 variances = [torch.tensor(row["unit_var_h1"])] + ([torch.tensor(row["unit_var_h2"])] if row["unit_var_h2"] is not None else [])
                 masks = active_masks(variances)
                 if all(m.all() for m in masks):
                     pruned = model  # every unit active: pruning changes nothing, skip the second pass
-                else:
-                    pruned = prune(model, masks) if all(m.any() for m in masks) else None
+                elif all(m.any() for m in masks):
+                    pruned = prune(model, masks)
             self._run_id, self._models = run_id, (model, pruned, cfg)
         return self._models
 
-    def warmup(self, run_id: str) -> None:
-        """Load ``run_id`` and compile the scorer for this plan's shard shape (part of start-up)."""
-        model, _, _ = self._load(run_id)
-        warm_up(model, self.plan.eval, len(self.plan.shard_ids(0)))
-
-    def _plan_images(self, cfg: RunConfig) -> np.ndarray:
+    def images(self, cfg: RunConfig) -> np.ndarray:
         """The test set, or the training images the run was trained on (its subset, if any)."""
-        key = (cfg.dataset, cfg.split, int(cfg.train_subset or 0) if self.plan.images == "train" else 0)
-        if key not in self._images:
-            ds = load_dataset(cfg.dataset, self.data_dir, cfg.split)
-            self._images[key] = ds.test if self.plan.images == "test" else ds.train[: cfg.train_subset or None]
-        return self._images[key]
+        ds = load_data(cfg.dataset, self.data_dir, cfg.split)
+        return ds.test if self.plan.images == "test" else ds.train[: cfg.train_subset or None]
 
-    def run(self, run_id: str, shard: int) -> tuple[str, int, int]:
-        """Evaluate one shard and write its Parquet file (skipped if it exists). Returns (run, shard, rows)."""
-        path = shard_path(self.results, run_id, shard, self.plan.shards, self.plan.table)
-        if path.exists():
-            return run_id, shard, 0
+    def score(self, run_id: str, shard: int) -> pa.Table:
+        """Score one shard: its rows, one per image, as an Arrow table of the eval schema."""
         model, pruned, cfg = self._load(run_id)
-        test = self._plan_images(cfg)
-        if self.plan.num_images > len(test):
-            raise UserError(f"--{self.plan.images}-images {self.plan.num_images} exceeds the {len(test)} {self.plan.images} images of run {run_id}")
+        images = self.images(cfg)
+        if self.plan.num_images > len(images):
+            raise UserError(f"--{self.plan.images}-images {self.plan.num_images} exceeds the {len(images)} {self.plan.images} images of run {run_id}")
         ids = self.plan.shard_ids(shard)
-        x = binarize_by_id(torch.as_tensor(test[ids]), ids.tolist(), self.plan.eval.seed)
+        x = binarize_by_id(torch.as_tensor(images[ids]), ids.tolist(), self.plan.eval.seed)
         est = estimate_log_px(model, x, ids.tolist(), self.plan.eval)
         pruned_px: torch.Tensor | None
         if pruned is model:
@@ -242,22 +413,28 @@ class ShardEvaluator:
                     row[f"l_{p}"] = float(est.prefix[j, c])
             row["log_px_pruned"] = float(pruned_px[j]) if pruned_px is not None else None
             rows.append(row)
-        fault = os.environ.get("IWAE_FAULT_SLEEP_BEFORE_WRITE")  # test hook: widen the window for a kill
-        if fault:
-            import time
-
-            time.sleep(float(fault))
-        write_table_atomic(rows, EVAL_SCHEMA, path)
-        return run_id, shard, len(rows)
+        return rows_table(rows, EVAL_SCHEMA)
 
 
-def evaluate_local(results: Results, data_dir: Path, run_ids: Sequence[str], plan: EvalPlan, progress: Callable[[int], None] | None = None) -> int:
+_SCORERS: dict[tuple[str, str, EvalPlan], ShardScorer] = {}
+
+
+def scorer(results: Results, data_dir: str | Path, plan: EvalPlan) -> ShardScorer:
+    """This process's scorer for a plan (models and data stay loaded between shards)."""
+    key = (results.location, str(data_dir), plan)
+    if key not in _SCORERS:
+        _SCORERS.clear()
+        _SCORERS[key] = ShardScorer(results, data_dir, plan)
+    return _SCORERS[key]
+
+
+def evaluate_local(results: Results, data_dir: str | Path, run_ids: Sequence[str], plan: EvalPlan, progress: Callable[[int], None] | None = None) -> int:
     """Evaluate in this process (no Ray): the `train` command and notebooks use this."""
-    ev = ShardEvaluator(results, data_dir, plan)
+    sc = ShardScorer(results, data_dir, plan)
     rows = 0
     for run_id in run_ids:
         for shard in prepare_eval(results, run_id, plan):
-            rows += ev.run(run_id, shard)[2]
+            rows += write_shard(results, run_id, plan, shard, sc.score(run_id, shard))
             if progress:
                 progress(1)
     return rows

@@ -56,17 +56,37 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_truncated_checkpoint_is_detected_and_redone(tmp_path):
-    """A half-written checkpoint is never loaded: it is removed and that work is redone."""
+    """A half-written checkpoint is never loaded: it is moved aside (kept) and that work is redone."""
     data = synthetic(n_train=400, n_test=10)
     run_dir = tmp_path / "r"
     train(cfg(), data, run_dir)
     raw = (run_dir / FINAL).read_bytes()
     (run_dir / FINAL).write_bytes(raw[: len(raw) // 3])
-    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+    with pytest.raises(checkpoint.CheckpointError, match="damaged"):
         load_model(run_dir / FINAL)
     again = train(cfg(), data, run_dir)
     assert again.resumed_from_epoch == 4 and (run_dir / FINAL).exists()
     load_model(run_dir / FINAL)
+    kept = list(run_dir.glob("_damaged-final.pt.*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == raw[: len(raw) // 3]  # moved aside, never deleted
+
+
+def test_a_checkpoint_that_cannot_be_read_now_is_not_discarded(tmp_path):
+    """A read error (a network blip on object storage) propagates and touches nothing: only a blob
+    that was read and does not load counts as damaged."""
+
+    class Flaky(checkpoint.DirectoryCheckpoints):
+        def read(self, name):
+            if name == FINAL:
+                raise OSError("connection reset")
+            return super().read(name)
+
+    data = synthetic(n_train=400, n_test=10)
+    train(cfg(), data, tmp_path / "r")
+    before = sorted(p.name for p in (tmp_path / "r").iterdir())
+    with pytest.raises(OSError, match="connection reset"):
+        train(cfg(), data, Flaky(tmp_path / "r"))
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
 
 
 def test_foreign_checkpoint_is_refused(tmp_path):
@@ -80,15 +100,27 @@ def test_foreign_checkpoint_is_refused(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"format": checkpoint.FORMAT, "x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+    with pytest.raises(checkpoint.CheckpointError, match="damaged"):
         checkpoint.load(tmp_path / "evil.pt")
 
 
 def test_non_finite_steps_are_skipped_and_counted(monkeypatch):
     """A NaN loss step leaves the parameters untouched, is counted, and a poisoned epoch raises."""
+    import importlib
+
+    T = importlib.import_module("iwae.train")  # `iwae.train` the attribute is the function
+
     data = synthetic(n_train=400, n_test=10)
     model_before = train(cfg(schedule=ScheduleConfig(stages=1)), data).model
-    monkeypatch.setenv("IWAE_FAULT_NONFINITE_EPOCH", "0")
+    original = T.train_epoch
+
+    def poisoned(state, *args, **kwargs):  # every parameter NaN: every step of the epoch is non-finite
+        with torch.no_grad():
+            for p in state.model.parameters():
+                p.fill_(float("nan"))
+        return original(state, *args, **kwargs)
+
+    monkeypatch.setattr(T, "train_epoch", poisoned)
     with pytest.raises(NonFiniteError, match="non-finite"):
         train(cfg(schedule=ScheduleConfig(stages=1)), data)
     # fused Adam with found_inf leaves parameters unchanged on a skipped step

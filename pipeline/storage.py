@@ -1,0 +1,190 @@
+"""One storage layer for every file the pipeline reads or writes: a local folder or object storage.
+
+A location is a local path (the embedded default) or a URI that ``pyarrow.fs.FileSystem.from_uri``
+resolves: ``s3://bucket/prefix``, ``gs://bucket/prefix``, ``file:///abs/path``, ... S3 options such
+as ``endpoint_override``, ``scheme`` and ``region`` come from the URI's query, the way Ray's own
+``storage_path`` takes them (``s3://b/p?endpoint_override=127.0.0.1:9000&scheme=http``). pyarrow
+ignores ``AWS_ENDPOINT_URL*``, so an S3 URI without ``endpoint_override`` takes it from
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` here. Credentials are never part of a location: each
+node finds its own (environment, config files, the node's IAM role), which is why a ``Store`` pickles
+as its location and is opened again wherever it lands.
+
+Writes are whole and atomic. On a local disk a file is written under a ``_``-prefixed temporary name
+in its final folder, fsynced and renamed into place. An object store has no rename, but a single PUT
+of a whole object is atomic: the payload is built in memory first and written in one call, so a
+killed writer leaves either the old object or the new one, never a part. Readers skip names that
+start with ``_`` or ``.``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.errors import UserError
+
+QUARANTINE = "_quarantine"  # damaged files are moved here, never deleted
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for ``scheme://...`` (a one-letter scheme is a Windows drive, not a URI)."""
+    scheme = urlparse(str(location)).scheme
+    return len(scheme) > 1 and "://" in str(location)
+
+
+def _with_env_endpoint(uri: str) -> str:
+    """Add ``endpoint_override``/``scheme`` from ``AWS_ENDPOINT_URL(_S3)`` to an S3 URI that has none."""
+    url = urlparse(uri)
+    query = dict(parse_qsl(url.query))
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if url.scheme != "s3" or "endpoint_override" in query or not endpoint:
+        return uri
+    ep = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    query.setdefault("endpoint_override", ep.netloc)
+    query.setdefault("scheme", ep.scheme or "https")
+    return urlunparse(url._replace(query=urlencode(query)))
+
+
+@dataclass(frozen=True)
+class Store:
+    """A folder-like location: ``base`` inside ``fs``; every method takes a ``/``-separated key."""
+
+    location: str  # as the user gave it (a local one made absolute): what messages and pickles carry
+    fs: pafs.FileSystem
+    base: str
+
+    @classmethod
+    def open(cls, location: str | Path) -> Store:
+        loc = str(location)
+        if not is_uri(loc):
+            path = Path(loc).expanduser().absolute()
+            return cls(str(path), pafs.LocalFileSystem(), path.as_posix())
+        try:
+            fs, base = pafs.FileSystem.from_uri(_with_env_endpoint(loc))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
+            raise UserError(f"cannot open {loc} ({str(e).splitlines()[0][:160]}); check the URI (s3://bucket/prefix?endpoint_override=HOST:PORT)") from None
+        return cls(loc, fs, base.rstrip("/"))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Store.open, (self.location,))
+
+    def sub(self, key: str) -> Store:
+        """The store of the folder ``key`` below this one (same filesystem and options)."""
+        if self.is_local:
+            return Store.open(self.path(key))
+        url = urlparse(self.location)
+        return Store(urlunparse(url._replace(path=f"{url.path.rstrip('/')}/{key}")), self.fs, self.path(key))
+
+    # ------------------------------------------------------------------ names
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, key: str = "") -> str:
+        return f"{self.base}/{key}".rstrip("/") if key else self.base
+
+    def uri(self, key: str = "") -> str:
+        """The location of ``key`` as a user would type it (no query string)."""
+        if self.is_local:
+            return self.path(key)
+        url = urlparse(self.location)
+        return f"{url.scheme}://{self.path(key)}"
+
+    def local_path(self, key: str = "") -> Path | None:
+        return Path(self.path(key)) if self.is_local else None
+
+    # ------------------------------------------------------------------ reads
+
+    def exists(self, key: str) -> bool:
+        return self.fs.get_file_info(self.path(key)).type == pafs.FileType.File
+
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object. ``FileNotFoundError`` when absent; ``OSError`` when it cannot be read now."""
+        try:
+            with self.fs.open_input_stream(self.path(key)) as f:
+                return bytes(f.read())
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if self.fs.get_file_info(self.path(key)).type == pafs.FileType.NotFound:
+                raise FileNotFoundError(self.uri(key)) from None
+            raise OSError(f"cannot read {self.uri(key)}: {str(e).splitlines()[0][:160]}") from None
+
+    def list(self, prefix: str, suffix: str = "") -> list[str]:
+        """Keys of the files below ``prefix`` (recursive, sorted), skipping ``_``/``.`` names."""
+        sel = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
+        out = []
+        for info in self.fs.get_file_info(sel):
+            if info.type != pafs.FileType.File or not info.path.endswith(suffix):
+                continue
+            key = info.path[len(self.base) + 1 :] if self.base else info.path
+            if any(part.startswith(("_", ".")) for part in key.split("/")):
+                continue
+            out.append(key)
+        return sorted(out)
+
+    def size(self, key: str) -> int:
+        return int(self.fs.get_file_info(self.path(key)).size or 0)
+
+    def read_table(self, key: str, schema: pa.Schema) -> pa.Table:
+        """One Parquet file with the declared schema (raises ``pa.ArrowInvalid``/``OSError`` if damaged)."""
+        return pq.read_table(pa.BufferReader(self.read_bytes(key)), schema=schema)
+
+    # ------------------------------------------------------------------ writes
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write a whole object atomically (temp name + rename locally, one PUT on object stores)."""
+        if self.is_local:
+            path = Path(self.path(key))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f"_tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+            return
+        with self.fs.open_output_stream(self.path(key)) as f:
+            f.write(data)  # one call with the whole payload: nothing to complete half-way
+
+    def write_table(self, key: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.write_bytes(key, sink.getvalue().to_pybytes())
+
+    def quarantine(self, key: str) -> str:
+        """Move a damaged file aside (``_quarantine/<key>.<time>``), never delete it; returns where to."""
+        dest = f"{QUARANTINE}/{key}.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        if self.is_local:
+            Path(self.path(dest)).parent.mkdir(parents=True, exist_ok=True)
+        self.fs.move(self.path(key), self.path(dest))
+        return self.uri(dest)
+
+    def delete(self, key: str) -> None:
+        self.fs.delete_file(self.path(key))
+
+    def delete_dir(self, prefix: str) -> None:
+        info = self.fs.get_file_info(self.path(prefix))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(prefix))
+
+    def is_empty(self) -> bool:
+        sel = pafs.FileSelector(self.path(), recursive=False, allow_not_found=True)
+        return not self.fs.get_file_info(sel)
+
+    def kind(self) -> pafs.FileType:
+        return self.fs.get_file_info(self.path()).type
