@@ -37,7 +37,8 @@ def from_bytes(data: bytes, name: str = "checkpoint", map_location: str | torch.
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, wrong magic: all unreadable
-        raise CheckpointError(f"checkpoint {name} is damaged ({type(e).__name__}); run the sweep again: it retrains from the run's previous checkpoint") from None
+        why = type(e).__name__
+        raise CheckpointError(f"checkpoint {name} is damaged ({why}); run the sweep again: it retrains from the run's previous checkpoint") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{name} is not an iwae-pipeline checkpoint; point to a file written by `iwae-pipeline train`")
     return obj

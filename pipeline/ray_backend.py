@@ -24,17 +24,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 from iwae.config import RunConfig
-from pipeline.errors import RunFailed, UserError
+from pipeline.errors import ConnectTimeout, RunFailed, UserError
 from pipeline.results import Results
 from pipeline.storage import Store
 from pipeline.work import EvalPlan, load_final, mark_failed, prepare_eval, run_complete, scorer, train_run, write_shard
 
 ENV_ADDRESS = "RAY_ADDRESS"
 CONNECT_TIMEOUT_S = float(os.environ.get("IWAE_CONNECT_TIMEOUT", "30"))
-
-
-class ConnectTimeout(UserError):
-    """``ray.init`` did not return in time; the process must exit without waiting for it."""
 
 
 def _hostport(address: str) -> tuple[str | None, int]:
@@ -73,6 +69,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     line; ``ray.init`` itself has no deadline. Returns True when this call started the connection
     (the caller then shuts it down).
     """
+    import logging
+
     import ray
 
     if address:
@@ -81,11 +79,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         return False
     address = address or os.environ.get(ENV_ADDRESS) or None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's start-up lines (the token-auth notice on a loopback-only Ray, "Connecting to ...") are
+    # noise beside our own first line; its errors still show
+    logging.getLogger("ray").setLevel(logging.ERROR)
     if address is None:
         _keep_loopback()
-        import logging
-
-        logging.getLogger("ray").setLevel(logging.ERROR)  # the token-auth notice: noise on a loopback-only Ray
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,
@@ -98,7 +96,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         )
         return True
     _probe(address)
-    kwargs: dict[str, Any] = {"address": address, "log_to_driver": False}
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.ERROR}
     if _is_loopback(address):
         # A head on 127.0.0.1: Ray 2.60 would replace the driver's node IP by the host's address and
         # then wait for a raylet there forever. Keep the driver on loopback, as the cluster is.

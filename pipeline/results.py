@@ -143,6 +143,7 @@ class Results:
     """A results location (folder or object-store prefix). ``Results.open`` checks it is empty or ours."""
 
     store: Store
+    created: bool = False  # this open made the location (a failed check may then remove it whole)
 
     @classmethod
     def open(cls, location: str | Path, create: bool = True) -> Results:
@@ -165,9 +166,14 @@ class Results:
                 store.write_bytes(MARKER, json.dumps({"format": "iwae-pipeline/1"}).encode())
             except OSError as e:
                 raise UserError(f"cannot write to {where} ({str(e).splitlines()[0][:160]}); pass --results with a writable location") from None
-        res = cls(store)
+        res = cls(store, created=create and not ours and kind == pafs.FileType.NotFound)
         res.check_tables()
         return res
+
+    def discard_if_new(self) -> None:
+        """Remove the location again if this command created it (nothing half-made is left behind)."""
+        if self.created:
+            self.store.delete_dir("")
 
     def __str__(self) -> str:
         return self.store.uri()

@@ -112,14 +112,14 @@ def test_pickle_pixels_become_the_papers_idx_over_255(tmp_path):
     npz_dir = tmp_path / "npz"
     arrays = {"version": np.array(D.MNIST_NPZ_VERSION)}
     for name, (x, y) in zip(("train", "valid", "test"), pickled):
-        arrays[f"x_{name}"] = D.pickle_pixels_to_paper(x)
+        arrays[f"x_{name}"] = D.pickle_pixels_to_bytes(x)
         arrays[f"y_{name}"] = y
     D.atomic_save_npz(npz_dir / D.MNIST_NPZ, arrays)
     from_npz = D.load_mnist(npz_dir)
     assert np.array_equal(from_npz.train, idx.train) and np.array_equal(from_npz.test, idx.test)
     assert from_npz.train.max() == 1.0 and from_npz.train.dtype == np.float32
     with pytest.raises(D.DataError, match="k/256"):
-        D.pickle_pixels_to_paper(np.full((1, 784), 0.3, np.float32))
+        D.pickle_pixels_to_bytes(np.full((1, 784), 0.3, np.float32))
 
 
 def test_a_stale_pixel_cache_is_refused_and_rebuilt(tmp_path):

@@ -2,22 +2,41 @@
 
 A test puts ``tests/faults`` on ``PYTHONPATH``: every Python process it starts (the CLI, Ray's
 workers, Tune's trials) then imports this module at start-up, which patches the product as it is
-imported, driven by these variables (all unset: nothing happens):
+imported. The faults are read when they may fire, from the environment or, for processes started
+long before the test (the nodes of a multi-node cluster), from the JSON file named by
+``IWAE_TEST_CONTROL``; with neither, nothing happens:
 
-- ``IWAE_TEST_NAN_EPOCH=e``: the parameters turn NaN before epoch e (0-based) is trained, so every
-  step of that epoch is non-finite; with ``IWAE_TEST_ONCE_FILE=path`` only the first process that
-  gets there does (the file records that it fired).
-- ``IWAE_TEST_SLOW_SCORE=s``: scoring a shard sleeps s seconds first (a window to kill a worker).
+- ``nan_epoch`` (``IWAE_TEST_NAN_EPOCH=e``): the parameters turn NaN before epoch e (0-based) is
+  trained, so every step of that epoch is non-finite; with ``once_file`` (``IWAE_TEST_ONCE_FILE``)
+  only the first process that gets there does (the file records that it fired).
+- ``slow_score`` (``IWAE_TEST_SLOW_SCORE=s``): scoring a shard sleeps s seconds first.
+- ``slow_epoch`` (``IWAE_TEST_SLOW_EPOCH=s``): each epoch sleeps s seconds first.
 """
 
 import importlib.abc
 import importlib.util
+import json
 import os
 import sys
 
 
+def setting(name, default=None):
+    """A fault's current setting: the environment first, then the control file."""
+    value = os.environ.get(f"IWAE_TEST_{name.upper()}")
+    if value is not None:
+        return value
+    control = os.environ.get("IWAE_TEST_CONTROL")
+    if control:
+        try:
+            with open(control) as f:
+                return json.load(f).get(name, default)
+        except (OSError, ValueError):
+            return default
+    return default
+
+
 def _fire_once() -> bool:
-    once = os.environ.get("IWAE_TEST_ONCE_FILE")
+    once = setting("once_file")
     if not once:
         return True
     try:
@@ -28,11 +47,15 @@ def _fire_once() -> bool:
 
 
 def _patch_train(mod):
-    epoch = int(os.environ.get("IWAE_TEST_NAN_EPOCH", "-1"))
     original = mod.train_epoch
 
     def train_epoch(state, *args, **kwargs):
-        if state.epoch == epoch and _fire_once():
+        slow = float(setting("slow_epoch", 0) or 0)
+        if slow:
+            import time
+
+            time.sleep(slow)
+        if state.epoch == int(setting("nan_epoch", -1)) and _fire_once():
             import torch
 
             with torch.no_grad():
@@ -44,23 +67,20 @@ def _patch_train(mod):
 
 
 def _patch_work(mod):
-    delay = float(os.environ.get("IWAE_TEST_SLOW_SCORE", "0"))
     original = mod.ShardScorer.score
 
     def score(self, run_id, shard):
         import time
 
-        time.sleep(delay)
+        time.sleep(float(setting("slow_score", 0) or 0))
         return original(self, run_id, shard)
 
     mod.ShardScorer.score = score
 
 
 PATCHES = {}
-if os.environ.get("IWAE_TEST_NAN_EPOCH"):
-    PATCHES["iwae.train"] = _patch_train
-if os.environ.get("IWAE_TEST_SLOW_SCORE"):
-    PATCHES["pipeline.work"] = _patch_work
+if any(k.startswith("IWAE_TEST_") for k in os.environ):
+    PATCHES = {"iwae.train": _patch_train, "pipeline.work": _patch_work}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -1,0 +1,168 @@
+"""A real multi-node Ray cluster and a real S3 server on this machine, for the cluster tests.
+
+- ``S3Server``: moto's server (``ThreadedMotoServer``) on 127.0.0.1, which pyarrow's own S3 client
+  and s3fs talk to over HTTP, as they would to AWS.
+- ``LocalCluster``: a head with 0 CPUs and worker nodes with 1 CPU each, every node a process of
+  its own (``tests/cluster/node.py``), all on loopback. Each worker node runs in its own mount
+  namespace with a private tmpfs over ``private``: a folder the driver can write to and no worker
+  can see (its own data cache lives there too), so that no test passes only because the nodes of
+  a one-machine cluster share a disk. Killing a worker's process group loses that node for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE = str(ROOT / "tests" / "cluster" / "node.py")
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class S3Server:
+    """moto in server mode on loopback; one bucket."""
+
+    def __init__(self, bucket: str = "iwae-test"):
+        from moto.server import ThreadedMotoServer
+
+        os.environ.update(CREDENTIALS)  # the driver-side clients (CLI subprocesses inherit it)
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"{host}:{port}"
+        self.bucket = bucket
+        self.fs().create_dir(bucket)
+
+    def fs(self):  # type: ignore[no-untyped-def]
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True)
+
+    def uri(self, prefix: str) -> str:
+        return f"s3://{self.bucket}/{prefix}?endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
+
+    def keys(self, prefix: str) -> list[str]:
+        import pyarrow.fs as pafs
+
+        infos = self.fs().get_file_info(pafs.FileSelector(f"{self.bucket}/{prefix}", recursive=True, allow_not_found=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+    def put(self, key: str, data: bytes) -> None:
+        with self.fs().open_output_stream(f"{self.bucket}/{key}") as f:
+            f.write(data)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class LocalCluster:
+    """A 0-CPU head and ``workers`` 1-CPU worker nodes on 127.0.0.1, each worker in a private mount namespace."""
+
+    def __init__(self, tmp: Path, workers: int = 2):
+        self.tmp = tmp
+        self.private = tmp / "private"  # what no worker node can see
+        self.private.mkdir(parents=True, exist_ok=True)
+        self.control = tmp / "faults.json"  # faults for processes started before the test (tests/faults)
+        self.control.write_text("{}")
+        self.env = {
+            **os.environ,
+            **CREDENTIALS,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback-only nodes (RAY-NOTES section 8)
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_health_check_period_ms": "1000",  # a lost node is noticed in seconds, not half a minute
+            "RAY_health_check_failure_threshold": "3",
+            "PYTHONPATH": str(ROOT / "tests" / "faults"),
+            "IWAE_TEST_CONTROL": str(self.control),
+            "IWAE_CACHE_DIR": str(self.private / "cache"),  # inside each worker's private tmpfs: a cache per node
+        }
+        self.head = subprocess.Popen([sys.executable, NODE, "head"], stdout=subprocess.PIPE, text=True, env=self.env, cwd=tmp, start_new_session=True)
+        self.address = (self.head.stdout.readline() if self.head.stdout else "").strip()
+        if not self.address:
+            raise RuntimeError("the head node did not start")
+        self.workers: list[subprocess.Popen] = []
+        for _ in range(workers):
+            self.add_worker()
+
+    def add_worker(self) -> None:
+        """Start a 1-CPU worker node in its own mount namespace and wait until the cluster counts it."""
+        before = self.alive_cpus()
+        script = f"mount -t tmpfs iwae-private {self.private} && cd {self.private} && exec {sys.executable} {NODE} worker {self.address} 1"
+        proc = subprocess.Popen(
+            ["unshare", "-m", "sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, start_new_session=True
+        )
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"a worker node did not start (unshare/mount need root): {err[-500:]}")
+        self.workers.append(proc)
+        t0 = time.monotonic()
+        while self.alive_cpus() < before + 1:
+            if time.monotonic() - t0 > 60:
+                raise RuntimeError("the worker node did not join")
+            time.sleep(0.5)
+
+    def alive_cpus(self) -> int:
+        """CPUs of the alive nodes, asked of the GCS from a fresh process (this one stays no driver)."""
+        code = (
+            "import ray._private.ray_constants as rc; rc.ENABLE_RAY_CLUSTER = False\n"
+            "from ray._raylet import GcsClient\n"
+            f"c = GcsClient(address={self.address!r})\n"
+            "print(sum(n.resources_total.get('CPU', 0) for n in c.get_all_node_info().values() if n.state == 0))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=self.env, timeout=60)
+        try:
+            return int(float(out.stdout.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            return 0
+
+    def kill_worker(self, i: int = 0) -> None:
+        """Lose worker node ``i`` at once: SIGKILL its whole process group (raylet, workers, store)."""
+        proc = self.workers.pop(i)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        for pid in _children_of_session(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def set_faults(self, **faults: object) -> None:
+        self.control.write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in faults.items()}))
+
+    def stop(self) -> None:
+        for proc in [*self.workers, self.head]:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+        for proc in [*self.workers, self.head]:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            for pid in _children_of_session(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _children_of_session(sid: int) -> list[int]:
+    """Processes still in session ``sid`` (Ray's processes that left the process group)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(p.name)) == sid:
+                out.append(int(p.name))
+        except (ProcessLookupError, PermissionError):
+            continue
+    return out

@@ -1,0 +1,179 @@
+"""On a real multi-node Ray cluster with no shared disk, against a real S3 server (all on loopback):
+results and checkpoints in object storage, a lost node during training and during evaluation, and
+a local results folder that the nodes cannot see. See tests/cluster/fixture.py for the set-up."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.cluster.fixture import CREDENTIALS, LocalCluster, S3Server
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).parent / "iwae-pipeline")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = LocalCluster(tmp_path_factory.mktemp("cluster"), workers=2)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3, mnist_dir):
+    """MNIST in the bucket: every worker node copies it into its own private cache."""
+    s3.put("data/mnist.npz", (mnist_dir / "mnist.npz").read_bytes())
+    return s3.uri("data")
+
+
+@pytest.fixture(autouse=True)
+def _two_workers(cluster):
+    cluster.set_faults()
+    while len(cluster.workers) < 2:
+        cluster.add_worker()
+    yield
+    cluster.set_faults()
+
+
+def driver_dir(cluster, name):
+    d = cluster.tmp / name
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def cli(cluster, *args, cwd, timeout=600):
+    """The CLI as a user runs it: its own process, the cluster's address, no Ray settings of ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ENABLE", "IWAE_TEST"))}
+    env.update(CREDENTIALS, RAY_AUTH_MODE="disabled")
+    return subprocess.run([CLI, *map(str, args), "--address", cluster.address], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def start(cluster, *args, cwd):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ENABLE", "IWAE_TEST"))}
+    env.update(CREDENTIALS, RAY_AUTH_MODE="disabled")
+    return subprocess.Popen([CLI, *map(str, args), "--address", cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+
+
+def read_table(s3, prefix, name):
+    import pyarrow as pa
+
+    keys = [k for k in s3.keys(f"{prefix}/tables/{name}") if k.endswith(".parquet") and "/_" not in k]
+    fs = s3.fs()
+    return pa.concat_tables([pq.read_table(k, filesystem=fs) for k in keys]).to_pandas() if keys else None
+
+
+def wait_for(pred, timeout=180, every=0.5):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(every)
+    return False
+
+
+@pytest.fixture(scope="module")
+def smoke_on_s3(cluster, s3, s3_data):
+    """The smoke demo swept (train + evaluate) on the cluster into S3, once for the module."""
+    cwd = driver_dir(cluster, "smoke-driver")
+    t0 = time.monotonic()
+    r = cli(cluster, "sweep", "demo", "--size", "smoke", "--results", s3.uri("smoke"), "--data-dir", s3_data, cwd=cwd)
+    seconds = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    print(f"multi-node smoke sweep on S3: {seconds:.1f} s")
+    return {"prefix": "smoke", "cwd": cwd, "sweep": r, "seconds": seconds}
+
+
+def test_smoke_sweep_evaluate_report_on_s3(cluster, s3, s3_data, smoke_on_s3):
+    """sweep, evaluate and report with --results s3://... on 3 nodes: exact rows in the bucket, nothing on local disk."""
+    runs = read_table(s3, "smoke", "runs")
+    assert len(runs) == 2 and set(runs.status) == {"done"} and runs.run_id.is_unique
+    ev = read_table(s3, "smoke", "eval")
+    assert len(ev) == 2 * 20 and not ev.duplicated(["run_id", "image_id"]).any()
+    assert ev[["ess", "khat", "mcse", "log_px_jk"]].notna().all().all()
+    keys = s3.keys("smoke")
+    assert sum(k.endswith("/final.pt") for k in keys) == 2 and any("/tune/" in k for k in keys)
+    r = cli(cluster, "evaluate", "demo", "--size", "smoke", "--results", s3.uri("smoke"), "--data-dir", s3_data, cwd=smoke_on_s3["cwd"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(read_table(s3, "smoke", "eval")) == 40  # nothing redone, nothing doubled
+    rep = subprocess.run(
+        [CLI, "report", "--results", s3.uri("smoke")], capture_output=True, text=True, env={**os.environ, **CREDENTIALS}, cwd=smoke_on_s3["cwd"]
+    )
+    assert rep.returncode == 0 and "Table 1" in rep.stdout, rep.stderr[-2000:]
+    assert f"{s3.bucket}/smoke/report/report.md" in s3.keys("smoke/report")
+    # nothing went to a local results folder: the driver's working folder holds nothing at all
+    assert list(smoke_on_s3["cwd"].iterdir()) == []
+
+
+def test_readme_pandas_snippet_reads_results_from_s3(s3, smoke_on_s3):
+    """The README's pandas snippet, run as written but for the bucket and the endpoint of this S3 server."""
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- s3-snippet -->\s*```python\n(.*?)```", text, re.S)
+    assert m, "README lost its S3 pandas snippet"
+    code = m.group(1).replace("s3://my-bucket/iwae", f"s3://{s3.bucket}/smoke").replace("http://127.0.0.1:9000", f"http://{s3.endpoint}")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    ev = scope["ev"]
+    assert len(ev) == 40 and {"log_px", "khat", "ess"} <= set(ev.columns)
+
+
+def test_lost_node_mid_training_resumes_on_the_other_from_its_last_epoch(cluster, s3, s3_data):
+    """A worker node killed mid-training: its trial resumes on the other node from its last checkpoint in S3."""
+    prefix = "lost-train"
+    cluster.set_faults(slow_epoch=2.0)  # 4 epochs of 2 s each: a window to lose a node mid-trial
+    proc = start(cluster, "sweep", "demo", "--size", "smoke", "--no-eval", "--max-failures", "3", "--results", s3.uri(prefix), "--data-dir", s3_data,
+                 cwd=driver_dir(cluster, "lost-train"))  # fmt: skip
+    assert wait_for(lambda: sum(k.endswith("/latest.pt") for k in s3.keys(f"{prefix}/runs")) == 2, timeout=240), "no trial checkpointed"
+    t_fault = time.monotonic()
+    cluster.kill_worker(0)
+    out, _ = proc.communicate(timeout=600)
+    print(f"lost node mid-training: exit {proc.returncode} {time.monotonic() - t_fault:.1f} s after the fault")
+    assert proc.returncode == 0, out[-4000:]
+    runs = read_table(s3, prefix, "runs")
+    assert len(runs) == 2 and set(runs.status) == {"done"}
+    assert runs.resumed_from_epoch.max() > 0, runs[["run_id", "resumed_from_epoch"]]
+    train = read_table(s3, prefix, "train")
+    assert len(train) == 2 * 4 and not train.duplicated(["run_id", "epoch"]).any()
+
+
+def test_lost_node_mid_evaluation_every_image_once(cluster, s3, s3_data, smoke_on_s3):
+    """A worker node killed mid-evaluation: its shards run again on the node left; exit 0 on its own, each image once."""
+    prefix = "lost-eval"
+    cwd = driver_dir(cluster, "lost-eval")
+    r = cli(cluster, "sweep", "demo", "--size", "smoke", "--no-eval", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cluster.set_faults(slow_score=3.0)
+    proc = start(cluster, "evaluate", "demo", "--size", "smoke", "--shards", "4", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
+    assert wait_for(lambda: len(s3.keys(f"{prefix}/tables/eval")) >= 2, timeout=180), "evaluation did not start"  # the identity files
+    time.sleep(2.0)
+    t_fault = time.monotonic()
+    cluster.kill_worker(0)
+    out, _ = proc.communicate(timeout=300)
+    print(f"lost node mid-evaluation: exit {proc.returncode} {time.monotonic() - t_fault:.1f} s after the fault")
+    assert proc.returncode == 0, out[-4000:]
+    assert "lost 1 node" in out
+    ev = read_table(s3, prefix, "eval")
+    assert len(ev) == 2 * 20 and not ev.duplicated(["run_id", "image_id"]).any()
+
+
+def test_local_results_the_nodes_cannot_see_fail_in_one_line(cluster, s3_data):
+    """--results on the driver's local disk, which no worker node sees: exit 2, one line naming the fix, nothing written."""
+    local = cluster.private / "results"
+    r = cli(cluster, "sweep", "demo", "--size", "smoke", "--results", local, "--data-dir", s3_data, cwd=driver_dir(cluster, "local-driver"), timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "--results s3://" in lines[0], r.stderr[-3000:]
+    assert not local.exists()
