@@ -2,6 +2,7 @@
 commands) with real processes and a real local Ray, and bad input that must fail in one line."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -288,3 +289,91 @@ def test_gpu_request_the_cluster_cannot_meet(capsys, ray_local, tmp_path, mnist_
     t0 = time.monotonic()
     one_line_error(capsys, ["sweep", "demo", "--size", "smoke", "--gpus-per-trial", "1", "--results", tmp_path / "r", "--data-dir", mnist_dir], "GPU")
     assert time.monotonic() - t0 < 60
+
+
+# ----------------------------------------------------------------------------------- evaluation that finishes
+
+
+@pytest.mark.slow
+def test_shard_out_of_retries_exits_1_in_one_line_and_the_rerun_completes(trained, tmp_path, mnist_dir):
+    """A shard whose worker is killed more often than --retries: exit 1, one line naming run and shard,
+    no traceback, the other shards kept; the same command again completes with exact rows."""
+    results = copy_results(trained, tmp_path / "r")
+    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--shards", "4", "--workers", "1")
+    proc = start_cli(*args, "--retries", "0", env=faults(slow_score=3))
+    assert wait_for(lambda: pids_matching("ray::_score"), timeout=120), "no evaluation task started"
+    time.sleep(0.5)
+    t_fault = time.monotonic()
+    os.kill(pids_matching("ray::_score")[0], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    print(f"out of retries: exit {proc.returncode} {time.monotonic() - t_fault:.1f} s after the kill")
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "shard" in errors[0] and "Traceback" not in out, out[-3000:]
+    assert re.search(r"run [0-9a-f]{12} shard \d", errors[0]), errors[0]
+    written = len(pd.read_parquet(results / "tables" / "eval")) if (results / "tables" / "eval").exists() else 0
+    assert written < 40
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_each_image_once(results, runs=2, images=20)
+
+
+@pytest.mark.slow
+def test_damaged_shards_are_moved_aside_and_redone(trained, tmp_path, mnist_dir):
+    """A truncated shard, a zero-byte shard and another evaluation's shard each fail the whole-read check:
+    each is moved to _quarantine (kept), named in one line, and redone; the rows are exact."""
+    results = copy_results(trained, tmp_path / "r")
+    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--shards", "4")
+    assert run_cli(*args).returncode == 0
+    shards = sorted((results / "tables" / "eval").rglob("shard-*.parquet"))
+    a = [p for p in shards if p.parts[-3] == shards[0].parts[-3]]
+    b = [p for p in shards if p.parts[-3] != shards[0].parts[-3]]
+    a[0].write_bytes(a[0].read_bytes()[: a[0].stat().st_size // 2])  # truncated
+    a[1].write_bytes(b"")  # zero bytes
+    a[2].write_bytes(b[2].read_bytes())  # another run's rows: another evaluation's identity
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    moved = [ln for ln in r.stderr.splitlines() if "moved to" in ln]
+    assert len(moved) == 3 and all(str(results) in ln for ln in moved), r.stderr[-3000:]
+    assert len(list((results / "_quarantine").rglob("shard-*"))) == 3
+    assert_each_image_once(results, runs=2, images=20)
+
+
+def test_report_names_the_file_it_cannot_read(capsys, trained, tmp_path):
+    """A damaged table file: `report` exits 2 with one line naming that exact file."""
+    results = copy_results(trained, tmp_path / "r")
+    victim = sorted((results / "tables" / "train").glob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:40])
+    line = one_line_error(capsys, ["report", "--results", results], "not a valid train table")
+    assert str(victim) in line
+
+
+def test_connecting_to_an_address_that_never_answers_fails_within_the_deadline(tmp_path):
+    """A port that accepts connections and never speaks (ray.init would wait for minutes): exit 2, one line, within the bound."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    held = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])  # keep it open, say nothing
+            except OSError:
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    t0 = time.monotonic()
+    r = run_cli(
+        "sweep", "demo", "--size", "smoke", "--address", f"127.0.0.1:{port}", "--results", tmp_path / "r", env={"IWAE_CONNECT_TIMEOUT": "5"}, timeout=120
+    )
+    took = time.monotonic() - t0
+    stop.set()
+    server.close()
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    print(f"silent address: exit {r.returncode} after {took:.1f} s")
+    assert r.returncode == 2 and len(errors) == 1 and "no answer" in errors[0] and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert took < 60
