@@ -78,6 +78,10 @@ class ScheduleConfig:
             raise ValueError(f"stages must be in 1..8, got {self.stages}")
         if self.epoch_scale <= 0:
             raise ValueError(f"epoch_scale must be > 0, got {self.epoch_scale}")
+        # one spelling per value, so that the run id (a hash of the config) does not depend on 1 vs 1.0
+        object.__setattr__(self, "epoch_scale", float(self.epoch_scale))
+        if self.lr is not None:
+            object.__setattr__(self, "lr", float(self.lr))
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if (self.epochs is None) != (self.lr is None):

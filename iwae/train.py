@@ -258,7 +258,7 @@ def train(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     max_skip_fraction: float = 0.01,
     compile_step: bool | str = "auto",
-    progress: bool = False,
+    progress: bool = True,
 ) -> TrainResult:
     """Train one run; resume from its checkpoints when there are any.
 
@@ -274,7 +274,7 @@ def train(
         compile_step: ``torch.compile`` the bound (forward and backward) of the standard estimator.
             ``"auto"`` compiles runs of at least 500k training examples, where the ~30 s of
             compilation is repaid (bench: +20% to +50% examples/s on CPU); a failure falls back to eager.
-        progress: show a progress bar (epochs, the bound, examples/s).
+        progress: show a progress bar (epochs, the bound, examples/s); ``False`` turns it off.
     """
     sink = checkpoint.DirectoryCheckpoints(checkpoints) if isinstance(checkpoints, (str, Path)) else checkpoints
     dev = pick_device(device)

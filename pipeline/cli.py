@@ -136,6 +136,37 @@ def _job(name: str, size: Size, stages: int | None, epoch_scale: float | None, w
         raise UserError(str(e)) from None
 
 
+def _command(cmd: str, job: str, size: Size, stages: int | None, epoch_scale: float | None, where: list[str] | None, results: str, data_dir: str) -> str:
+    """The command a hint suggests, with the user's own options (a fix followed literally lands in the same place)."""
+    parts = ["iwae-pipeline", cmd, job]
+    if size != Size.full:
+        parts += ["--size", size.value]
+    if stages:
+        parts += ["--stages", str(stages)]
+    if epoch_scale:
+        parts += ["--epoch-scale", f"{epoch_scale:g}"]
+    for w in where or []:
+        parts += ["--where", w]
+    if results != DEFAULT_RESULTS:
+        parts += ["--results", results]
+    if data_dir != DEFAULT_DATA:
+        parts += ["--data-dir", data_dir]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _check_local_data(dataset: str, data_dir: str, results: str, address: str | None = None) -> None:
+    """Before any work on this machine: the data is there (on a cluster each node fetches its own)."""
+    from iwae.data import MNIST_NPZ, load_dataset
+    from pipeline.storage import is_uri
+
+    if address or os.environ.get("RAY_ADDRESS") or is_uri(data_dir) or dataset == "synthetic":
+        return
+    folder = Path(data_dir)
+    if dataset == "mnist" and not (folder / MNIST_NPZ).exists() and not any(folder.glob("train-images-idx3-ubyte*")):
+        raise UserError(f"MNIST is not in {data_dir}; run `iwae-pipeline data fetch mnist --data-dir {data_dir}` (or pass --data-dir with it)")
+    load_dataset(dataset, folder)  # present but damaged or stale: its own one-line error
+
+
 def _bar(total: int, desc: str, unit: str) -> Any:
     from tqdm import tqdm
 
@@ -213,21 +244,20 @@ def train(
         seed=seed,
         train_subset=train_subset,
     )
-    res = Results.open(results)
+    _check_local_data(dataset, data_dir, results)
+    res = Results.open(_loc(results))
     typer.echo(f"run {cfg.run_id}: {cfg.label()}, {cfg.schedule.total_epochs} epochs")
-    bar = _bar(cfg.schedule.total_epochs, "epochs", "epoch")
-
-    def on_epoch(h: dict[str, Any]) -> None:
-        bar.update(1)
-        bar.set_postfix(bound=f"{h['train_bound']:.2f}", ex_s=f"{h['examples_per_s']:.0f}")
-
-    row = train_run(cfg, res, _loc(data_dir), on_epoch=on_epoch, compile_step=_compile_flag(compile_step))
-    bar.close()
+    row = train_run(cfg, res, _loc(data_dir), compile_step=_compile_flag(compile_step), progress=True)
     units = f"{row['active_h1']}" + (f"+{row['active_h2']}" if row["active_h2"] is not None else "")
     typer.echo(f"trained: final train bound {row['final_train_bound']:.2f}, active units {units}")
     if test_images:
-        plan = EvalPlan(EvalConfig(k=eval_k), num_images=test_images, shards=1)
-        evaluate_local(res, _loc(data_dir), [cfg.run_id], plan)
+        shards = max(1, test_images // 100)  # a shard per 100 images: the bar moves, and an interrupt keeps what is done
+        plan = EvalPlan(EvalConfig(k=eval_k), num_images=test_images, shards=shards)
+        bar = _bar(shards, f"k={eval_k} evaluation", "shard")
+        try:
+            evaluate_local(res, _loc(data_dir), [cfg.run_id], plan, progress=bar.update)
+        finally:
+            bar.close()
         s = run_summary(res)
         s = s[s.run_id == cfg.run_id].iloc[0]
         typer.echo(f"test NLL (k={eval_k}, {test_images} images): {s.nll:.2f} ± {s.nll_se:.2f} nats; pruned {s.nll_pruned:.2f}")
@@ -283,11 +313,14 @@ def sweep(
     from pipeline.work import run_complete
 
     j = _job(job, size, stages, epoch_scale, where)
+    for dataset in sorted({c.dataset for c in j.runs}):
+        _check_local_data(dataset, data_dir, results, address)
     res = Results.open(_loc(results))
     done = {c.run_id for c in j.runs if run_complete(res, c.run_id)}  # the job's state, computed once
     if any(c.init_from and c.init_from not in done and not run_complete(res, c.init_from) for c in j.runs if c.run_id not in done):
         req = " and ".join(j.requires) or "the runs it starts from"
-        raise UserError(f"{job} starts from {req}'s runs; run `iwae-pipeline sweep {req}` with the same --size/--stages/--epoch-scale first")
+        again = _command("sweep", req, size, stages, epoch_scale, None, results, data_dir)
+        raise UserError(f"{job} starts from {req}'s runs; run `{again}` first")
     t0 = time.monotonic()
     owned = rb.connect(address)
     try:
@@ -405,7 +438,7 @@ def evaluate(
     j = _job(job, size, stages, epoch_scale, where)
     res = Results.open(_loc(results), create=False)
     if not any(res.run_done(c.run_id) for c in j.runs):
-        raise UserError(f"no trained runs of {job} in {res}; run `iwae-pipeline sweep {job} --results {results}` first")
+        raise UserError(f"no trained runs of {job} in {res}; run `{_command('sweep', job, size, stages, epoch_scale, where, results, data_dir)}` first")
     owned = rb.connect(address)
     try:
         rb.check_storage(res)
@@ -423,7 +456,10 @@ def report(results: ResultsOpt = DEFAULT_RESULTS, out: Annotated[Path | None, ty
     from pipeline.report import build_report
     from pipeline.results import Results
 
-    rep = build_report(Results.open(_loc(results), create=False), out)
+    res = Results.open(_loc(results), create=False)
+    rep = build_report(res, out)
+    if rep.summary.empty:
+        raise UserError(f"no runs in {res} yet; fill it with `iwae-pipeline sweep demo --results {results}` (see `iwae-pipeline jobs`)")
     typer.echo(rep.markdown)
 
 

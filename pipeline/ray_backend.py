@@ -290,6 +290,9 @@ def sweep(
     check_resources(res.cpus, res.gpus)
     # Tune's new console output prints a configuration box even at verbose=0; ours is the progress bar
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ctrl-C: Tune's own handler would end every running trial as failed and advise Tuner.restore;
+    # without it the interrupt reaches the CLI, which keeps what is finished and says to re-run
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     digest = hashlib.sha256(",".join(sorted(c.run_id for c in todo)).encode()).hexdigest()[:8]
     exp_name = f"{name}-{digest}"
     storage_path, storage_fs = _tune_storage(results)

@@ -242,6 +242,16 @@ def estimator_table(summary: pd.DataFrame, ev: pd.DataFrame) -> str | None:
     return "| run | samples/example | epochs | test NLL | active | log p gain vs IWAE (paired) |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
 
 
+def budget(summary: pd.DataFrame) -> str:
+    """What the numbers below rest on: the evaluation (k, images, seed) and the training budget."""
+    done = summary[summary.status == "done"]
+    evals = sorted({(int(r.eval_k), int(r.test_images), int(r.eval_seed)) for r in done.itertuples() if not pd.isna(getattr(r, "eval_k", math.nan))})
+    ev_txt = "; ".join(f"L_k with k={k:,} importance samples on {n:,} test images (seed {s})" for k, n, s in evals) or "not evaluated yet"
+    trains = sorted({(int(r.epochs), int(r.train_subset)) for r in done.itertuples()})
+    tr_txt = "; ".join(f"{e:,} epochs on {'the first ' + format(n, ',') if n else 'all'} training images" for e, n in trains)
+    return f"**Evaluation:** {ev_txt}. **Training:** {tr_txt}. The paper: 3,280 epochs on all 60,000 MNIST training images, k=5,000 on all test images."
+
+
 def all_runs_table(summary: pd.DataFrame) -> str:
     lines = ["| run | what | epochs | status | test NLL | pruned NLL | active | images | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
@@ -254,21 +264,45 @@ def all_runs_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+COLOURS = {"vae": "tab:blue", "iwae": "tab:orange", "miwae": "tab:green", "ciwae": "tab:red", "piwae": "tab:purple"}
+STYLES = {"standard": "-", "stl": "--", "dreg": ":"}
+
+
+def _style(summary: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """One colour per objective in every plot, a line style per estimator, a marker per seed."""
+    out: dict[str, dict[str, str]] = {}
+    for r in summary.itertuples():
+        out[str(r.run_id)] = {"color": COLOURS.get(str(r.objective), "tab:gray"), "ls": STYLES.get(str(r.estimator), "-"), "marker": "os^v"[int(r.seed) % 4]}
+    return out
+
+
 def plots(results: Results, summary: pd.DataFrame, out_dir: Path, ev: pd.DataFrame | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     files = []
     train = results.read("train")
-    labels = dict(zip(summary.run_id, summary.label))
+    labels = {r.run_id: r.label + (f" seed {r.seed}" if r.seed else "") for r in summary.itertuples()}
+    style = _style(summary)
     if not train.empty:
         fig, ax = plt.subplots(figsize=(7, 4))
         epochs = dict(zip(summary.run_id, summary.epochs))
         start = {r: epochs.get(src, 0) for r, src in zip(summary.run_id, summary.init_from) if src}  # continued runs
         for rid, g in train.groupby("run_id"):
-            ax.plot(g["epoch"] + start.get(rid, 0), g["train_bound"], marker="o", ms=3, label=labels.get(rid, rid) + (" (continued)" if rid in start else ""))
+            st = style.get(str(rid), {})
+            ax.plot(
+                g["epoch"] + start.get(rid, 0),
+                g["train_bound"],
+                ms=3,
+                color=st.get("color"),
+                ls=st.get("ls", "-"),
+                marker=st.get("marker", "o"),
+                label=labels.get(rid, rid) + (" (continued)" if rid in start else ""),
+            )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.set_xlabel("epoch")
         ax.set_ylabel("training bound (nats)")
         ax.set_title("Training curves")
@@ -279,7 +313,10 @@ def plots(results: Results, summary: pd.DataFrame, out_dir: Path, ev: pd.DataFra
         fig, ax = plt.subplots(figsize=(7, 4))
         for r in done.itertuples():
             ks = [p for p in PREFIXES if not math.isnan(getattr(r, f"nll_l{p}"))]
-            ax.plot(ks, [-getattr(r, f"nll_l{p}") for p in ks], marker="o", label=r.label)
+            st = style.get(str(r.run_id), {})
+            ax.plot(
+                ks, [-getattr(r, f"nll_l{p}") for p in ks], color=st.get("color"), ls=st.get("ls", "-"), marker=st.get("marker", "o"), label=labels[r.run_id]
+            )
         ax.set_xscale("log")
         ax.set_xlabel("k (importance samples at test time)")
         ax.set_ylabel("mean test L_k (nats)")
@@ -289,10 +326,11 @@ def plots(results: Results, summary: pd.DataFrame, out_dir: Path, ev: pd.DataFra
     var_rows = done[done["unit_var_h1"].notna()]
     if len(var_rows):
         fig, ax = plt.subplots(figsize=(7, 4))
-        bins = list(np.linspace(-12, 2, 40))
-        for r in var_rows.itertuples():
-            v = np.log10(np.clip(np.asarray(r.unit_var_h1, dtype=float), 1e-12, None))
-            ax.hist(v, bins=bins, alpha=0.5, label=r.label)
+        logs = [np.log10(np.clip(np.asarray(r.unit_var_h1, dtype=float), 1e-12, None)) for r in var_rows.itertuples()]
+        lo, hi = min(float(v.min()) for v in logs), max(float(v.max()) for v in logs)
+        bins = list(np.linspace(min(lo, -2.0) - 0.25, max(hi, -2.0) + 0.25, 40))  # fitted to the data, the threshold in view
+        for r, v in zip(var_rows.itertuples(), logs):
+            ax.hist(v, bins=bins, histtype="step", lw=1.5, color=style.get(str(r.run_id), {}).get("color"), label=labels[r.run_id])
         ax.axvline(-2, color="k", ls="--", lw=1)
         ax.set_xlabel("log10 variance of the posterior mean (layer 1); active if >= -2")
         ax.set_ylabel("units")
@@ -306,7 +344,7 @@ def plots(results: Results, summary: pd.DataFrame, out_dir: Path, ev: pd.DataFra
         bins = list(np.linspace(min(lo, 0.0), max(hi, 1.0), 50))
         for rid, g in finite.groupby("run_id"):
             g = g[g.eval_k == g.eval_k.max()]
-            ax.hist(g["khat"], bins=bins, histtype="step", lw=1.2, label=labels.get(rid, rid))
+            ax.hist(g["khat"], bins=bins, histtype="step", lw=1.2, color=style.get(str(rid), {}).get("color"), label=labels.get(rid, rid))
         ax.axvline(KHAT_UNRELIABLE, color="k", ls="--", lw=1)
         ax.set_xlabel("Pareto k-hat of an image's importance weights (> 0.7: unreliable)")
         ax.set_ylabel("test images")
@@ -343,11 +381,15 @@ def build_report(results: Results, out: str | Path | None = None) -> Report:
 
 def _render(results: Results, summary: pd.DataFrame, ev: pd.DataFrame, out_dir: Path) -> tuple[str, list[Path]]:
     """Write report.md, the PNGs and summary.parquet into a local folder; returns the markdown and files."""
-    parts = ["# iwae-pipeline report", "", "## Table 1: VAE vs IWAE (test NLL in nats ± standard error; lower is better)", "", table1(summary, ev), ""]
+    parts = ["# iwae-pipeline report", "", budget(summary), "", "## Table 1: VAE vs IWAE (test NLL in nats ± standard error; lower is better)", ""]
+    parts += [table1(summary, ev), ""]
     parts += [
+        "NLL: minus the mean over test images of L_k (k as stated above), ± its standard error. Active: units whose posterior mean"
+        " varies (variance ≥ 0.01 over the first 500 training images, paper sec. 5.2); a+b counts layers 1 and 2.",
         "IWAE gain: mean over test images of log p_IWAE(x) - log p_VAE(x) with its paired standard error (positive favours IWAE).",
         "At k=1 the IWAE bound is the ELBO, so one model fills both columns (as in the paper).",
-        "Paper columns: 3,280 epochs, full test set (Burda et al. 2016, Table 1).",
+        "Paper columns: NLL (active units) after 3,280 epochs on all 60,000 training images, k=5000 on all 10,000 test images"
+        " (Burda et al. 2016, Table 1). Compare only runs with the same budget.",
         "",
     ]
     ts = seed_table(summary, ev)
@@ -402,6 +444,10 @@ def _render(results: Results, summary: pd.DataFrame, ev: pd.DataFrame, out_dir: 
         "## All runs",
         "",
         all_runs_table(summary),
+        "",
+        "Test NLL: minus the mean L_k over the images scored ('images'), ± standard error. Pruned NLL: the same with the inactive"
+        " units removed (paper sec. 5.2: it should barely move). Active: units with posterior-mean variance ≥ 0.01."
+        " Train s: wall seconds of training.",
         "",
     ]
     failed = summary[summary.status != "done"]

@@ -140,8 +140,17 @@ def load_final(results: Results, run_id: str) -> dict[str, Any]:
 
 
 def run_complete(results: Results, run_id: str) -> bool:
-    """Done = its row reads and says done *and* its final checkpoint reads (a damaged one is redone)."""
+    """Done = its row reads and says done, its training history reads, and its final checkpoint
+    reads. A damaged row or history is moved aside (kept) and the run is redone, not trusted."""
     if not results.run_done(run_id):
+        return False
+    key = results.train_key(run_id)
+    try:
+        results.read_file(key, "train")
+    except FileNotFoundError:
+        return False
+    except DamagedFile:
+        results.store.quarantine(key)
         return False
     try:
         load_final(results, run_id)

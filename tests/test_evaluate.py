@@ -1,6 +1,8 @@
 """Evaluator: identity seeds, batching-independence, active units and pruning."""
 
+import importlib
 import math
+import warnings
 
 import torch
 
@@ -8,6 +10,8 @@ from iwae.evaluate import EvalConfig, binarize_by_id, estimate_log_px
 from iwae.units import active_masks, prune, unit_variances
 from tests.test_models import exact_log_px_by_quadrature
 from tests.tiny import tiny_model
+
+evaluate_module = importlib.import_module("iwae.evaluate")
 
 
 def test_estimate_does_not_depend_on_batching_or_order():
@@ -80,5 +84,8 @@ def test_compiled_and_folded_scoring_matches_eager():
     ids = list(range(5))
     xb = binarize_by_id(torch.rand(5, 6), ids, seed=1)
     eager, pe = estimate_log_px(m, xb, ids, EvalConfig(k=300, block=100, compile=False))[:2]
-    compiled, pc = estimate_log_px(m, xb, ids, EvalConfig(k=300, block=100, compile=True))[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed compile falls back to eager with a warning: that must fail here
+        compiled, pc = estimate_log_px(m, xb, ids, EvalConfig(k=300, block=100, compile=True))[:2]
+    assert evaluate_module._compiled_log_w is not None  # the compiled scorer really ran
     assert torch.allclose(eager, compiled, atol=1e-4) and torch.allclose(pe, pc, atol=1e-4)

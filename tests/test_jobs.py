@@ -38,3 +38,14 @@ def test_where_keeps_matching_runs_and_refuses_unknown_keys():
         jobs.select(j, ["colour=red"])
     with pytest.raises(ValueError, match="keeps none"):
         jobs.select(j, ["k=7"])
+
+
+def test_run_id_does_not_depend_on_how_a_number_is_spelled():
+    """epoch_scale=1 and epoch_scale=1.0 (and lr=1e-4 given as an int-like float) are one run, one id."""
+    from iwae.config import RunConfig, ScheduleConfig
+
+    a = RunConfig(schedule=ScheduleConfig(stages=2, epoch_scale=1))
+    b = RunConfig(schedule=ScheduleConfig(stages=2, epoch_scale=1.0))
+    assert a.run_id == b.run_id and str(a.flat()) == str(b.flat())  # str: flat() holds a NaN (beta)
+    assert RunConfig.from_dict(a.to_dict()).run_id == a.run_id
+    assert RunConfig(schedule=ScheduleConfig(stages=2, epoch_scale=2)).run_id != a.run_id
