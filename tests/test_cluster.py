@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.cluster.fixture import CREDENTIALS, LocalCluster, S3Server
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -75,15 +76,6 @@ def read_table(s3, prefix, name):
     keys = [k for k in s3.keys(f"{prefix}/tables/{name}") if k.endswith(".parquet") and "/_" not in k]
     fs = s3.fs()
     return pa.concat_tables([pq.read_table(k, filesystem=fs) for k in keys]).to_pandas() if keys else None
-
-
-def wait_for(pred, timeout=180, every=0.5):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return True
-        time.sleep(every)
-    return False
 
 
 @pytest.fixture(scope="module")

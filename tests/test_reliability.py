@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "iwae-pipeline")
@@ -40,15 +41,6 @@ TAG = f"iwae-test-{os.getpid()}"
 def start_cli(*args, env=None):
     e = {**os.environ, "RAY_AUTH_MODE": "disabled", "IWAE_TEST_TAG": TAG, **(env or {})}
     return subprocess.Popen([CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e, cwd=ROOT, start_new_session=True)
-
-
-def wait_for(pred, timeout=180, every=0.2):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return True
-        time.sleep(every)
-    return False
 
 
 def pids_matching(text):
@@ -377,3 +369,49 @@ def test_connecting_to_an_address_that_never_answers_fails_within_the_deadline(t
     print(f"silent address: exit {r.returncode} after {took:.1f} s")
     assert r.returncode == 2 and len(errors) == 1 and "no answer" in errors[0] and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert took < 60
+
+
+# ----------------------------------------------------------------------------------- a newcomer's mistakes
+
+
+def test_empty_data_dir_fails_before_any_work(capsys, tmp_path):
+    """sweep with a --data-dir that has no MNIST: exit 2, one line with the fetch command for that folder, no results folder made."""
+    line = one_line_error(capsys, ["sweep", "demo", "--size", "smoke", "--data-dir", tmp_path / "empty", "--results", tmp_path / "r"], "data fetch mnist")
+    assert f"--data-dir {tmp_path / 'empty'}" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_hints_repeat_the_users_own_options(capsys, tmp_path, mnist_dir):
+    """A job that needs another job first: the suggested command keeps --size, --results and --data-dir as given."""
+    line = one_line_error(
+        capsys, ["sweep", "paper_table2", "--size", "smoke", "--results", tmp_path / "r", "--data-dir", mnist_dir], "iwae-pipeline sweep paper_table1"
+    )
+    assert "--size smoke" in line and f"--results {tmp_path / 'r'}" in line and f"--data-dir {mnist_dir}" in line
+
+
+def test_report_on_an_empty_results_folder_exits_2_with_the_command_that_fills_it(capsys, tmp_path):
+    """An empty (but ours) results folder has nothing to report: exit 2 and the sweep that fills it."""
+    from pipeline.results import Results
+
+    Results.open(tmp_path / "r")
+    line = one_line_error(capsys, ["report", "--results", tmp_path / "r"], "iwae-pipeline sweep demo")
+    assert f"--results {tmp_path / 'r'}" in line
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_sweep_keeps_what_is_done_and_says_to_rerun(tmp_path, mnist_dir):
+    """SIGINT mid-sweep: exit 130 with the one 'interrupted ... run the same command again' line, no Tune advice,
+    no run marked failed; the same command then finishes."""
+    results = tmp_path / "r"
+    args = ("sweep", "demo", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir)
+    proc = start_cli(*args, env=faults(slow_epoch=2))
+    assert wait_for(lambda: any((results / "runs").rglob("latest.pt")) if (results / "runs").exists() else False, timeout=180)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out and "run the same command again" in out and "Tuner.restore" not in out and "failed" not in out, out[-3000:]
+    runs = results / "tables" / "runs"
+    assert not runs.exists() or set(pd.read_parquet(runs).status) <= {"done"}
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert set(pd.read_parquet(runs).status) == {"done"}

@@ -103,3 +103,14 @@ def test_malformed_cluster_yaml_gives_one_line(tmp_path):
     bad.write_text("cluster_name: x\nprovider: [unclosed\n")
     r = CliRunner().invoke(app, ["cluster-check", str(bad)])
     assert r.exit_code == 2 and "not valid YAML" in r.output and r.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("results, match", [(None, "--results is needed"), ("results", "relative")])
+def test_submit_refuses_results_that_would_land_in_the_jobs_temporary_folder(capsys, results, match):
+    """submit without --results, or with a relative one: exit 2, one line naming s3://, before contacting any cluster."""
+    from pipeline.cli import main
+
+    argv = ["submit", "demo", "--address", "http://127.0.0.1:9"] + (["--results", results] if results else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and "s3://" in err[0]

@@ -1,0 +1,67 @@
+"""The storage layer (pipeline.storage) on a local folder and on file:// URIs; per-node data caches."""
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.storage import Store, is_uri
+
+
+def test_local_writes_are_whole_and_readers_skip_temporary_names(tmp_path):
+    """A write leaves exactly the final file; names starting with _ or . are never listed."""
+    s = Store.open(tmp_path / "r")
+    s.write_bytes("tables/a/x.parquet", b"1")
+    s.write_bytes("tables/a/_tmp-half.parquet", b"partial")
+    s.write_bytes("tables/.hidden/y.parquet", b"2")
+    assert s.list("tables", ".parquet") == ["tables/a/x.parquet"]
+    assert sorted(p.name for p in (tmp_path / "r" / "tables" / "a").iterdir()) == ["_tmp-half.parquet", "x.parquet"]
+    s.write_bytes("tables/a/x.parquet", b"3")  # rewriting replaces, never appends
+    assert s.read_bytes("tables/a/x.parquet") == b"3"
+    with pytest.raises(FileNotFoundError):
+        s.read_bytes("tables/a/nothing.parquet")
+
+
+def test_quarantine_moves_aside_and_never_deletes(tmp_path):
+    s = Store.open(tmp_path)
+    s.write_bytes("runs/r1/final.pt", b"damaged")
+    where = s.quarantine("runs/r1/final.pt")
+    assert not s.exists("runs/r1/final.pt") and Path(where).read_bytes() == b"damaged" and "/_quarantine/" in where
+
+
+def test_a_store_travels_as_its_location(tmp_path):
+    """Pickled to a Ray worker, a store is opened again there from its location (credentials stay on the node)."""
+    s = Store.open(f"file://{tmp_path}")
+    t = pickle.loads(pickle.dumps(s))
+    assert t.location == s.location and t.base == s.base
+    assert is_uri("s3://b/p") and is_uri("gs://b") and not is_uri("results") and not is_uri("C:\\x")
+
+
+def test_s3_endpoint_comes_from_the_uri_or_the_environment(monkeypatch):
+    """pyarrow ignores AWS_ENDPOINT_URL; the store adds it to an S3 URI that names no endpoint."""
+    from pipeline.storage import _with_env_endpoint
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    assert "endpoint_override=127.0.0.1%3A9000" in _with_env_endpoint("s3://b/p") and "scheme=http" in _with_env_endpoint("s3://b/p")
+    assert _with_env_endpoint("s3://b/p?endpoint_override=h:1") == "s3://b/p?endpoint_override=h:1"
+    assert _with_env_endpoint("gs://b/p") == "gs://b/p"
+
+
+def test_a_node_copies_data_from_a_uri_once_under_a_lock(tmp_path, mnist_dir):
+    """Two processes on one node ask for MNIST from a URI at once: one copies it into the node cache, both use it."""
+    src = tmp_path / "bucket"
+    src.mkdir()
+    (src / "mnist.npz").write_bytes((mnist_dir / "mnist.npz").read_bytes())
+    code = (
+        "import sys; from pipeline.work import data_folder, load_data\n"
+        f"d = data_folder('mnist', 'file://{src}'); print(d); assert load_data('mnist', 'file://{src}').test.shape == (10000, 784)\n"
+    )
+    env = {"IWAE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    folders = {o[0].strip() for o in outs}
+    assert len(folders) == 1 and (Path(folders.pop()) / "mnist.npz").exists()
+    assert not list((tmp_path / "cache").rglob("_mnist.npz"))  # no half-copied file left behind
