@@ -331,6 +331,8 @@ def sweep(
             raise
         gpus_per_trial, eval_gpus = _default_gpus(gpus_per_trial, rb), _default_gpus(eval_gpus, rb)
         todo = [c for c in j.runs if c.run_id not in done]
+        if todo:
+            rb.check_resources(cpus_per_trial, gpus_per_trial)  # before the first line: a request no node meets is one error line
         typer.echo(
             f"{job}: {len(j.runs)} runs ({len(todo)} to train); each trial gets {cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU, "
             f"each evaluation task {eval_cpus:g} CPU and {eval_gpus:g} GPU; results in {res}",

@@ -88,7 +88,7 @@ def test_submit_status_logs_on_a_local_head(head, tmp_path, mnist_dir, monkeypat
     assert st.exit_code == 0 and "SUCCEEDED" in st.output
     lg = runner.invoke(app, ["logs", sid, "--address", address])
     assert lg.exit_code == 0 and "demo: done" in lg.output
-    again = runner.invoke(app, ["submit", "demo", "--size", "smoke", "--address", address, "--submission-id", sid])
+    again = runner.invoke(app, ["submit", "demo", "--size", "smoke", "--address", address, "--results", str(results), "--submission-id", sid])
     assert again.exit_code == 2 and "already exists" in again.output
 
 
