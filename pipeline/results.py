@@ -37,6 +37,7 @@ from pipeline.errors import UserError
 from pipeline.storage import Store
 
 MARKER = "_iwae-pipeline.json"
+FORMAT = "iwae-pipeline/2"  # 2: MNIST pixels byte/255 and eval shards under their estimate; 1: pixels /256
 PREFIXES = (1, 5, 50, 500, 5000)
 
 CONFIG_FIELDS: list[pa.Field] = [
@@ -159,11 +160,21 @@ class Results:
             raise UserError(f"cannot read {where} ({str(e).splitlines()[0][:160]}); check the location and its credentials") from None
         if not empty and not ours:
             raise UserError(f"{where} holds files not written by iwae-pipeline; pass --results with an empty or new location")
+        if ours:
+            try:
+                fmt = json.loads(store.read_bytes(MARKER)).get("format")
+            except (OSError, ValueError):
+                fmt = None
+            if fmt != FORMAT:
+                raise UserError(
+                    f"{where} was written by an older iwae-pipeline ({fmt}: MNIST pixels /256, another layout); its numbers are not comparable,"
+                    " so pass --results with a new location"
+                )
         if empty and not create:
             raise UserError(f"no results in {where}; run `iwae-pipeline sweep JOB --results {store.location}` first")
         if create and not ours:
             try:
-                store.write_bytes(MARKER, json.dumps({"format": "iwae-pipeline/1"}).encode())
+                store.write_bytes(MARKER, json.dumps({"format": FORMAT}).encode())
             except OSError as e:
                 raise UserError(f"cannot write to {where} ({str(e).splitlines()[0][:160]}); pass --results with a writable location") from None
         res = cls(store, created=create and not ours and kind == pafs.FileType.NotFound)

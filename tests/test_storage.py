@@ -65,3 +65,16 @@ def test_a_node_copies_data_from_a_uri_once_under_a_lock(tmp_path, mnist_dir):
     folders = {o[0].strip() for o in outs}
     assert len(folders) == 1 and (Path(folders.pop()) / "mnist.npz").exists()
     assert not list((tmp_path / "cache").rglob("_mnist.npz"))  # no half-copied file left behind
+
+
+def test_results_of_an_older_format_are_refused(tmp_path):
+    """A results folder from before the pixel fix (format 1) is not mixed with new numbers: one line, a new location."""
+    from pipeline.errors import UserError
+    from pipeline.results import MARKER, Results
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / MARKER).write_text('{"format": "iwae-pipeline/1"}')
+    with pytest.raises(UserError, match="older iwae-pipeline.*new location"):
+        Results.open(tmp_path / "old")
+    assert Results.open(tmp_path / "new").store.exists(MARKER)
+    Results.open(tmp_path / "new")  # ours, current: opens again
