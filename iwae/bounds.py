@@ -13,6 +13,7 @@ STL and DReG estimators are all expressed in :mod:`iwae.estimators`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ __all__ = [
     "PIWAE",
     "Objective",
     "objective_from_dict",
+    "objective_to_dict",
 ]
 
 
@@ -113,6 +115,10 @@ class _KSamples:
         _check_positive("k", self.k)
 
     @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
+
+    @property
     def num_samples(self) -> int:
         return self.k
 
@@ -153,6 +159,10 @@ class MIWAE:
     def __post_init__(self) -> None:
         _check_positive("m", self.m)
         _check_positive("k", self.k)
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
 
     @property
     def num_samples(self) -> int:
@@ -206,6 +216,10 @@ class PIWAE:
         _check_positive("k", self.k)
 
     @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
+
+    @property
     def num_samples(self) -> int:
         return self.m * self.k
 
@@ -230,6 +244,11 @@ def objective_from_dict(d: dict) -> Objective:
         raise TypeError(f"unknown objective {name!r}; choose one of {sorted(_OBJECTIVES)}")
     obj: Objective = _OBJECTIVES[name](**d)
     return obj
+
+
+def objective_to_dict(obj: Objective) -> dict:
+    """``{"name": "iwae", "k": 5, ...}``, keys sorted: the inverse of :func:`objective_from_dict`."""
+    return dict(sorted({"name": obj.name, **dataclasses.asdict(obj)}.items()))
 
 
 def _check_positive(name: str, value: int) -> None:

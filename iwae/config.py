@@ -10,11 +10,21 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
-from iwae.bounds import Objective, objective_from_dict
+from iwae.bounds import IWAE, Objective, objective_from_dict, objective_to_dict
 
-ESTIMATORS = ("standard", "stl", "dreg")
+
+class Estimator(str, Enum):
+    """Gradient estimator of the encoder (``iwae.estimators``): compares and serialises as its name."""
+
+    standard = "standard"
+    stl = "stl"
+    dreg = "dreg"
+
+
+ESTIMATORS = tuple(e.value for e in Estimator)
 DATASETS = ("mnist", "omniglot", "synthetic")
 SPLITS = ("paper", "authors")
 
@@ -118,8 +128,8 @@ class RunConfig:
     dataset: str = "mnist"
     split: str = "paper"
     model: ModelConfig = field(default_factory=ModelConfig)
-    objective: dict[str, Any] = field(default_factory=lambda: {"name": "iwae", "k": 1})
-    estimator: str = "standard"
+    objective: Objective = field(default_factory=lambda: IWAE(k=1))  # a dict {"name": ..., "k": ...} is accepted and parsed once
+    estimator: Estimator = Estimator.standard  # or its name
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     seed: int = 0
     init_from: str | None = None  # run id whose final checkpoint (model + Adam state) starts this run
@@ -131,19 +141,24 @@ class RunConfig:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {DATASETS}")
         if self.split not in SPLITS:
             raise ValueError(f"unknown split {self.split!r}; choose one of {SPLITS}")
-        if self.estimator not in ESTIMATORS:
+        if str(getattr(self.estimator, "value", self.estimator)) not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.estimator!r}; choose one of {ESTIMATORS}")
-        self.objective_obj()  # validates
+        object.__setattr__(self, "estimator", Estimator(getattr(self.estimator, "value", self.estimator)))
+        if isinstance(self.objective, dict):  # parsed here, once; everything after holds the typed objective
+            object.__setattr__(self, "objective", objective_from_dict(self.objective))
         if self.train_subset is not None and self.train_subset < 1:
             raise ValueError("train_subset must be >= 1")
-        # make dict fields hashable-by-value for the frozen dataclass
-        object.__setattr__(self, "objective", dict(sorted(self.objective.items())))
 
     def objective_obj(self) -> Objective:
-        return objective_from_dict(self.objective)
+        return self.objective
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values only (the objective as ``{"name": ..., ...}``, the estimator as its name): what
+        checkpoints, Tune and the run id see."""
+        d = dataclasses.asdict(self)
+        d["objective"] = objective_to_dict(self.objective)
+        d["estimator"] = self.estimator.value
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -165,7 +180,7 @@ class RunConfig:
 
     def flat(self) -> dict[str, Any]:
         """Flattened config for result rows: scalar columns only."""
-        obj = self.objective
+        obj = objective_to_dict(self.objective)
         return {
             "run_id": self.run_id,
             "dataset": self.dataset,
@@ -176,7 +191,7 @@ class RunConfig:
             "k": int(obj.get("k", 1)),
             "m": int(obj.get("m", 1)),
             "beta": float(obj.get("beta", float("nan"))),
-            "estimator": self.estimator,
+            "estimator": self.estimator.value,
             "seed": self.seed,
             "stages": self.schedule.stages,
             "epoch_scale": float(self.schedule.epoch_scale),
@@ -187,7 +202,7 @@ class RunConfig:
         }
 
     def label(self) -> str:
-        o = self.objective
+        o = objective_to_dict(self.objective)
         extra = ",".join(f"{k}={v}" for k, v in o.items() if k != "name")
-        est = "" if self.estimator == "standard" else f"/{self.estimator}"
+        est = "" if self.estimator == Estimator.standard else f"/{self.estimator.value}"
         return f"{self.dataset} L{len(self.model.latent)} {o['name'].upper()}({extra}){est}"

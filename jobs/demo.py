@@ -3,6 +3,7 @@ first 2 stages (4 epochs), then k=5000 evaluation on the first 500 test images. 
 
 from __future__ import annotations
 
+from iwae.bounds import IWAE, VAE
 from iwae.config import ModelConfig, RunConfig, ScheduleConfig
 from iwae.evaluate import EvalConfig
 from jobs import Job, cut, smoke_eval
@@ -11,8 +12,7 @@ from jobs import Job, cut, smoke_eval
 def build(size: str = "full", stages: int | None = None, epoch_scale: float | None = None) -> Job:
     sched = ScheduleConfig(stages=2)
     runs = tuple(
-        cut(RunConfig(dataset="mnist", model=ModelConfig.paper(1), objective={"name": o, "k": 5}, schedule=sched), size, stages, epoch_scale)
-        for o in ("vae", "iwae")
+        cut(RunConfig(dataset="mnist", model=ModelConfig.paper(1), objective=o, schedule=sched), size, stages, epoch_scale) for o in (VAE(k=5), IWAE(k=5))
     )
     return Job(
         name="demo",

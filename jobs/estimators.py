@@ -3,19 +3,16 @@ IWAE k=50 with the standard, STL and DReG gradients; MIWAE(5,10), CIWAE(beta=0.5
 
 from __future__ import annotations
 
-from iwae.config import ModelConfig, RunConfig, ScheduleConfig
+from iwae.bounds import CIWAE, IWAE, MIWAE, PIWAE, Objective
+from iwae.config import Estimator, ModelConfig, RunConfig, ScheduleConfig
 from iwae.evaluate import EvalConfig
 from jobs import Job, cut, smoke_eval
 
 
 def build(size: str = "full", stages: int | None = None, epoch_scale: float | None = None) -> Job:
     model = ModelConfig.paper(1)
-    grid: list[tuple[dict, str]] = [({"name": "iwae", "k": 50}, est) for est in ("standard", "stl", "dreg")]
-    grid += [
-        ({"name": "miwae", "m": 5, "k": 10}, "standard"),
-        ({"name": "ciwae", "k": 50, "beta": 0.5}, "standard"),
-        ({"name": "piwae", "m": 5, "k": 10}, "standard"),
-    ]
+    grid: list[tuple[Objective, Estimator]] = [(IWAE(k=50), est) for est in Estimator]
+    grid += [(MIWAE(m=5, k=10), Estimator.standard), (CIWAE(k=50, beta=0.5), Estimator.standard), (PIWAE(m=5, k=10), Estimator.standard)]
     runs = tuple(cut(RunConfig(dataset="mnist", model=model, objective=o, estimator=e, schedule=ScheduleConfig()), size, stages, epoch_scale) for o, e in grid)
     return Job(
         name="estimators",

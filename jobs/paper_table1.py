@@ -11,6 +11,7 @@ the seed's: on a cut schedule the VAE-IWAE gap at k=5 is smaller than the spread
 
 from __future__ import annotations
 
+from iwae.bounds import IWAE, VAE
 from iwae.config import ModelConfig, RunConfig
 from iwae.evaluate import EvalConfig
 from jobs import Job, cut, smoke_eval
@@ -28,9 +29,9 @@ def runs(
     for dataset in datasets:
         for n_layers in layers:
             for k in (1, 5, 50):
-                for objective in ("vae", "iwae") if k > 1 else ("vae",):
+                for objective in (VAE(k=k), IWAE(k=k)) if k > 1 else (VAE(k=1),):
                     for seed in seeds if k > 1 else seeds[:1]:
-                        cfg = RunConfig(dataset=dataset, model=ModelConfig.paper(n_layers), objective={"name": objective, "k": k}, seed=seed)
+                        cfg = RunConfig(dataset=dataset, model=ModelConfig.paper(n_layers), objective=objective, seed=seed)
                         out.append(cut(cfg, size, stages, epoch_scale))
     return out
 

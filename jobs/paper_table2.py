@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from iwae.bounds import IWAE, VAE
 from iwae.config import ModelConfig, RunConfig, ScheduleConfig
 from iwae.evaluate import EvalConfig
 from jobs import Job, cut, smoke_eval
@@ -19,15 +20,15 @@ from jobs import Job, cut, smoke_eval
 
 def build(size: str = "full", stages: int | None = None, epoch_scale: float | None = None) -> Job:
     base = RunConfig(dataset="mnist", model=ModelConfig.paper(1))
-    vae = cut(replace(base, objective={"name": "vae", "k": 1}), size, stages, epoch_scale)
-    iwae50 = cut(replace(base, objective={"name": "iwae", "k": 50}), size, stages, epoch_scale)
+    vae = cut(replace(base, objective=VAE(k=1)), size, stages, epoch_scale)
+    iwae50 = cut(replace(base, objective=IWAE(k=50)), size, stages, epoch_scale)
     extra = vae.schedule.plan()[-1][0]  # epochs of the last stage Table 1 ran (smoke: cut() sets 2)
     second = ScheduleConfig(epochs=extra, lr=1e-4)
     runs = tuple(
         cut(replace(src, objective=obj, schedule=second, init_from=src.run_id), size, None, None)
         for src, obj in (
-            (vae, {"name": "iwae", "k": 50}),
-            (iwae50, {"name": "vae", "k": 1}),
+            (vae, IWAE(k=50)),
+            (iwae50, VAE(k=1)),
             (vae, vae.objective),  # controls: the same objective, continued
             (iwae50, iwae50.objective),
         )

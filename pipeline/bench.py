@@ -83,7 +83,7 @@ def train_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: to
     """Our training step (the code `train` runs, eager or compiled): examples/s at batch 20."""
     from iwae.train import _StepBound
 
-    cfg = RunConfig(model=model_cfg, objective={"name": "iwae", "k": k})
+    cfg = RunConfig(model=model_cfg, objective=IWAE(k=k))
     torch.manual_seed(0)
     model = IWAEModel(model_cfg).to(dev)
     opt = make_optimizer(model, cfg)
@@ -157,7 +157,7 @@ def _fake_results(root: Path, model_cfg: ModelConfig, data: Any) -> tuple[Any, s
     from iwae.train import FINAL, _checkpoint_payload, build_model, make_optimizer
     from pipeline.results import Results
 
-    cfg = RunConfig(model=model_cfg, objective={"name": "iwae", "k": 5}, schedule=ScheduleConfig(stages=1))
+    cfg = RunConfig(model=model_cfg, objective=IWAE(k=5), schedule=ScheduleConfig(stages=1))
     res = Results.open(root)
     model = build_model(cfg, data, torch.device("cpu"))
     payload = _checkpoint_payload(cfg, model, make_optimizer(model, cfg), torch.Generator(), 1, [], 0.0)

@@ -81,13 +81,15 @@ WhereOpt = Annotated[
     list[str] | None,
     typer.Option("--where", help="Keep only the job's runs with KEY=VALUE (a runs-table column, e.g. layers=1; KEY=A,B: either); repeat to narrow."),
 ]
-CompileOpt = Annotated[Compile, typer.Option("--compile", help="torch.compile the training step: auto = runs of >= 500k examples.")]
 
 
-class Estimator(str, Enum):
+class Estimator(str, Enum):  # the CLI's choices (iwae.config.Estimator is imported lazily: it brings torch)
     standard = "standard"
     stl = "stl"
     dreg = "dreg"
+
+
+CompileOpt = Annotated[Compile, typer.Option("--compile", help="torch.compile the training step: auto = runs of >= 500k examples.")]
 
 
 def cli_errors(fn: F) -> F:
@@ -223,6 +225,8 @@ def train(
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
     """Train one run in this process (no Ray), then evaluate it and print its numbers."""
+    from iwae.bounds import objective_from_dict
+    from iwae.config import Estimator as RunEstimator
     from iwae.config import ModelConfig, RunConfig, ScheduleConfig
     from iwae.evaluate import EvalConfig
     from pipeline.report import run_summary
@@ -238,8 +242,8 @@ def train(
         dataset=dataset,
         split=split,
         model=ModelConfig.paper(layers),
-        objective=obj,
-        estimator=estimator.value,
+        objective=objective_from_dict(obj),  # parsed once here; a bad value is one line
+        estimator=RunEstimator(estimator.value),
         schedule=ScheduleConfig(stages=stages, epoch_scale=epoch_scale, batch_size=batch_size, authors_code=authors_code),
         seed=seed,
         train_subset=train_subset,
