@@ -465,7 +465,7 @@ def report(results: ResultsOpt = DEFAULT_RESULTS, out: Annotated[Path | None, ty
     res = Results.open(_loc(results), create=False)
     rep = build_report(res, out)
     if rep.summary.empty:
-        raise UserError(f"no runs in {res} yet; fill it with `iwae-pipeline sweep demo --results {results}` (see `iwae-pipeline jobs`)")
+        raise UserError(f"no runs in {res} yet; fill it with `iwae-pipeline sweep demo --results {shlex.quote(results)}` (see `iwae-pipeline jobs`)")
     typer.echo(rep.markdown)
 
 

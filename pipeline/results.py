@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,10 @@ class Results:
     def open(cls, location: str | Path, create: bool = True) -> Results:
         store = Store.open(location)
         where = store.uri()
-        kind = store.kind()
+        try:
+            kind = store.kind()
+        except OSError as e:  # no such bucket, no credentials, no network: one line
+            raise UserError(f"cannot reach {where} ({str(e).splitlines()[0][:160]}); check the location and its credentials") from None
         if kind == pafs.FileType.File:
             raise UserError(f"{where} is a file, not a results folder; pass --results with a folder path or an s3:// URI")
         try:
@@ -171,7 +175,7 @@ class Results:
                     " so pass --results with a new location"
                 )
         if empty and not create:
-            raise UserError(f"no results in {where}; run `iwae-pipeline sweep JOB --results {store.location}` first")
+            raise UserError(f"no results in {where}; run `iwae-pipeline sweep JOB --results {shlex.quote(store.location)}` first")
         if create and not ours:
             try:
                 store.write_bytes(MARKER, json.dumps({"format": FORMAT}).encode())
