@@ -105,14 +105,6 @@ def write_bytes_atomic(data: bytes, path: Path) -> None:
             os.unlink(tmp)
 
 
-def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a ``_``-prefixed temporary file in the same folder, then ``os.replace``.
-
-    A process killed mid-write leaves only the temporary file, which nothing reads.
-    """
-    write_bytes_atomic(to_bytes(obj), Path(path))
-
-
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint file with ``weights_only=True`` (no arbitrary unpickling); check it is ours."""
     try:

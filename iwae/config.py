@@ -149,9 +149,6 @@ class RunConfig:
         if self.train_subset is not None and self.train_subset < 1:
             raise ValueError("train_subset must be >= 1")
 
-    def objective_obj(self) -> Objective:
-        return self.objective
-
     def to_dict(self) -> dict[str, Any]:
         """Plain values only (the objective as ``{"name": ..., ...}``, the estimator as its name): what
         checkpoints, Tune and the run id see."""

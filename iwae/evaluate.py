@@ -175,18 +175,6 @@ def estimate_log_px(
     return LogPxEstimate(prefix=prefix, **out)
 
 
-def warm_up(model: IWAEModel, cfg: EvalConfig, n_images: int) -> None:
-    """Compile the scorer for the batch shape an evaluation of ``n_images`` images will use."""
-    use_compile = cfg.compile if cfg.compile is not None else n_images * cfg.k >= 1_000_000
-    if not use_compile:
-        return
-    b = min(n_images, max(1, cfg.max_rows // min(cfg.block, cfg.k)))
-    x = torch.zeros(b, model.cfg.x_dim, device=next(model.parameters()).device)
-    estimate_log_px(
-        model, x, list(range(b)), EvalConfig(k=min(cfg.block, cfg.k), seed=cfg.seed, block=cfg.block, max_rows=cfg.max_rows, prefixes=(), compile=True)
-    )
-
-
 def mean_and_stderr(values: Tensor) -> tuple[float, float]:
     """Mean and its standard error (sample std / sqrt(N)) over a test set."""
     v = values.double()

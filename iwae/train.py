@@ -285,7 +285,7 @@ def train(
         raise ValueError(f"batch size {cfg.schedule.batch_size} is larger than the {x_train.shape[0]} training examples")
     if compile_step == "auto":
         compile_step = (total - state.epoch) * x_train.shape[0] >= 500_000
-    step_bound = _StepBound(state.model, cfg.objective_obj(), cfg.estimator, bool(compile_step))
+    step_bound = _StepBound(state.model, cfg.objective, cfg.estimator, bool(compile_step))
     bar = _progress_bar(total, state.epoch, cfg) if progress else None
     state.model.train()
     while state.epoch < total:

@@ -125,11 +125,6 @@ def rows_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
 
 
-def write_table_atomic(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
-    """Write ``rows`` with ``schema`` to a local ``path`` atomically (bench and local tools)."""
-    write_arrow_atomic(rows_table(rows, schema), path)
-
-
 def write_arrow_atomic(table: pa.Table, path: Path) -> None:
     """Write an Arrow table to a local ``path`` atomically (temp name starting with ``_``, then rename)."""
     store = Store.open(Path(path).parent)

@@ -100,11 +100,6 @@ class Store:
         url = urlparse(self.location)
         return f"{url.scheme}://{self.path(key)}"
 
-    def local_path(self, key: str = "") -> Path | None:
-        return Path(self.path(key)) if self.is_local else None
-
-    # ------------------------------------------------------------------ reads
-
     def exists(self, key: str) -> bool:
         return self.fs.get_file_info(self.path(key)).type == pafs.FileType.File
 
@@ -132,9 +127,6 @@ class Store:
                 continue
             out.append(key)
         return sorted(out)
-
-    def size(self, key: str) -> int:
-        return int(self.fs.get_file_info(self.path(key)).size or 0)
 
     def read_table(self, key: str, schema: pa.Schema) -> pa.Table:
         """One Parquet file with the declared schema (raises ``pa.ArrowInvalid``/``OSError`` if damaged)."""
