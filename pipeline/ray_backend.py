@@ -197,7 +197,7 @@ def _probe_store(location: str, key: str, token: str) -> str:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
-def check_storage(results: Results, data_location: str | Path | None = None) -> None:
+def check_storage(results: Results) -> None:
     """Before any work: every node that may run work must read and write the results location.
 
     The driver writes a marker with a random token; a zero-CPU task pinned to each node reads it and
@@ -260,9 +260,7 @@ def _trainable(config: dict[str, Any]) -> None:
 def _tune_storage(results: Results) -> tuple[str, Any]:
     """Tune's ``storage_path`` and ``storage_filesystem``: the results store's ``tune/`` folder."""
     store = results.store
-    if store.is_local:
-        return store.path(results.tune_key), None
-    return store.path(results.tune_key), store.fs
+    return store.path(results.tune_key), None if store.is_local else store.fs
 
 
 def sweep(
