@@ -11,6 +11,7 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,7 +68,7 @@ def run_summary(results: Results) -> pd.DataFrame:
     gap = [dict(zip(("run_id", "train_images", "train_nll", "train_nll_se"), (rid, *_nll(g)))) for rid, g in results.read("eval_train").groupby("run_id")]
     out = out.merge(pd.DataFrame(gap), on="run_id", how="left") if gap else out.assign(train_images=0, train_nll=math.nan, train_nll_se=math.nan)
     out["active"] = [_units(a, b) for a, b in zip(out["active_h1"], out["active_h2"])]
-    return out.sort_values(["dataset", "layers", "k", "objective", "estimator", "epochs"]).reset_index(drop=True)
+    return out.sort_values(["dataset", "layers", "k", "objective", "estimator", "epochs", "seed"]).reset_index(drop=True)
 
 
 def _nll(g: pd.DataFrame) -> tuple[int, float, float]:
@@ -80,6 +81,11 @@ def _units(a: object, b: object) -> str:
     if a is None or (isinstance(a, float) and math.isnan(a)) or pd.isna(a):  # type: ignore[arg-type]
         return "-"
     return f"{int(a)}" if b is None or pd.isna(b) else f"{int(a)}+{int(b)}"  # type: ignore[call-overload]
+
+
+def _name(r: Any) -> str:
+    """A run's label, with its seed when that is not 0 (two seeds of one cell must not read alike)."""
+    return f"{r.label} s{r.seed}" if int(r.seed) else str(r.label)
 
 
 def _fmt(v: float, se: float | None = None) -> str:
@@ -169,7 +175,7 @@ def reliability_table(summary: pd.DataFrame) -> str | None:
     for r in done.itertuples():
         jk_gap = r.nll - r.nll_jk if not pd.isna(r.nll_jk) else math.nan  # NLL from L_k minus NLL from the jackknife
         rows.append(
-            f"| {r.label}{' s' + str(r.seed) if r.seed else ''} | {int(r.eval_k)} | {int(r.test_images)} | {_fmt(r.nll)} | {_fmt(r.nll_jk)} | {jk_gap:.3f} | "
+            f"| {_name(r)} | {int(r.eval_k)} | {int(r.test_images)} | {_fmt(r.nll)} | {_fmt(r.nll_jk)} | {jk_gap:.3f} | "
             f"{r.ess_median:.0f} | {100 * r.khat_high:.1f}% | {r.mcse_mean:.3f} |"
         )
     head = "| run | k | images | NLL from L_k | NLL from the jackknife | L_k - jackknife | median ESS | k-hat > 0.7 | mean MC s.e. |\n" + "|---" * 9 + "|"
@@ -195,7 +201,7 @@ def table2(summary: pd.DataFrame, ev: pd.DataFrame) -> str | None:
         vs = paired_gap(ev, str(ctrl.index[0]), str(rid)) if swapped and len(ctrl) else (math.nan, math.nan, 0)
         paper = PAPER_TABLE2.get((str(s.objective), int(s.k))) if swapped else None
         rows.append(
-            f"| {s.label} -> {r.label}{'' if swapped else ' (control)'} | {s.epochs} + {r.epochs} | {_fmt(s.nll, s.nll_se)} ({s.active}) | "
+            f"| {_name(s)} -> {_name(r)}{'' if swapped else ' (control)'} | {s.epochs} + {r.epochs} | {_fmt(s.nll, s.nll_se)} ({s.active}) | "
             f"{_fmt(r.nll, r.nll_se)} ({r.active}) | {_fmt(gain[0], gain[1])} | {_fmt(vs[0], vs[1])} | "
             f"{f'{paper[0]:.2f} ({paper[1]}) -> {paper[2]:.2f} ({paper[3]})' if paper else '-'} |"
         )
@@ -216,7 +222,7 @@ def gap_table(summary: pd.DataFrame) -> str | None:
         gap = r.nll - r.train_nll
         se = math.sqrt(r.nll_se**2 + r.train_nll_se**2)
         train, test = f"{_fmt(r.train_nll, r.train_nll_se)} ({int(r.train_images)})", f"{_fmt(r.nll, r.nll_se)} ({int(r.test_images)})"
-        rows.append(f"| {r.label} | {r.epochs} | {train} | {test} | {_fmt(gap, se)} |")
+        rows.append(f"| {_name(r)} | {r.epochs} | {train} | {test} | {_fmt(gap, se)} |")
     if not rows:
         return None
     return "| run | epochs | train NLL (images) | test NLL (images) | gap: test - train |\n|---|---|---|---|---|\n" + "\n".join(rows)
@@ -227,16 +233,17 @@ def estimator_table(summary: pd.DataFrame, ev: pd.DataFrame) -> str | None:
     done = summary[(summary.status == "done") & (summary.init_from == "")]
     done = done.assign(samples=done.k * done.m)
     rows = []
-    for (_dataset, _layers, epochs, samples), g in done.groupby(["dataset", "layers", "epochs", "samples"], sort=True):
+    # per seed: each estimator against the standard IWAE trained with the same seed
+    for (_dataset, _layers, epochs, samples, _seed), g in done.groupby(["dataset", "layers", "epochs", "samples", "seed"], sort=True):
         base = g[(g.objective == "iwae") & (g.estimator == "standard")]
         others = g[(g.estimator != "standard") | g.objective.isin(["miwae", "ciwae", "piwae"])]
         if base.empty or others.empty:
             continue
         b = base.iloc[0]
-        rows.append(f"| {b.label} | {samples} | {epochs} | {_fmt(b.nll, b.nll_se)} | {b.active} | (reference) |")
+        rows.append(f"| {_name(b)} | {samples} | {epochs} | {_fmt(b.nll, b.nll_se)} | {b.active} | (reference) |")
         for r in others.itertuples():
             gain = paired_gap(ev, str(b.run_id), str(r.run_id))
-            rows.append(f"| {r.label} | {samples} | {epochs} | {_fmt(r.nll, r.nll_se)} | {r.active} | {_fmt(gain[0], gain[1])} |")
+            rows.append(f"| {_name(r)} | {samples} | {epochs} | {_fmt(r.nll, r.nll_se)} | {r.active} | {_fmt(gain[0], gain[1])} |")
     if not rows:
         return None
     return "| run | samples/example | epochs | test NLL | active | log p gain vs IWAE (paired) |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
