@@ -10,14 +10,16 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import ipaddress
 import os
+import signal
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,6 +265,52 @@ def _tune_storage(results: Results) -> tuple[str, Any]:
     return store.path(results.tune_key), None if store.is_local else store.fs
 
 
+# set by the SIGINT handler of ``interrupt_guard``; module-level so that a pickled Tune callback
+# (Tune saves its run config) refers to it by import instead of carrying a lock
+INTERRUPTED = threading.Event()
+
+
+@contextlib.contextmanager
+def interrupt_guard() -> Iterator[None]:
+    """Ctrl-C that cannot be lost: the first SIGINT raises KeyboardInterrupt *and* is remembered.
+
+    Python runs the handler wherever the main thread is; a KeyboardInterrupt raised inside a finaliser
+    or a library frame that swallows it is only printed, and a sweep went on to its end after Ctrl-C
+    (seen once, under load). The loops below check ``INTERRUPTED`` each step, and leaving the block
+    with it set raises KeyboardInterrupt again. Outside the main thread nothing is installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    INTERRUPTED.clear()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
+def _interrupt_callback() -> Any:
+    """A Tune callback that re-raises a Ctrl-C some frame swallowed, at the next step of Tune's loop."""
+    from ray import tune
+
+    class InterruptCallback(tune.Callback):
+        def on_step_begin(self, iteration, trials, **info):  # type: ignore[no-untyped-def]
+            from pipeline import ray_backend  # by import: the callback is pickled with Tune's state
+
+            if ray_backend.INTERRUPTED.is_set():
+                raise KeyboardInterrupt
+
+    return InterruptCallback()
+
+
 def sweep(
     name: str,
     runs: Sequence[RunConfig],
@@ -297,7 +345,7 @@ def sweep(
     exp_path = f"{storage_path}/{exp_name}"
     trainable = tune.with_resources(_trainable, {"cpu": res.cpus, "gpu": res.gpus})
     by_id = {c.run_id: c for c in todo}
-    callbacks: list[Any] = [_progress_callback(progress, len(todo))] if progress else []
+    callbacks: list[Any] = [_interrupt_callback()] + ([_progress_callback(progress, len(todo))] if progress else [])
     if tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
     else:
@@ -324,7 +372,8 @@ def sweep(
                 callbacks=callbacks,
             ),
         )
-    grid = tuner.fit()
+    with interrupt_guard():
+        grid = tuner.fit()
     failed: dict[str, str] = {}  # run id -> why
     for i in range(len(grid)):
         r = grid[i]
@@ -437,44 +486,47 @@ def evaluate(
     rows = done = 0
     alive = {n["NodeID"] for n in _work_nodes()}
     t0 = last_progress = time.perf_counter()
-    try:
-        while queue or pending:
-            while queue and len(pending) < 2 * workers:  # bounded in flight; Ray schedules them where resources are
-                item = queue.popleft()
-                pending[task.remote(results.location, str(data_dir), plan, item[0], item[1], threads)] = item
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
-            now_alive = {n["NodeID"] for n in _work_nodes()}
-            if notice and alive - now_alive:
-                notice(f"lost {len(alive - now_alive)} node(s) of {len(alive)}; their shards are rescheduled on the {len(now_alive)} left")
-            if notice and now_alive - alive:
-                notice(f"{len(now_alive - alive)} node(s) joined")
-            alive = now_alive
-            for ref in ready:
-                run_id, shard = pending.pop(ref)
-                try:
-                    table = ray.get(ref)
-                except RayTaskError as e:
-                    cause = getattr(e, "cause", None)
-                    if isinstance(cause, UserError):
-                        raise cause from None  # bad input found inside a task: the same one-line error
-                    failed[(run_id, shard)] = str(cause or e).strip().splitlines()[-1][:160]
-                    continue
-                except _system_errors() as e:
-                    failed[(run_id, shard)] = f"{type(e).__name__} after {max_retries} retries"
-                    continue
-                rows += write_shard(results, run_id, plan, shard, table)
-                done += 1
-                last_progress = time.perf_counter()
-                if progress:
-                    progress(done, len(items))
-            if pending and not ready and time.perf_counter() - last_progress > stall_timeout and not _can_run(res):
-                raise RunFailed(
-                    f"evaluation stalled: no node left can run a shard ({res.cpus:g} CPU, {res.gpus:g} GPU) for {stall_timeout:.0f} s; "
-                    f"{done} of {len(items)} shards are written and kept; add nodes and run the same command again"
-                )
-    finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+    with interrupt_guard():  # Ctrl-C: cancel what is in flight; written shards stay
+        try:
+            while queue or pending:
+                if INTERRUPTED.is_set():  # a Ctrl-C some frame swallowed
+                    raise KeyboardInterrupt
+                while queue and len(pending) < 2 * workers:  # bounded in flight; Ray schedules them where resources are
+                    item = queue.popleft()
+                    pending[task.remote(results.location, str(data_dir), plan, item[0], item[1], threads)] = item
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+                now_alive = {n["NodeID"] for n in _work_nodes()}
+                if notice and alive - now_alive:
+                    notice(f"lost {len(alive - now_alive)} node(s) of {len(alive)}; their shards are rescheduled on the {len(now_alive)} left")
+                if notice and now_alive - alive:
+                    notice(f"{len(now_alive - alive)} node(s) joined")
+                alive = now_alive
+                for ref in ready:
+                    run_id, shard = pending.pop(ref)
+                    try:
+                        table = ray.get(ref)
+                    except RayTaskError as e:
+                        cause = getattr(e, "cause", None)
+                        if isinstance(cause, UserError):
+                            raise cause from None  # bad input found inside a task: the same one-line error
+                        failed[(run_id, shard)] = str(cause or e).strip().splitlines()[-1][:160]
+                        continue
+                    except _system_errors() as e:
+                        failed[(run_id, shard)] = f"{type(e).__name__} after {max_retries} retries"
+                        continue
+                    rows += write_shard(results, run_id, plan, shard, table)
+                    done += 1
+                    last_progress = time.perf_counter()
+                    if progress:
+                        progress(done, len(items))
+                if pending and not ready and time.perf_counter() - last_progress > stall_timeout and not _can_run(res):
+                    raise RunFailed(
+                        f"evaluation stalled: no node left can run a shard ({res.cpus:g} CPU, {res.gpus:g} GPU) for {stall_timeout:.0f} s; "
+                        f"{done} of {len(items)} shards are written and kept; add nodes and run the same command again"
+                    )
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
     if timings is not None:
         timings["work_seconds"] = time.perf_counter() - t0
     if failed:

@@ -398,6 +398,24 @@ def test_report_on_an_empty_results_folder_exits_2_with_the_command_that_fills_i
     assert f"--results {tmp_path / 'r'}" in line
 
 
+def test_a_swallowed_ctrl_c_is_raised_again_when_the_guarded_loop_ends():
+    """A KeyboardInterrupt that some frame swallows (as a finaliser does) is not lost: the guard
+    remembers the SIGINT and raises again on the way out; the previous handler comes back."""
+    from pipeline.ray_backend import INTERRUPTED, interrupt_guard
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt_guard():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the handler runs here and raises
+                pytest.fail("SIGINT did not interrupt")
+            except KeyboardInterrupt:
+                pass  # swallowed
+            assert INTERRUPTED.is_set()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_a_sweep_keeps_what_is_done_and_says_to_rerun(tmp_path, mnist_dir):
     """SIGINT mid-sweep: exit 130 with the one 'interrupted ... run the same command again' line, no Tune advice,
