@@ -83,9 +83,11 @@ def _units(a: object, b: object) -> str:
     return f"{int(a)}" if b is None or pd.isna(b) else f"{int(a)}+{int(b)}"  # type: ignore[call-overload]
 
 
-def _name(r: Any) -> str:
-    """A run's label, with its seed when that is not 0 (two seeds of one cell must not read alike)."""
-    return f"{r.label} s{r.seed}" if int(r.seed) else str(r.label)
+def _name(r: Any, origin: bool = True) -> str:
+    """A run's label, with its seed when that is not 0 and the run it continued (two seeds of one
+    cell, or a run and its continuation, must not read alike)."""
+    name = f"{r.label} s{r.seed}" if int(r.seed) else str(r.label)
+    return f"{name} from {r.init_from}" if origin and r.init_from else name
 
 
 def _fmt(v: float, se: float | None = None) -> str:
@@ -201,7 +203,7 @@ def table2(summary: pd.DataFrame, ev: pd.DataFrame) -> str | None:
         vs = paired_gap(ev, str(ctrl.index[0]), str(rid)) if swapped and len(ctrl) else (math.nan, math.nan, 0)
         paper = PAPER_TABLE2.get((str(s.objective), int(s.k))) if swapped else None
         rows.append(
-            f"| {_name(s)} -> {_name(r)}{'' if swapped else ' (control)'} | {s.epochs} + {r.epochs} | {_fmt(s.nll, s.nll_se)} ({s.active}) | "
+            f"| {_name(s)} -> {_name(r, origin=False)}{'' if swapped else ' (control)'} | {s.epochs} + {r.epochs} | {_fmt(s.nll, s.nll_se)} ({s.active}) | "
             f"{_fmt(r.nll, r.nll_se)} ({r.active}) | {_fmt(gain[0], gain[1])} | {_fmt(vs[0], vs[1])} | "
             f"{f'{paper[0]:.2f} ({paper[1]}) -> {paper[2]:.2f} ({paper[3]})' if paper else '-'} |"
         )
