@@ -274,10 +274,11 @@ INTERRUPTED = threading.Event()
 def interrupt_guard() -> Iterator[None]:
     """Ctrl-C that cannot be lost: the first SIGINT raises KeyboardInterrupt *and* is remembered.
 
-    Python runs the handler wherever the main thread is; a KeyboardInterrupt raised inside a finaliser
-    or a library frame that swallows it is only printed, and a sweep went on to its end after Ctrl-C
-    (seen once, under load). The loops below check ``INTERRUPTED`` each step, and leaving the block
-    with it set raises KeyboardInterrupt again. Outside the main thread nothing is installed.
+    Python runs the handler wherever the main thread is, and a KeyboardInterrupt raised inside a
+    finaliser or a library frame that swallows it is lost. A sweep once went on to its end after
+    Ctrl-C (under load; where the interrupt went was not found). The loops below check
+    ``INTERRUPTED`` each step, and leaving the block with it set raises KeyboardInterrupt again.
+    Outside the main thread nothing is installed.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
