@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from iwae.diagnostics import KHAT_UNRELIABLE
+from iwae.units import THRESHOLD as UNIT_THRESHOLD
 from pipeline.results import PREFIXES, Results
 from pipeline.storage import Store
 
@@ -88,6 +89,11 @@ def _name(r: Any, origin: bool = True) -> str:
     cell, or a run and its continuation, must not read alike)."""
     name = f"{r.label} s{r.seed}" if int(r.seed) else str(r.label)
     return f"{name} from {r.init_from}" if origin and r.init_from else name
+
+
+def run_labels(summary: pd.DataFrame) -> dict[str, str]:
+    """Each run's name in the plots: the tables' name, so two seeds or a run and its continuation differ."""
+    return {str(r.run_id): _name(r) for r in summary.itertuples()}
 
 
 def _fmt(v: float, se: float | None = None) -> str:
@@ -294,13 +300,13 @@ def plots(results: Results, summary: pd.DataFrame, out_dir: Path, ev: pd.DataFra
 
     files = []
     train = results.read("train")
-    labels = {r.run_id: r.label + (f" seed {r.seed}" if r.seed else "") for r in summary.itertuples()}
+    labels = run_labels(summary)
     style = _style(summary)
     if not train.empty:
         fig, ax = plt.subplots(figsize=(7, 4))
         epochs = dict(zip(summary.run_id, summary.epochs))
         start = {r: epochs.get(src, 0) for r, src in zip(summary.run_id, summary.init_from) if src}  # continued runs
-        for rid, g in train.groupby("run_id"):
+        for rid, g in sorted(train.groupby("run_id"), key=lambda t: labels.get(str(t[0]), str(t[0]))):  # legend in name order
             st = style.get(str(rid), {})
             ax.plot(
                 g["epoch"] + start.get(rid, 0),
@@ -309,15 +315,15 @@ def plots(results: Results, summary: pd.DataFrame, out_dir: Path, ev: pd.DataFra
                 color=st.get("color"),
                 ls=st.get("ls", "-"),
                 marker=st.get("marker", "o"),
-                label=labels.get(rid, rid) + (" (continued)" if rid in start else ""),
+                label=labels.get(rid, rid),
             )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.set_xlabel("epoch")
         ax.set_ylabel("training bound (nats)")
         ax.set_title("Training curves")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: a dozen runs would cover the lines
         files.append(_save(fig, out_dir / "training_curves.png"))
-    done = summary[summary.status == "done"]
+    done = summary[summary.status == "done"].sort_values("run_id", key=lambda ids: ids.map(labels))
     if "nll_l1" in done and done["nll_l1"].notna().any():
         fig, ax = plt.subplots(figsize=(7, 4))
         for r in done.itertuples():
@@ -330,37 +336,56 @@ def plots(results: Results, summary: pd.DataFrame, out_dir: Path, ev: pd.DataFra
         ax.set_xlabel("k (importance samples at test time)")
         ax.set_ylabel("mean test L_k (nats)")
         ax.set_title("L_k against k, from the prefix bounds of one pass")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: a dozen runs would cover the lines
         files.append(_save(fig, out_dir / "lk_vs_k.png"))
-    var_rows = done[done["unit_var_h1"].notna()]
+    var_rows = done[done["unit_var_h1"].notna()].iloc[::-1]  # one row per run, the first name at the top
     if len(var_rows):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        logs = [np.log10(np.clip(np.asarray(r.unit_var_h1, dtype=float), 1e-12, None)) for r in var_rows.itertuples()]
-        lo, hi = min(float(v.min()) for v in logs), max(float(v.max()) for v in logs)
-        bins = list(np.linspace(min(lo, -2.0) - 0.25, max(hi, -2.0) + 0.25, 40))  # fitted to the data, the threshold in view
-        for r, v in zip(var_rows.itertuples(), logs):
-            ax.hist(v, bins=bins, histtype="step", lw=1.5, color=style.get(str(r.run_id), {}).get("color"), label=labels[r.run_id])
-        ax.axvline(-2, color="k", ls="--", lw=1)
-        ax.set_xlabel("log10 variance of the posterior mean (layer 1); active if >= -2")
-        ax.set_ylabel("units")
-        ax.set_title("Active units (paper sec. 5.2, App. C)")
-        ax.legend(fontsize=7)
+        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(var_rows)))
+        jitter = np.random.default_rng(0)
+        for y, r in enumerate(var_rows.itertuples()):
+            var = np.asarray(r.unit_var_h1, dtype=float)
+            x = np.log10(np.clip(var, 1e-12, None))
+            ax.scatter(x, y + jitter.uniform(-0.25, 0.25, len(x)), s=6, alpha=0.7, color=style.get(str(r.run_id), {}).get("color"))
+            n_active = int((var >= UNIT_THRESHOLD).sum())
+            _note_right(ax, y, f"{n_active}/{len(var)}")
+        ax.set_yticks(range(len(var_rows)), [labels[str(r.run_id)] for r in var_rows.itertuples()], fontsize=7)
+        ax.axvline(np.log10(UNIT_THRESHOLD), color="k", ls="--", lw=1)
+        ax.set_xlabel("log10 variance of the posterior mean, one dot per unit (layer 1); active if >= -2", fontsize=8)
+        ax.set_title("Active units (paper sec. 5.2, App. C; right: active / all)", fontsize=9)
         files.append(_save(fig, out_dir / "active_units.png"))
     if ev is not None and "khat" in ev and ev["khat"].notna().any():
-        fig, ax = plt.subplots(figsize=(7, 4))
+        # one box per run, named on its row (overlaid histograms of a dozen runs cannot be told apart)
         finite = ev[np.isfinite(ev["khat"])]
-        lo, hi = float(finite["khat"].min()), float(finite["khat"].max())
-        bins = list(np.linspace(min(lo, 0.0), max(hi, 1.0), 50))
-        for rid, g in finite.groupby("run_id"):
-            g = g[g.eval_k == g.eval_k.max()]
-            ax.hist(g["khat"], bins=bins, histtype="step", lw=1.2, color=style.get(str(rid), {}).get("color"), label=labels.get(rid, rid))
+        per_run = sorted(
+            ((labels.get(str(rid), str(rid)), str(rid), g.loc[g.eval_k == g.eval_k.max(), "khat"].to_numpy()) for rid, g in finite.groupby("run_id")),
+            reverse=True,  # the first name at the top
+        )
+        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(per_run)))
+        box = ax.boxplot(
+            [v for _, _, v in per_run],
+            orientation="horizontal",
+            tick_labels=[n for n, _, _ in per_run],
+            whis=(5, 95),
+            showfliers=False,
+            patch_artist=True,
+            medianprops={"color": "k"},
+        )
+        for patch, (_, rid, _) in zip(box["boxes"], per_run):
+            patch.set_facecolor(style.get(rid, {}).get("color", "tab:gray"))
+            patch.set_alpha(0.6)
+        for y, (_, _, v) in enumerate(per_run, start=1):
+            _note_right(ax, y, f"{np.mean(v > KHAT_UNRELIABLE):.1%}")
         ax.axvline(KHAT_UNRELIABLE, color="k", ls="--", lw=1)
-        ax.set_xlabel("Pareto k-hat of an image's importance weights (> 0.7: unreliable)")
-        ax.set_ylabel("test images")
-        ax.set_title("Reliability of the per-image estimates")
-        ax.legend(fontsize=7)
+        ax.set_xlabel("Pareto k-hat of an image's importance weights (box: quartiles, whiskers: 5-95%; > 0.7: unreliable)", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title("Reliability of the per-image estimates (right: share of images above 0.7)", fontsize=9)
         files.append(_save(fig, out_dir / "khat.png"))
     return files
+
+
+def _note_right(ax: Any, y: float, text: str) -> None:
+    """A run's figure just right of the axes, on its row."""
+    ax.annotate(text, (1.0, y), xycoords=("axes fraction", "data"), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
 
 
 def _save(fig: object, path: Path) -> Path:

@@ -1,10 +1,10 @@
-"""Report tables on small hand-made frames: two seeds of one cell never read alike, and every
-estimator is compared with the standard IWAE of its own seed."""
+"""Report tables and plot labels on small hand-made frames: two seeds of one cell, or a run and its
+continuation, never read alike, and every estimator is compared with the standard IWAE of its own seed."""
 
 import numpy as np
 import pandas as pd
 
-from pipeline.report import estimator_table, reliability_table
+from pipeline.report import estimator_table, reliability_table, run_labels
 
 
 def _frames():
@@ -63,3 +63,11 @@ def test_two_seeds_of_one_run_read_differently_in_the_reliability_table():
     assert table is not None
     names = [r.split("|")[1].strip() for r in table.splitlines()[2:]]
     assert len(set(names)) == len(names) == 3 and "mnist L1 IWAE(k=50) s1" in names, names
+
+
+def test_a_run_and_its_continuation_read_differently_in_the_plots():
+    summary, _ = _frames()
+    cont = summary.iloc[[0]].assign(run_id="iw0c", seed=0, init_from="iw0")  # same label, continued from iw0
+    labels = run_labels(pd.concat([summary, cont], ignore_index=True))
+    assert len(set(labels.values())) == len(labels) == 4, labels
+    assert labels["iw0c"] == "mnist L1 IWAE(k=50) from iw0" and labels["iw1"] == "mnist L1 IWAE(k=50) s1", labels
