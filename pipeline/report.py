@@ -272,7 +272,7 @@ def all_runs_table(summary: pd.DataFrame) -> str:
     for r in summary.itertuples():
         err = f" ({r.error})" if r.status != "done" and r.error else ""
         lines.append(
-            f"| {r.run_id} | {r.label}{' from ' + r.init_from if r.init_from else ''} | {r.epochs} | {r.status}{err} | "
+            f"| {r.run_id} | {_name(r)} | {r.epochs} | {r.status}{err} | "
             f"{_fmt(getattr(r, 'nll', math.nan), getattr(r, 'nll_se', math.nan))} | {_fmt(getattr(r, 'nll_pruned', math.nan))} | {r.active} | "
             f"{int(r.test_images) if not pd.isna(getattr(r, 'test_images', math.nan)) else 0} | {_fmt(r.train_seconds)} |"
         )

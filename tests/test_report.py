@@ -4,7 +4,7 @@ continuation, never read alike, and every estimator is compared with the standar
 import numpy as np
 import pandas as pd
 
-from pipeline.report import estimator_table, reliability_table, run_labels
+from pipeline.report import all_runs_table, estimator_table, reliability_table, run_labels
 
 
 def _frames():
@@ -71,3 +71,10 @@ def test_a_run_and_its_continuation_read_differently_in_the_plots():
     labels = run_labels(pd.concat([summary, cont], ignore_index=True))
     assert len(set(labels.values())) == len(labels) == 4, labels
     assert labels["iw0c"] == "mnist L1 IWAE(k=50) from iw0" and labels["iw1"] == "mnist L1 IWAE(k=50) s1", labels
+
+
+def test_two_seeds_of_one_run_read_differently_in_the_table_of_all_runs():
+    summary, _ = _frames()
+    summary = summary.assign(error="", nll_pruned=np.nan, train_seconds=60.0)
+    names = [r.split("|")[2].strip() for r in all_runs_table(summary).splitlines()[2:]]
+    assert len(set(names)) == len(names) == 3 and "mnist L1 IWAE(k=50) s1" in names, names
