@@ -346,8 +346,7 @@ def plots(results: Results, summary: pd.DataFrame, out_dir: Path, ev: pd.DataFra
             var = np.asarray(r.unit_var_h1, dtype=float)
             x = np.log10(np.clip(var, 1e-12, None))
             ax.scatter(x, y + jitter.uniform(-0.25, 0.25, len(x)), s=6, alpha=0.7, color=style.get(str(r.run_id), {}).get("color"))
-            n_active = int((var >= UNIT_THRESHOLD).sum())
-            _note_right(ax, y, f"{n_active}/{len(var)}")
+            _note_right(ax, y, f"{int(r.active_h1)}/{len(var)}")  # the count the tables give
         ax.set_yticks(range(len(var_rows)), [labels[str(r.run_id)] for r in var_rows.itertuples()], fontsize=7)
         ax.axvline(np.log10(UNIT_THRESHOLD), color="k", ls="--", lw=1)
         ax.set_xlabel("log10 variance of the posterior mean, one dot per unit (layer 1); active if >= -2", fontsize=8)
@@ -373,8 +372,9 @@ def plots(results: Results, summary: pd.DataFrame, out_dir: Path, ev: pd.DataFra
         for patch, (_, rid, _) in zip(box["boxes"], per_run):
             patch.set_facecolor(style.get(rid, {}).get("color", "tab:gray"))
             patch.set_alpha(0.6)
-        for y, (_, _, v) in enumerate(per_run, start=1):
-            _note_right(ax, y, f"{np.mean(v > KHAT_UNRELIABLE):.1%}")
+        high = dict(zip(summary.run_id.astype(str), summary.khat_high))  # the share the reliability table gives
+        for y, (_, rid, _) in enumerate(per_run, start=1):
+            _note_right(ax, y, f"{high.get(rid, math.nan):.1%}")
         ax.axvline(KHAT_UNRELIABLE, color="k", ls="--", lw=1)
         ax.set_xlabel("Pareto k-hat of an image's importance weights (box: quartiles, whiskers: 5-95%; > 0.7: unreliable)", fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
