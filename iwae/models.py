@@ -206,6 +206,11 @@ class IWAEModel(nn.Module):
         post = self.sample_q(x, k, generator, eps=eps)
         return self.log_p(x, post.h, fold_x=fold_x) - self.log_q_standard(post)
 
+    def forward(self, x: Tensor, eps: Sequence[Tensor]) -> Tensor:
+        """``log_weights`` for given noise: ``(B, X), [(K, B, D_l)] -> (K, B)`` (what
+        ``torch.func.functional_call`` calls when :mod:`iwae.pack` maps one model over a pack)."""
+        return self.log_weights(x, eps[0].shape[0], eps=eps)
+
     @torch.no_grad()
     def posterior_means(self, x: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
         """Mean of q for each layer; for layer l > 1, of q(h_l | h_{l-1}) at one sampled h_{l-1}

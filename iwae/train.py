@@ -275,9 +275,27 @@ def train(
             ``"auto"`` compiles runs of at least 500k training examples, where the ~30 s of
             compilation is repaid (bench: +20% to +50% examples/s on CPU); a failure falls back to eager.
         progress: show a progress bar (epochs, the bound, examples/s); ``False`` turns it off.
+
+    Training flushes subnormal floats to zero for the process (``torch.set_flush_denormal``). On a
+    GPU a run of the standard estimator trains as a pack of one (:mod:`iwae.pack`): forward,
+    backward and Adam replay as one CUDA graph (``compile_step=False`` keeps the eager loop).
     """
     sink = checkpoint.DirectoryCheckpoints(checkpoints) if isinstance(checkpoints, (str, Path)) else checkpoints
     dev = pick_device(device)
+    if dev.type == "cuda" and compile_step is not False:
+        from iwae.pack import pack_key, train_pack
+
+        if pack_key(cfg) is not None:  # on a GPU a solo run is a pack of one: its whole step replays as one CUDA graph
+            hook = (lambda g, row: on_epoch(row)) if on_epoch is not None else None
+            (out,) = train_pack([cfg], data, [sink], device=dev, inits=[init], on_epoch=hook, progress=progress)
+            if isinstance(out, NonFiniteError):
+                raise out
+            return out
+    # Subnormal floats (below ~1.2e-38) cost x86 a microcode assist per operation. IWAE's normalised
+    # weights softmax(log_w) underflow into that range for the worst of K=50 samples, and the
+    # backward pass multiplies them through the decoder: flushing them to zero made k=50 steps
+    # ~1.9x faster on a 2-core x86 machine (bench), with no visible change in the bound.
+    torch.set_flush_denormal(True)
     state, resumed = start_state(cfg, data, dev, sink, init)
     total = cfg.schedule.total_epochs
     x_train = torch.as_tensor(data.train[: cfg.train_subset] if cfg.train_subset else data.train, device=dev)
