@@ -9,7 +9,7 @@ DATA   ?= data
 export RAY_USAGE_STATS_ENABLED = 0
 
 
-.PHONY: setup data demo test lint bench repro clean
+.PHONY: setup data demo test lint bench repro gpu-window clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,15 @@ repro: setup data
 
 bench: setup data
 	$(BIN)/iwae-pipeline bench --data-dir $(DATA)
+
+# the budgeted reproduction on whatever device torch sees (docs/gpu.md): no .venv, no Ray, the system's
+# python with torch >= 2.11, pyarrow, pandas, typer, tqdm, matplotlib and data/ present. With $$OUT set
+# (a lent GPU machine), the figures, the report and the tables are copied there.
+GPU_RESULTS ?= results/gpu-window
+SEEDS       ?= --seed 0 --seed 1
+gpu-window:
+	$(PYTHON) -m pipeline repro --minutes 8 $(SEEDS) --results $(GPU_RESULTS) --data-dir $(DATA)
+	@if [ -n "$$OUT" ]; then cp $(GPU_RESULTS)/repro.json $(GPU_RESULTS)/report/report.md "$$OUT"/ && tar czf "$$OUT"/gpu-window-tables.tar.gz -C $(GPU_RESULTS) tables report repro.json && echo "copied to $$OUT"; fi
 
 clean:
 	rm -rf results .pytest_cache .mypy_cache .ruff_cache

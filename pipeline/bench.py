@@ -9,7 +9,12 @@ repeats, medians reported. Figures:
   architecture and data, and the ratio;
 - k=5000 evaluation: decoded samples/s and images/s, the FLOPs per decoded sample, the roofline they
   imply (peak / FLOPs per sample), our fraction of it; the same work through the Ray-sharded path
-  (Ray start-up excluded) and the ratio; the peak resident memory of an evaluation process.
+  (Ray start-up excluded) and the ratio; the peak resident memory of an evaluation process;
+- packing (:mod:`iwae.pack`): total and per-model training examples/s of a pack of G = 1, 2, 4, 8,
+  16 k-sample runs, and on a GPU the step replayed as a CUDA graph against the eager one. Packs are
+  timed after a few hundred training steps, not from a fresh model: a fresh model hides the
+  subnormal floats that training produces; the CPU figures include the step with and without
+  flushing them.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ import torch
 
 from iwae.bounds import IWAE
 from iwae.config import ModelConfig, RunConfig, ScheduleConfig
-from iwae.data import binarize, load_mnist
+from iwae.data import Dataset, binarize, load_mnist
 from iwae.models import IWAEModel
-from iwae.train import make_optimizer, pick_device
+from iwae.pack import Pack
+from iwae.train import make_optimizer, pick_device, start_state
 
 
 def _median_time(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:
@@ -79,7 +85,9 @@ def decoder_flops(cfg: ModelConfig) -> int:
     return 2 * macs
 
 
-def train_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: torch.device, steps: int, repeats: int, compiled: bool = False) -> float:
+def train_throughput(
+    model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: torch.device, steps: int, repeats: int, compiled: bool = False, warm: int | None = None
+) -> float:
     """Our training step (the code `train` runs, eager or compiled): examples/s at batch 20."""
     from iwae.train import _StepBound
 
@@ -100,10 +108,94 @@ def train_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: to
         loss.backward()
         opt.step()
 
-    for i in range(max(5, steps // 5)):
+    for i in range(max(5, steps // 5) if warm is None else warm):
         step(i)
     t = _median_time(lambda: _repeat(step, steps), repeats, _sync(dev))
     return steps * 20 / t
+
+
+def warm_pack(model_cfg: ModelConfig, k: int, size: int, x: torch.Tensor, dev: torch.device, graph: bool, warm_steps: int) -> Pack:
+    """A pack of ``size`` k-sample IWAE runs (seeds 0..size-1) on ``x``, trained ``warm_steps`` steps."""
+    data = Dataset("bench", x.cpu().numpy(), x[:1].cpu().numpy())
+    cfgs = [RunConfig(model=model_cfg, objective=IWAE(k=k), seed=s) for s in range(size)]
+    pack = Pack([start_state(c, data, dev, None, None)[0] for c in cfgs], x.to(dev), graph=graph)
+    pack.run_steps(pack.epoch_orders(), 0, warm_steps)
+    return pack
+
+
+def pack_throughput(pack: Pack, steps: int, repeats: int) -> float:
+    """Training examples/s of ``pack``, summed over its members (batch 20 each)."""
+    orders = pack.epoch_orders()
+    t = _median_time(lambda: pack.run_steps(orders, 0, steps), repeats, _sync(pack.x_train.device))
+    return pack.G * steps * pack.idx.shape[1] / t
+
+
+def bench_packing(
+    x: torch.Tensor, dev: torch.device, quick: bool, echo: Callable[[str], None], k: int = 50, sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
+) -> dict[str, Any]:
+    """Packing figures for the 1-layer paper model at ``k``: ``pack_G{G}`` (total examples/s) per size,
+    the graphed/eager ratio on a GPU, and on a CPU the solo step with subnormals flushed and not."""
+    fig: dict[str, Any] = {}
+    mcfg = ModelConfig.paper(1)
+    cuda = dev.type == "cuda"
+    warm = 20 if quick else 300  # the subnormals appear after a few hundred steps (see iwae.train.train)
+    base_steps = 10 if quick else (400 if cuda else 60)
+    repeats = 2 if quick else 3
+    torch.set_flush_denormal(True)
+    echo(f"packed training, 1-layer k={k}, examples/s at batch 20 per member (after {warm} warm-up steps):")
+    for g in sizes:
+        steps = max(5, base_steps // (1 if cuda else g))
+        total = pack_throughput(warm_pack(mcfg, k, g, x, dev, cuda, warm), steps, repeats)
+        fig[f"pack_k{k}_G{g}"] = total
+        line = f"  G={g:<3d} total {total:9.0f}   per model {total / g:8.0f}   x{total / fig[f'pack_k{k}_G1']:.2f} of G=1"
+        if cuda and g in (1, 8):
+            eager = pack_throughput(warm_pack(mcfg, k, g, x, dev, False, warm), steps, repeats)
+            fig[f"pack_k{k}_G{g}_eager"] = eager
+            fig[f"pack_k{k}_G{g}_graph_over_eager"] = total / eager
+            line += f"   eager {eager:9.0f} (graph x{total / eager:.2f})"
+        echo(line)
+    fig[f"pack_k{k}_step_ms_G1"] = 20e3 / fig[f"pack_k{k}_G1"]
+    if cuda:
+        fig.update(pack_parity(x, dev, k, 20 if quick else 200))
+        echo(
+            f"  parity after {fig['parity_steps']} steps: pack of 2 vs each run alone max |diff| {fig['parity_pack_vs_solo']:.2e}, "
+            f"graphed vs eager {fig['parity_graph_vs_eager']:.2e}"
+        )
+    if not cuda:  # the solo step (iwae.train's loop) with subnormals kept, as before they were flushed
+        torch.set_flush_denormal(False)
+        kept = train_throughput(mcfg, k, x, dev, base_steps, repeats, warm=warm)
+        torch.set_flush_denormal(True)
+        flushed = train_throughput(mcfg, k, x, dev, base_steps, repeats, warm=warm)
+        fig.update({f"solo_k{k}_denormals_kept": kept, f"solo_k{k}_denormals_flushed": flushed, f"solo_k{k}_flush_speedup": flushed / kept})
+        echo(f"  solo step after {warm} steps: subnormals flushed {flushed:.0f} examples/s, kept {kept:.0f} (x{flushed / kept:.2f})")
+    return fig
+
+
+def pack_parity(x: torch.Tensor, dev: torch.device, k: int, steps: int) -> dict[str, Any]:
+    """Largest parameter difference after ``steps`` steps: a VAE and an IWAE trained as a pack of 2
+    against each alone (same streams), and the graphed step against the eager one (on a GPU)."""
+    from iwae.bounds import VAE
+
+    data = Dataset("bench", x.cpu().numpy(), x[:1].cpu().numpy())
+    mcfg = ModelConfig.paper(1)
+    cfgs = [RunConfig(model=mcfg, objective=VAE(k=k), seed=0), RunConfig(model=mcfg, objective=IWAE(k=k), seed=1)]
+
+    def trained(members: list[RunConfig], graph: bool) -> list[dict[str, torch.Tensor]]:
+        pack = Pack([start_state(c, data, dev, None, None)[0] for c in members], x.to(dev), graph=graph)
+        pack.run_steps(pack.epoch_orders(), 0, steps)
+        return [{n: p[g].detach() for n, p in pack.params.items()} for g in range(pack.G)]
+
+    def diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+        return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+    packed = trained(cfgs, True)
+    alone = [trained([c], True)[0] for c in cfgs]
+    eager = trained(cfgs, False)
+    return {
+        "parity_steps": steps,
+        "parity_pack_vs_solo": max(diff(p, a) for p, a in zip(packed, alone)),
+        "parity_graph_vs_eager": max(diff(p, e) for p, e in zip(packed, eager)),
+    }
 
 
 def _repeat(step: Callable[[int], None], n: int) -> None:
@@ -221,6 +313,7 @@ def eval_peak_rss_mib(data_dir: Path, n_images: int) -> float:
 
 def run_bench(quick: bool, pyro: bool, ray_path: bool, data_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:
     dev = pick_device()
+    torch.set_flush_denormal(True)  # as training does (iwae.train.train)
     data = load_mnist(data_dir)
     x = torch.as_tensor(data.train[:20_000])
     steps, repeats = (20, 2) if quick else (150, 3)
@@ -244,6 +337,7 @@ def run_bench(quick: bool, pyro: bool, ray_path: bool, data_dir: Path, echo: Cal
                     fig[f"train_l{layers}_k{k}_ratio"] = ours / theirs
                     line += f"   pyro {theirs:8.0f}   ours/pyro {ours / theirs:5.2f}x"
             echo(line)
+    fig.update(bench_packing(x, dev, quick, echo, sizes=(1, 2, 4) if quick else (1, 2, 4, 8, 16)))
     n_images = 8 if quick else 400
     flops = decoder_flops(ModelConfig.paper(1))
     fig["eval_flops_per_sample"] = flops

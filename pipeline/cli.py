@@ -201,10 +201,27 @@ def data_fetch(
 # ------------------------------------------------------------------------------------------ train
 
 
+PackOpt = Annotated[
+    str,
+    typer.Option(
+        "--pack", help="auto: runs of one shape train as one pack on a GPU (on a CPU only where a quick timing shows a gain); N: packs of at most N runs."
+    ),
+]
+
+
+def _pack_limit(pack: str) -> int | None:
+    """``--pack``: ``None`` for auto, else the largest pack (1 trains every run alone)."""
+    if pack == "auto":
+        return None
+    if not pack.isdigit() or int(pack) < 1:
+        raise UserError(f"--pack takes auto or a number >= 1, got {pack!r}")
+    return int(pack)
+
+
 @app.command()
 @cli_errors
 def train(
-    objective: Annotated[Objective, typer.Option(help="Training bound.")] = Objective.iwae,
+    objective: Annotated[list[Objective] | None, typer.Option(help="Training bound; repeat for several runs (default: iwae).")] = None,
     k: Annotated[int, typer.Option(min=1, help="Samples per example (K of MIWAE/PIWAE).")] = 5,
     m: Annotated[int, typer.Option(min=1, help="Groups M (MIWAE/PIWAE).")] = 1,
     beta: Annotated[float, typer.Option(min=0.0, max=1.0, help="CIWAE mixing weight.")] = 0.5,
@@ -216,7 +233,8 @@ def train(
     epoch_scale: Annotated[float, typer.Option(min=1e-6, help="Scale every stage's 3^i epochs.")] = 1.0,
     batch_size: Annotated[int, typer.Option(min=1, help="Minibatch size (paper: 20).")] = 20,
     authors_code: Annotated[bool, typer.Option(help="Authors' code choices: beta1=0.99, rounded rates, no shuffling.")] = False,
-    seed: int = 0,
+    seed: Annotated[list[int] | None, typer.Option(help="Seed; repeat for several runs (default: 0).")] = None,
+    pack: PackOpt = "auto",
     train_subset: Annotated[int | None, typer.Option(min=1, help="Train on the first N images only.")] = None,
     test_images: Annotated[int, typer.Option(min=0, help="Evaluate on the first N test images (0: skip).")] = 500,
     eval_k: Annotated[int, typer.Option(min=1, help="Importance samples for log p(x).")] = 5000,
@@ -224,47 +242,90 @@ def train(
     results: ResultsOpt = DEFAULT_RESULTS,
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
-    """Train one run in this process (no Ray), then evaluate it and print its numbers."""
+    """Train runs in this process (no Ray): every --objective with every --seed; then evaluate them.
+
+    The tables are the ones a sweep writes, in --results, so `iwae-pipeline report` renders them.
+    """
     from iwae.bounds import objective_from_dict
     from iwae.config import Estimator as RunEstimator
     from iwae.config import ModelConfig, RunConfig, ScheduleConfig
-    from iwae.evaluate import EvalConfig
-    from pipeline.report import run_summary
     from pipeline.results import Results
-    from pipeline.work import EvalPlan, evaluate_local, train_run
 
-    obj: dict[str, Any] = {"name": objective.value, "k": k}
-    if objective in (Objective.miwae, Objective.piwae):
-        obj["m"] = m
-    if objective == Objective.ciwae:
-        obj["beta"] = beta
-    cfg = RunConfig(
-        dataset=dataset,
-        split=split,
-        model=ModelConfig.paper(layers),
-        objective=objective_from_dict(obj),  # parsed once here; a bad value is one line
-        estimator=RunEstimator(estimator.value),
-        schedule=ScheduleConfig(stages=stages, epoch_scale=epoch_scale, batch_size=batch_size, authors_code=authors_code),
-        seed=seed,
-        train_subset=train_subset,
-    )
+    limit = _pack_limit(pack)
+    cfgs = []
+    for o in objective or [Objective.iwae]:
+        obj: dict[str, Any] = {"name": o.value, "k": k}
+        if o in (Objective.miwae, Objective.piwae):
+            obj["m"] = m
+        if o == Objective.ciwae:
+            obj["beta"] = beta
+        for s in seed or [0]:
+            cfgs.append(
+                RunConfig(
+                    dataset=dataset,
+                    split=split,
+                    model=ModelConfig.paper(layers),
+                    objective=objective_from_dict(obj),  # parsed once here; a bad value is one line
+                    estimator=RunEstimator(estimator.value),
+                    schedule=ScheduleConfig(stages=stages, epoch_scale=epoch_scale, batch_size=batch_size, authors_code=authors_code),
+                    seed=s,
+                    train_subset=train_subset,
+                )
+            )
+    cfgs = list({c.run_id: c for c in cfgs}.values())  # a repeated option trains its run once
     _check_local_data(dataset, data_dir, results)
     res = Results.open(_loc(results))
-    typer.echo(f"run {cfg.run_id}: {cfg.label()}, {cfg.schedule.total_epochs} epochs")
-    row = train_run(cfg, res, _loc(data_dir), compile_step=_compile_flag(compile_step), progress=True)
-    units = f"{row['active_h1']}" + (f"+{row['active_h2']}" if row["active_h2"] is not None else "")
-    typer.echo(f"trained: final train bound {row['final_train_bound']:.2f}, active units {units}")
+    for c in cfgs:
+        typer.echo(f"run {c.run_id}: {c.label()} seed {c.seed}, {c.schedule.total_epochs} epochs")
+    _train_in_process(cfgs, res, _loc(data_dir), limit, _compile_flag(compile_step))
     if test_images:
-        shards = max(1, test_images // 100)  # a shard per 100 images: the bar moves, and an interrupt keeps what is done
-        plan = EvalPlan(EvalConfig(k=eval_k), num_images=test_images, shards=shards)
-        bar = _bar(shards, f"k={eval_k} evaluation", "shard")
-        try:
-            evaluate_local(res, _loc(data_dir), [cfg.run_id], plan, progress=bar.update)
-        finally:
-            bar.close()
-        s = run_summary(res)
-        s = s[s.run_id == cfg.run_id].iloc[0]
-        typer.echo(f"test NLL (k={eval_k}, {test_images} images): {s.nll:.2f} ± {s.nll_se:.2f} nats; pruned {s.nll_pruned:.2f}")
+        _evaluate_in_process(res, _loc(data_dir), [c.run_id for c in cfgs], eval_k, test_images)
+
+
+def _train_in_process(cfgs: list[Any], res: Any, data_dir: str, limit: int | None, compile_step: bool | str) -> None:
+    """Train ``cfgs`` here, in packs (``limit``: the largest; ``None``: :func:`iwae.pack.auto_pack_size`)."""
+    import torch
+
+    from iwae.pack import auto_pack_size, group_packs
+    from iwae.train import pick_device
+    from pipeline.work import load_data, train_pack_runs, train_run
+
+    dev = pick_device()
+    for group in group_packs(cfgs, 1 << 30):
+        data = load_data(group[0].dataset, data_dir, group[0].split)
+        size = limit
+        if size is None:
+            c0 = group[0]
+            size = auto_pack_size(group, torch.as_tensor(data.train[: c0.train_subset] if c0.train_subset else data.train, device=dev))
+        for members in group_packs(group, size):
+            if len(members) == 1:
+                row = train_run(members[0], res, data_dir, data=data, compile_step=compile_step, progress=True)
+                rows = [row]
+            else:
+                typer.echo(f"training {len(members)} runs as one pack on {dev}", err=True)
+                rows = train_pack_runs(members, res, data_dir, data=data, progress=True)
+            for row in rows:
+                units = f"{row['active_h1']}" + (f"+{row['active_h2']}" if row["active_h2"] is not None else "")
+                typer.echo(f"trained {row['run_id']}: final train bound {row['final_train_bound']:.2f}, active units {units}")
+
+
+def _evaluate_in_process(res: Any, data_dir: str, run_ids: list[str], eval_k: int, test_images: int) -> None:
+    """Score the first ``test_images`` test images of each run with k=``eval_k``, here; print the NLLs."""
+    from iwae.evaluate import EvalConfig
+    from pipeline.report import run_summary
+    from pipeline.work import EvalPlan, evaluate_local
+
+    shards = max(1, test_images // 100)  # a shard per 100 images: the bar moves, and an interrupt keeps what is done
+    plan = EvalPlan(EvalConfig(k=eval_k), num_images=test_images, shards=shards)
+    bar = _bar(shards * len(run_ids), f"k={eval_k} evaluation", "shard")
+    try:
+        evaluate_local(res, data_dir, run_ids, plan, progress=bar.update)
+    finally:
+        bar.close()
+    summary = run_summary(res).set_index("run_id")
+    for rid in run_ids:
+        s = summary.loc[rid]
+        typer.echo(f"{rid} test NLL (k={eval_k}, {test_images} images): {s.nll:.2f} ± {s.nll_se:.2f} nats; pruned {s.nll_pruned:.2f}")
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -566,6 +627,42 @@ def cluster_check(path: Annotated[Path, typer.Argument(help="Cluster launcher co
     if problems:
         raise UserError(f"{path}: " + "; ".join(problems))
     typer.echo(f"{path}: ok")
+
+
+# ------------------------------------------------------------------------------------------ repro
+
+
+@app.command()
+@cli_errors
+def repro(
+    minutes: Annotated[float, typer.Option(min=0.1, help="The whole budget: measuring, training, evaluation and report.")],
+    seed: Annotated[list[int] | None, typer.Option(help="Seeds of the VAE/IWAE k=50 pair; repeat (default: 0 and 1).")] = None,
+    stages: Annotated[int | None, typer.Option(min=1, max=8, help="Train this many stages instead of what the budget fits.")] = None,
+    test_images: Annotated[int, typer.Option(min=0, max=10_000, help="Score the first N test images with k=5000.")] = 10_000,
+    train_images: Annotated[int, typer.Option(min=0, help="Also score the first N training images (the train-test gap).")] = 1_000,
+    train_subset: Annotated[int | None, typer.Option(min=20, help="Train on the first N images only (tests; changes the run ids).")] = None,
+    results: ResultsOpt = "results/repro-budget",
+    data_dir: DataOpt = DEFAULT_DATA,
+) -> None:
+    """Table 1 at k=50 (VAE and IWAE per seed) in M minutes, in this process on whatever device torch
+    sees: measure, train as many whole stages as fit, score k=5000, write tables, report, repro.json."""
+    from pipeline.repro import run_repro
+    from pipeline.results import Results
+
+    _check_local_data("mnist", data_dir, results)
+    res = Results.open(_loc(results))
+    run_repro(
+        minutes,
+        res,
+        _loc(data_dir),
+        seeds=list(dict.fromkeys(seed or [0, 1])),
+        test_images=test_images,
+        train_images=train_images,
+        stages=stages,
+        train_subset=train_subset,
+        echo=lambda line: typer.echo(line, err=True),
+    )
+    typer.echo(f"repro: figures in {res.store.uri('repro.json')}, report in {res.store.uri('report')}")
 
 
 # ------------------------------------------------------------------------------------------ bench

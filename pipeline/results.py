@@ -109,6 +109,7 @@ RUNS_SCHEMA = pa.schema(
         pa.field("unit_var_h1", pa.list_(pa.float64())),
         pa.field("unit_var_h2", pa.list_(pa.float64())),
         pa.field("device", pa.string()),
+        pa.field("pack", pa.string()),  # the run ids trained with it as one pack (iwae.pack), "+"-joined; "" solo
         pa.field("torch_version", pa.string()),
         pa.field("ray_version", pa.string()),
         pa.field("code_version", pa.string()),
@@ -260,13 +261,13 @@ class Results:
 
 
 def versions() -> dict[str, str]:
+    from importlib import metadata
+
     import torch
 
-    try:
-        import ray
-
-        ray_version = ray.__version__
-    except ImportError:  # pragma: no cover
+    try:  # read from the installed metadata: the in-process commands never import Ray
+        ray_version = metadata.version("ray")
+    except metadata.PackageNotFoundError:
         ray_version = ""
     from pipeline import __version__
 

@@ -30,7 +30,7 @@ from iwae.config import RunConfig
 from iwae.data import MNIST_NPZ, DataError, Dataset, fetch_mnist, load_dataset
 from iwae.evaluate import EvalConfig, binarize_by_id, estimate_log_px
 from iwae.models import IWAEModel
-from iwae.train import FINAL, pick_device, train
+from iwae.train import FINAL, TrainResult, pick_device, train
 from iwae.units import active_masks, prune, unit_variances
 from pipeline.errors import UserError
 from pipeline.results import EVAL_SCHEMA, PREFIXES, DamagedFile, Results, rows_table, versions
@@ -191,6 +191,59 @@ def train_run(
     init = init_checkpoint(results, cfg)
     dev = pick_device(device)
     res = train(cfg, data, StoreCheckpoints(results, cfg.run_id), device=dev, init=init, on_epoch=on_epoch, compile_step=compile_step, progress=progress)
+    return record_run(cfg, results, res, data, dev)
+
+
+def train_pack_runs(
+    cfgs: Sequence[RunConfig],
+    results: Results,
+    data_dir: str | Path,
+    *,
+    device: str | None = None,
+    on_epoch: Callable[[RunConfig, dict[str, Any]], None] | None = None,
+    data: Dataset | None = None,
+    graph: bool = True,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Train runs of one :func:`iwae.pack.pack_key` as one pack (those not complete yet) and write
+    each run's rows as :func:`train_run` does, with the pack's run ids in its ``pack`` column.
+
+    Returns each run's row in the order of ``cfgs``; a member that diverged gets a ``failed`` row
+    (the others are kept) and :class:`~pipeline.errors.RunFailed` names it at the end.
+    """
+    from iwae.pack import train_pack
+    from pipeline.errors import RunFailed
+
+    rows: dict[str, dict[str, Any]] = {}
+    todo = []
+    for c in cfgs:
+        row = results.run_row(c.run_id)
+        if row is not None and row["status"] == "done" and run_complete(results, c.run_id):
+            rows[c.run_id] = row
+        else:
+            todo.append(c)
+    if todo:
+        data = data or load_data(todo[0].dataset, data_dir, todo[0].split)
+        dev = pick_device(device)
+        inits = [init_checkpoint(results, c) for c in todo]
+        sinks: list[checkpoint.Checkpoints | None] = [StoreCheckpoints(results, c.run_id) for c in todo]
+        hook = (lambda g, row: on_epoch(todo[g], row)) if on_epoch is not None else None
+        out = train_pack(todo, data, sinks, device=dev, inits=inits, on_epoch=hook, graph=graph, progress=progress)
+        pack = "+".join(c.run_id for c in todo) if len(todo) > 1 else ""
+        failed = []
+        for c, r in zip(todo, out):
+            if isinstance(r, Exception):
+                mark_failed(results, c, str(r))
+                failed.append(f"{c.run_id} ({r})")
+                continue
+            rows[c.run_id] = record_run(c, results, r, data, dev, pack)
+        if failed:
+            raise RunFailed(f"{len(failed)} of {len(todo)} packed runs failed: {'; '.join(failed)}; the others are kept, run the same command again to retry")
+    return [rows[c.run_id] for c in cfgs]
+
+
+def record_run(cfg: RunConfig, results: Results, res: TrainResult, data: Dataset, dev: torch.device, pack: str = "") -> dict[str, Any]:
+    """Measure a trained run's active units and write its training history and its row."""
     train_x = data.train[: cfg.train_subset] if cfg.train_subset else data.train
     variances = unit_variances(res.model, torch.as_tensor(train_x[: cfg.num_active_examples]))
     masks = active_masks(variances)
@@ -210,6 +263,7 @@ def train_run(
         "unit_var_h1": variances[0].tolist(),
         "unit_var_h2": variances[1].tolist() if len(variances) > 1 else None,
         "device": str(dev),
+        "pack": pack,
         "finished_at": _now(),
         **versions(),
     }
