@@ -198,10 +198,13 @@ class Pack:
         return graph
 
     def run_steps(self, orders: Tensor, first: int, count: int) -> None:
-        """Steps ``first .. first+count-1`` of an epoch whose data orders are ``orders`` ``(G, N)``."""
+        """Steps ``first .. first+count-1`` of an epoch whose data orders are ``orders`` ``(G, N)``
+        (a step past the epoch's last whole batch wraps round to its first: benchmarks only)."""
         bs = self.idx.shape[1]
+        per_epoch = orders.shape[1] // bs
         for step in range(first, first + count):
-            self.idx.copy_(orders[:, step * bs : (step + 1) * bs])
+            b = step % per_epoch
+            self.idx.copy_(orders[:, b * bs : (b + 1) * bs])
             for g, s in enumerate(self.states):  # each member's own stream, in the solo order: binarisation, then noise
                 torch.rand(self.u[g].shape, generator=s.gen, out=self.u[g])
                 for e in self.eps:

@@ -16,6 +16,7 @@ def test_bench_quick_prints_a_json_line(capsys, mnist_dir, tmp_path):
     rc = main(["bench", "--quick", "--no-ray", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "bench.parquet")])
     out = capsys.readouterr().out
     assert rc == 0, out
+    assert "packed training" in out and "subnormals flushed" in out
     figures = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
     for key in (
         "matmul_gflops",
@@ -26,6 +27,10 @@ def test_bench_quick_prints_a_json_line(capsys, mnist_dir, tmp_path):
         "eval_samples_per_s",
         "eval_roofline_fraction",
         "eval_peak_rss_mib",
+        "pack_k50_G1",
+        "pack_k50_G4",
+        "solo_k50_denormals_kept",
+        "solo_k50_flush_speedup",
     ):
         assert key in figures and figures[key] > 0, key
     assert pd.read_parquet(tmp_path / "bench.parquet").loc[0, "eval_flops_per_sample"] == figures["eval_flops_per_sample"]
