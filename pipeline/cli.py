@@ -364,6 +364,7 @@ def sweep(
     eval_cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluation task.")] = 1.0,
     eval_gpus: Annotated[float | None, typer.Option(min=0.0, help="GPUs per evaluation task (default: 1 when the cluster has GPUs).")] = None,
     compile_step: CompileOpt = Compile.auto,
+    pack: PackOpt = "auto",
     test_images: TestImagesOpt = None,
     train_images: TrainImagesOpt = None,
     where: WhereOpt = None,
@@ -378,6 +379,7 @@ def sweep(
     from pipeline.work import run_complete
 
     j = _job(job, size, stages, epoch_scale, where)
+    pack_limit = _pack_limit(pack)
     for dataset in sorted({c.dataset for c in j.runs}):
         _check_local_data(dataset, data_dir, results, address)
     res = Results.open(_loc(results))
@@ -412,7 +414,18 @@ def sweep(
             bar.set_postfix_str(msg[:60])
             bar.refresh()
 
-        rb.sweep(job, j.runs, res, _loc(data_dir), rb.Resources(cpus_per_trial, gpus_per_trial), max_failures, progress, _compile_flag(compile_step), todo=todo)
+        rb.sweep(
+            job,
+            j.runs,
+            res,
+            _loc(data_dir),
+            rb.Resources(cpus_per_trial, gpus_per_trial),
+            max_failures,
+            progress,
+            _compile_flag(compile_step),
+            todo=todo,
+            pack=pack_limit,
+        )
         bar.close()
         if evaluate_after:
             _evaluate(j, res, _loc(data_dir), shards, eval_workers, eval_cpus, eval_gpus, test_images, train_images)
@@ -545,6 +558,7 @@ def submit(
     epoch_scale: Annotated[float | None, typer.Option(min=1e-6)] = None,
     gpus_per_trial: Annotated[float | None, typer.Option(min=0.0, help="GPUs per trial (default: 1 when the cluster has GPUs).")] = None,
     cpus_per_trial: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    pack: PackOpt = "auto",
     where: WhereOpt = None,
     results: Annotated[
         str | None,
@@ -560,6 +574,7 @@ def submit(
     from pipeline.storage import is_uri
 
     _job(job, size, stages, epoch_scale, where)  # validate locally before uploading anything
+    _pack_limit(pack)
     if results is None or not (is_uri(results) or Path(results).is_absolute()):
         got = f"--results {results} is relative: it would land in the job's temporary folder" if results else "--results is needed"
         raise UserError(f"{got}; pass --results s3://BUCKET/PREFIX (or an absolute path every node shares)")
@@ -569,6 +584,7 @@ def submit(
         f"--results {shlex.quote(results)}",
         f"--data-dir {shlex.quote(data_dir)}",
         f"--cpus-per-trial {cpus_per_trial}",
+        f"--pack {pack}",
     ]
     if gpus_per_trial is not None:
         args.append(f"--gpus-per-trial {gpus_per_trial}")

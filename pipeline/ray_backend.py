@@ -29,7 +29,7 @@ from iwae.config import RunConfig
 from pipeline.errors import ConnectTimeout, RunFailed, UserError
 from pipeline.results import Results
 from pipeline.storage import Store
-from pipeline.work import EvalPlan, load_final, mark_failed, prepare_eval, run_complete, scorer, train_run, write_shard
+from pipeline.work import EvalPlan, load_final, mark_failed, prepare_eval, run_complete, scorer, train_pack_runs, train_run, write_shard
 
 ENV_ADDRESS = "RAY_ADDRESS"
 CONNECT_TIMEOUT_S = float(os.environ.get("IWAE_CONNECT_TIMEOUT", "30"))
@@ -242,11 +242,12 @@ class Resources:
 
 
 def _trainable(config: dict[str, Any]) -> None:
-    """One Tune trial = one run. On a retry (any node) it resumes from its checkpoints in the store."""
+    """One Tune trial = one pack of runs (often a pack of one, see :mod:`iwae.pack`). On a retry (any
+    node) each member resumes from its own checkpoints in the store; members already done are kept."""
     import torch
     from ray import tune
 
-    cfg = RunConfig.from_dict(config["run"])
+    cfgs = [RunConfig.from_dict(d) for d in (config.get("pack") or [config["run"]])]  # "run": an experiment from before packs
     results = Results(Store.open(config["results"]))
     threads = int(config.get("threads") or 0)
     if threads:
@@ -255,8 +256,24 @@ def _trainable(config: dict[str, Any]) -> None:
     def report(row: dict[str, Any]) -> None:
         tune.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
 
-    row = train_run(cfg, results, config["data_dir"], on_epoch=report, compile_step=config.get("compile", "auto"))
-    tune.report({"done": 1, "active_h1": row.get("active_h1") or 0, "final_train_bound": row.get("final_train_bound") or 0.0})
+    if len(cfgs) == 1:
+        rows = [train_run(cfgs[0], results, config["data_dir"], on_epoch=report, compile_step=config.get("compile", "auto"))]
+    else:
+        rows = train_pack_runs(cfgs, results, config["data_dir"], on_epoch=lambda cfg, row: report(row))
+    tune.report({"done": 1, "active_h1": rows[0].get("active_h1") or 0, "final_train_bound": rows[0].get("final_train_bound") or 0.0})
+
+
+def pack_runs(todo: Sequence[RunConfig], pack: int | None, gpus_per_trial: float) -> list[list[RunConfig]]:
+    """The trials of a sweep: runs of one :func:`iwae.pack.pack_key` grouped in packs.
+
+    ``pack`` is ``--pack``: a number is the largest pack; ``None`` (auto) packs up to 16 runs when a
+    trial has a GPU (a pack of 16 k=50 models needs well under 1 GB) and none on CPU trials, where
+    the gain is small and machine-dependent (``iwae-pipeline bench`` measures it; ``--pack N`` asks).
+    """
+    from iwae.pack import group_packs
+
+    size = pack if pack is not None else (16 if gpus_per_trial > 0 else 1)
+    return group_packs(list(todo), size)
 
 
 def _tune_storage(results: Results) -> tuple[str, Any]:
@@ -322,6 +339,7 @@ def sweep(
     progress: Callable[[str, int, int], None] | None = None,
     compile_step: bool | str = "auto",
     todo: Sequence[RunConfig] | None = None,
+    pack: int | None = 1,
 ) -> list[str]:
     """Train every run not done yet as a Tune trial; returns the run ids trained. Raises RunFailed.
 
@@ -340,7 +358,8 @@ def sweep(
     # Ctrl-C: Tune's own handler would end every running trial as failed and advise Tuner.restore;
     # without it the interrupt reaches the CLI, which keeps what is finished and says to re-run
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    digest = hashlib.sha256(",".join(sorted(c.run_id for c in todo)).encode()).hexdigest()[:8]
+    trials = pack_runs(todo, pack, res.gpus)
+    digest = hashlib.sha256(";".join(sorted(",".join(c.run_id for c in t) for t in trials)).encode()).hexdigest()[:8]
     exp_name = f"{name}-{digest}"
     storage_path, storage_fs = _tune_storage(results)
     exp_path = f"{storage_path}/{exp_name}"
@@ -351,7 +370,7 @@ def sweep(
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
     else:
         space = {
-            "run": tune.grid_search([c.to_dict() for c in todo]),
+            "pack": tune.grid_search([[c.to_dict() for c in t] for t in trials]),
             "results": results.location,
             "data_dir": str(data_dir),
             "threads": max(1, int(res.cpus)),
@@ -361,8 +380,8 @@ def sweep(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
-                trial_dirname_creator=lambda t: RunConfig.from_dict(t.config["run"]).run_id,
-                trial_name_creator=lambda t: RunConfig.from_dict(t.config["run"]).run_id,
+                trial_dirname_creator=_trial_name,
+                trial_name_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
                 name=exp_name,
@@ -378,10 +397,11 @@ def sweep(
     failed: dict[str, str] = {}  # run id -> why
     for i in range(len(grid)):
         r = grid[i]
-        cfg = RunConfig.from_dict(r.config["run"]) if r.config else None
-        if r.error is not None and cfg is not None and not results.run_done(cfg.run_id):
-            mark_failed(results, cfg, str(r.error))
-            failed[cfg.run_id] = str(r.error).strip().splitlines()[-1][:160]
+        members = [RunConfig.from_dict(d) for d in (r.config.get("pack") or [r.config["run"]])] if r.config else []
+        for cfg in members:
+            if r.error is not None and not results.run_done(cfg.run_id):
+                mark_failed(results, cfg, str(r.error))
+                failed[cfg.run_id] = str(r.error).strip().splitlines()[-1][:160]
     for rid in by_id:
         if rid not in failed and not results.run_done(rid):
             mark_failed(results, by_id[rid], "trial did not finish")
@@ -389,6 +409,13 @@ def sweep(
     if failed:
         raise RunFailed(f"{len(failed)} of {len(todo)} trials failed: " + "; ".join(f"{rid} ({by_id[rid].label()}): {why}" for rid, why in failed.items()))
     return list(by_id)
+
+
+def _trial_name(trial: Any) -> str:
+    """A trial is named by its first run's id, and ``+N`` for the other members of its pack."""
+    members = trial.config.get("pack") or [trial.config["run"]]
+    first = RunConfig.from_dict(members[0]).run_id
+    return first if len(members) == 1 else f"{first}+{len(members) - 1}"
 
 
 def _progress_callback(progress: Callable[[str, int, int], None], total: int) -> Any:
@@ -404,11 +431,11 @@ def _progress_callback(progress: Callable[[str, int, int], None], total: int) ->
                 progress(f"{trial.trial_id[:8]} epoch {result['epoch']} bound {result.get('train_bound', float('nan')):.2f}", self.done, total)
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
-            self.done += 1
+            self.done += len(trial.config.get("pack") or [None])  # runs, not trials: a pack finishes several
             progress("trial finished", self.done, total)
 
         def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
-            self.done += 1
+            self.done += len(trial.config.get("pack") or [None])
             progress("trial failed", self.done, total)
 
     return ProgressCallback()

@@ -93,15 +93,17 @@ def test_report_rebuilds_from_parquet_alone(swept, tmp_path):
 
 
 def test_table2_starts_from_table1_and_estimators_run(tmp_path, ray_local, mnist_dir):
-    """paper_table2 refuses to start before paper_table1; afterwards its runs start from Table 1's
-    checkpoints (model and Adam state) and continue below the scratch loss; the estimators grid
+    """paper_table2 refuses to start before paper_table1 (trained in packs: a Tune trial per pack);
+    afterwards its runs start from Table 1's checkpoints (model and Adam state) and continue below the scratch loss; the estimators grid
     (standard/STL/DReG, MIWAE, CIWAE, PIWAE) trains end to end. Table 1 also scores training
     images (the train-test gap); a run two jobs share is evaluated once."""
     results = tmp_path / "results"
     early = cli("sweep", "paper_table2", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
     assert early.exit_code == 2 and "paper_table1" in early.output
-    t1 = cli("sweep", "paper_table1", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
+    t1 = cli("sweep", "paper_table1", "--size", "smoke", "--pack", "4", "--results", results, "--data-dir", mnist_dir)
     assert t1.exit_code == 0, t1.output
+    packs = pd.read_parquet(results / "tables" / "runs").groupby("pack").run_id.count()
+    assert sorted(packs.values) == [1, 2, 2]  # k=1 alone, VAE+IWAE at k=5 and at k=50
     tr, ev1 = pd.read_parquet(results / "tables" / "eval_train"), pd.read_parquet(results / "tables" / "eval")
     assert len(tr) == 5 * 20 and not tr.duplicated(["run_id", "image_id"]).any() and len(ev1) == 5 * 20
     assert "## Train-test gap" in t1.output and "| mnist | 1 | 1 |" in t1.output
