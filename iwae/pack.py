@@ -181,20 +181,22 @@ class Pack:
         """Capture :meth:`_step` as a CUDA graph (torch docs, "whole network capture"); the warm-up
         steps it needs run on a snapshot that is put back, so capture changes no number."""
         saved = [t.detach().clone() for t in self._state_tensors()]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self._zero_grads()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._zero_grads()
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self._zero_grads()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        self._zero_grads()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step()
-        with torch.no_grad():
-            for t, s in zip(self._state_tensors(), saved):
-                t.copy_(s)
+        finally:  # a failed capture too: the eager fallback must start from the members' own state
+            with torch.no_grad():
+                for t, s in zip(self._state_tensors(), saved):
+                    t.copy_(s)
         return graph
 
     def run_steps(self, orders: Tensor, first: int, count: int) -> None:
@@ -224,7 +226,11 @@ class Pack:
 
     def train_epoch(self, max_skip_fraction: float = 0.01) -> list[dict[str, Any] | NonFiniteError]:
         """One epoch of every member; its metrics row (as :func:`iwae.train.train_epoch`'s) or the
-        :class:`NonFiniteError` of a member that diverged (that member's state is not advanced)."""
+        :class:`NonFiniteError` of a member that diverged (its epoch count is not advanced and the
+        caller drops it without saving; its last checkpoint stays the one to retry from).
+
+        ``seconds`` is the pack's wall time for the epoch, the same for every member: what each run
+        waited, not its share of the device (divide by the pack's size for that)."""
         n, bs = self.x_train.shape[0], self.idx.shape[1]
         steps = n // bs  # the authors drop the last partial batch
         plan = [stage_of_epoch(s.cfg, s.epoch) for s in self.states]

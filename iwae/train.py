@@ -287,7 +287,7 @@ def train(
 
         if pack_key(cfg) is not None:  # on a GPU a solo run is a pack of one: its whole step replays as one CUDA graph
             hook = (lambda g, row: on_epoch(row)) if on_epoch is not None else None
-            (out,) = train_pack([cfg], data, [sink], device=dev, inits=[init], on_epoch=hook, progress=progress)
+            (out,) = train_pack([cfg], data, [sink], device=dev, inits=[init], on_epoch=hook, max_skip_fraction=max_skip_fraction, progress=progress)
             if isinstance(out, NonFiniteError):
                 raise out
             return out

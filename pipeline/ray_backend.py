@@ -359,7 +359,10 @@ def sweep(
     # without it the interrupt reaches the CLI, which keeps what is finished and says to re-run
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     trials = pack_runs(todo, pack, res.gpus)
-    digest = hashlib.sha256(";".join(sorted(",".join(c.run_id for c in t) for t in trials)).encode()).hexdigest()[:8]
+    if all(len(t) == 1 for t in trials):  # the name experiments had before packs, so Tuner.restore finds them
+        digest = hashlib.sha256(",".join(sorted(c.run_id for c in todo)).encode()).hexdigest()[:8]
+    else:
+        digest = hashlib.sha256(";".join(sorted(",".join(c.run_id for c in t) for t in trials)).encode()).hexdigest()[:8]
     exp_name = f"{name}-{digest}"
     storage_path, storage_fs = _tune_storage(results)
     exp_path = f"{storage_path}/{exp_name}"

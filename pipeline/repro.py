@@ -34,7 +34,7 @@ from iwae.train import pick_device
 from pipeline.bench import bench_packing, warm_pack
 from pipeline.report import build_report
 from pipeline.results import Results
-from pipeline.work import EvalPlan, evaluate_local, load_data, train_pack_runs, train_run
+from pipeline.work import EvalPlan, evaluate_local, load_data, train_pack_runs
 
 PAPER_K50 = {"vae": 86.35, "iwae": 84.78}  # Table 1, MNIST, one stochastic layer, k=50 (test NLL, nats)
 REPRO_FILE = "repro.json"
@@ -99,8 +99,11 @@ def run_repro(
     epoch_s = step_s * steps_per_epoch * math.ceil(members / size)
     eval_s = _eval_seconds(dev, members * (test_images + train_images), quick)
     left = deadline - time.monotonic() - eval_s - 20.0  # 20 s for tables and the report
-    if stages is None:
-        stages = int(saved.get("stages") or stages_that_fit(left, epoch_s))
+    if stages is None and saved.get("stages"):
+        stages = int(saved["stages"])
+        echo(f"repro: resuming the {stages}-stage runs of {results} (pass --stages to train another cut, or another --results)")
+    elif stages is None:
+        stages = stages_that_fit(left, epoch_s)
     cfgs = repro_runs(stages, seeds, train_subset)
     epochs = cfgs[0].schedule.total_epochs
     fig.update(
@@ -121,11 +124,8 @@ def run_repro(
     _write_json(results, {**saved, "stages": stages, "seeds": seeds})
 
     t_train = time.monotonic()
-    for pack in group_packs(cfgs, size):
-        if len(pack) == 1:
-            train_run(pack[0], results, data_dir, data=data, progress=True)
-        else:
-            train_pack_runs(pack, results, data_dir, data=data, progress=True)
+    for pack in group_packs(cfgs, size):  # a pack of one too: the loop whose step time was measured
+        train_pack_runs(pack, results, data_dir, data=data, progress=True)
     fig["train_seconds"] = time.monotonic() - t_train
 
     t_eval = time.monotonic()
