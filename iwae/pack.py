@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,9 +41,7 @@ from iwae.config import RunConfig
 from iwae.data import Dataset
 from iwae.estimators import uses_fast_path
 from iwae.models import IWAEModel
-from iwae.train import FINAL, NonFiniteError, TrainResult, TrainState, pick_device, save_checkpoints, stage_of_epoch, start_state
-
-Sink = checkpoint.Checkpoints
+from iwae.train import FINAL, NonFiniteError, TrainResult, TrainState, pick_device, save_checkpoints, stage_of_epoch, start_state, training_images
 
 
 def pack_key(cfg: RunConfig) -> str | None:
@@ -123,13 +122,15 @@ class Pack:
         members = [dict(s.model.named_parameters()) for s in states]
         self.params = {n: torch.stack([m[n].detach() for m in members]).requires_grad_() for n in self.names}  # (G, ...)
         group = states[0].opt.param_groups[0]
-        m, v, steps = [], [], []
+        m, v = [], []
         for n in self.names:
             st = [s.opt.state.get(mem[n], {}) for s, mem in zip(states, members)]
             m.append(torch.stack([x["exp_avg"] if x else torch.zeros_like(mem[n]) for x, mem in zip(st, members)]).detach().clone())
             v.append(torch.stack([x["exp_avg_sq"] if x else torch.zeros_like(mem[n]) for x, mem in zip(st, members)]).detach().clone())
-            steps.append([float(x["step"]) if x else 0.0 for x in st])
-        self.adam = PackedAdam(m, v, torch.tensor(steps[0], device=dev, dtype=dt), tuple(group["betas"]), float(group["eps"]))
+        # torch's Adam counts steps per tensor, but every tensor of a run takes every step: the first one's count is the run's
+        first = [s.opt.state.get(mem[self.names[0]], {}) for s, mem in zip(states, members)]
+        steps = torch.tensor([float(x["step"]) if x else 0.0 for x in first], device=dev, dtype=dt)
+        self.adam = PackedAdam(m, v, steps, tuple(group["betas"]), float(group["eps"]))
         self.template = copy.deepcopy(states[0].model).to("meta")  # the code of the model; weights come from the pack
         self._log_w = torch.func.vmap(self._member_log_w)
         bs, k = cfg.schedule.batch_size, cfg.objective.num_samples
@@ -147,6 +148,28 @@ class Pack:
             except Exception as e:  # an unsupported op or driver: eager steps give the same numbers, slower
                 self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 warnings.warn(f"CUDA graph capture of the training step failed ({self.graph_error}); training eagerly", stacklevel=2)
+
+    @classmethod
+    def fresh(cls, cfgs: Sequence[RunConfig], x_train: Tensor, graph: bool = True) -> Pack:
+        """A pack of freshly initialised runs ``cfgs`` on ``x_train`` (timings and probes: no checkpoints)."""
+        data = Dataset("probe", x_train.cpu().numpy(), x_train[:1].cpu().numpy())  # the output bias comes from these images
+        return cls([start_state(c, data, x_train.device, None, None)[0] for c in cfgs], x_train, graph=graph)
+
+    def examples_per_s(self, steps: int, repeats: int = 1) -> float:
+        """Training examples/s summed over the members: the median of ``repeats`` timings of ``steps``
+        steps (they train the pack: for timings and probes only)."""
+        orders = self.epoch_orders()
+        cuda = self.x_train.device.type == "cuda"
+        times = []
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            self.run_steps(orders, 0, steps)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return self.G * steps * self.idx.shape[1] / statistics.median(times)
 
     def _member_log_w(self, params: dict[str, Tensor], x: Tensor, eps: list[Tensor]) -> Tensor:
         return torch.func.functional_call(self.template, params, (x, eps))  # (B, X) -> (K, B)
@@ -270,7 +293,7 @@ class Pack:
     @torch.no_grad()
     def _write_back(self) -> None:
         """Copy each member's slice into its own model and Adam (what its checkpoints save)."""
-        steps = self.adam.step_count.tolist()
+        steps, lrs = self.adam.step_count.tolist(), self.lr.tolist()
         for g, s in enumerate(self.states):
             named = dict(s.model.named_parameters())
             for i, n in enumerate(self.names):
@@ -282,13 +305,13 @@ class Pack:
                     "exp_avg_sq": self.adam.exp_avg_sq[i][g].clone(),
                 }
             for group in s.opt.param_groups:
-                group["lr"] = float(self.lr[g])
+                group["lr"] = lrs[g]
 
 
 def train_pack(
     cfgs: Sequence[RunConfig],
     data: Dataset,
-    sinks: Sequence[Sink | None],
+    sinks: Sequence[checkpoint.Checkpoints | None],
     *,
     device: str | torch.device | None = None,
     inits: Sequence[dict[str, Any] | None] | None = None,
@@ -313,11 +336,8 @@ def train_pack(
     inits = list(inits) if inits is not None else [None] * len(cfgs)
     started = [start_state(c, data, dev, s, i) for c, s, i in zip(cfgs, sinks, inits)]
     states = [st for st, _ in started]
-    cfg = cfgs[0]
-    x_train = torch.as_tensor(data.train[: cfg.train_subset] if cfg.train_subset else data.train, device=dev)
-    if x_train.shape[0] // cfg.schedule.batch_size == 0:
-        raise ValueError(f"batch size {cfg.schedule.batch_size} is larger than the {x_train.shape[0]} training examples")
-    total = cfg.schedule.total_epochs
+    x_train = training_images(cfgs[0], data, dev)
+    total = cfgs[0].schedule.total_epochs
     errors: dict[int, NonFiniteError] = {}
     bar = None
     if progress:
@@ -386,20 +406,12 @@ def auto_pack_size(cfgs: Sequence[RunConfig], x_train: Tensor, max_size: int = 6
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         return max(1, min(n, max_size, int(free // 2 // member_bytes(cfgs[0]))))
-    available = x_train.shape[0] // cfgs[0].schedule.batch_size
-    if available < 12:  # too little data to time a step
+    if x_train.shape[0] // cfgs[0].schedule.batch_size < 12:  # too little data to time a step
         return 1
-    from iwae.data import Dataset as _Dataset
-
-    data = _Dataset("probe", x_train.cpu().numpy(), x_train[:1].cpu().numpy())
     rates = {}
     for size in (1, min(n, 4)):
-        pack = Pack([start_state(c, data, dev, None, None)[0] for c in cfgs[:size]], x_train, graph=False)
-        orders = pack.epoch_orders()
-        pack.run_steps(orders, 0, 2)  # warm-up
-        steps = min(available - 2, max(3, 24 // size))
-        t0 = time.perf_counter()
-        pack.run_steps(orders, 2, steps)
-        rates[size] = size * steps / (time.perf_counter() - t0)
+        pack = Pack.fresh(cfgs[:size], x_train, graph=False)
+        pack.run_steps(pack.epoch_orders(), 0, 2)  # warm-up
+        rates[size] = pack.examples_per_s(max(3, 24 // size))
     best = max(rates, key=lambda s: rates[s])
     return best if rates[best] > 1.1 * rates[1] else 1

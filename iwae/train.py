@@ -148,6 +148,15 @@ def build_model(cfg: RunConfig, data: Dataset, device: torch.device) -> IWAEMode
     return model.to(device)
 
 
+def training_images(cfg: RunConfig, data: Dataset, device: torch.device) -> torch.Tensor:
+    """The grey-level images ``cfg`` trains on ``(N, X)`` (its ``train_subset``), on ``device``;
+    ``ValueError`` when they do not fill one batch."""
+    x_train = torch.as_tensor(data.train[: cfg.train_subset] if cfg.train_subset else data.train, device=device)
+    if x_train.shape[0] // cfg.schedule.batch_size == 0:
+        raise ValueError(f"batch size {cfg.schedule.batch_size} is larger than the {x_train.shape[0]} training examples")
+    return x_train
+
+
 @dataclass
 class TrainState:
     """Everything a run carries from one epoch to the next (and into its checkpoints)."""
@@ -298,9 +307,7 @@ def train(
     torch.set_flush_denormal(True)
     state, resumed = start_state(cfg, data, dev, sink, init)
     total = cfg.schedule.total_epochs
-    x_train = torch.as_tensor(data.train[: cfg.train_subset] if cfg.train_subset else data.train, device=dev)
-    if x_train.shape[0] // cfg.schedule.batch_size == 0:
-        raise ValueError(f"batch size {cfg.schedule.batch_size} is larger than the {x_train.shape[0]} training examples")
+    x_train = training_images(cfg, data, dev)
     if compile_step == "auto":
         compile_step = (total - state.epoch) * x_train.shape[0] >= 500_000
     step_bound = _StepBound(state.model, cfg.objective, cfg.estimator, bool(compile_step))

@@ -34,13 +34,13 @@ import torch
 
 from iwae.bounds import IWAE
 from iwae.config import ModelConfig, RunConfig, ScheduleConfig
-from iwae.data import Dataset, binarize, load_mnist
+from iwae.data import binarize, load_mnist
 from iwae.models import IWAEModel
 from iwae.pack import Pack
-from iwae.train import make_optimizer, pick_device, start_state
+from iwae.train import make_optimizer, pick_device
 
 
-def _median_time(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:
+def median_time(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:
     times = []
     for _ in range(repeats):
         sync()
@@ -51,7 +51,7 @@ def _median_time(fn: Callable[[], None], repeats: int, sync: Callable[[], None])
     return statistics.median(times)
 
 
-def _sync(dev: torch.device) -> Callable[[], None]:
+def device_sync(dev: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
 
 
@@ -67,7 +67,7 @@ def matmul_peak(dev: torch.device, quick: bool) -> float:
         for _ in range(reps):
             a @ b
 
-    t = _median_time(run, 3, _sync(dev))
+    t = median_time(run, 3, device_sync(dev))
     return 2 * n**3 * reps / t / 1e9
 
 
@@ -110,24 +110,15 @@ def train_throughput(
 
     for i in range(max(5, steps // 5) if warm is None else warm):
         step(i)
-    t = _median_time(lambda: _repeat(step, steps), repeats, _sync(dev))
+    t = median_time(lambda: _repeat(step, steps), repeats, device_sync(dev))
     return steps * 20 / t
 
 
 def warm_pack(model_cfg: ModelConfig, k: int, size: int, x: torch.Tensor, dev: torch.device, graph: bool, warm_steps: int) -> Pack:
     """A pack of ``size`` k-sample IWAE runs (seeds 0..size-1) on ``x``, trained ``warm_steps`` steps."""
-    data = Dataset("bench", x.cpu().numpy(), x[:1].cpu().numpy())
-    cfgs = [RunConfig(model=model_cfg, objective=IWAE(k=k), seed=s) for s in range(size)]
-    pack = Pack([start_state(c, data, dev, None, None)[0] for c in cfgs], x.to(dev), graph=graph)
+    pack = Pack.fresh([RunConfig(model=model_cfg, objective=IWAE(k=k), seed=s) for s in range(size)], x.to(dev), graph=graph)
     pack.run_steps(pack.epoch_orders(), 0, warm_steps)
     return pack
-
-
-def pack_throughput(pack: Pack, steps: int, repeats: int) -> float:
-    """Training examples/s of ``pack``, summed over its members (batch 20 each)."""
-    orders = pack.epoch_orders()
-    t = _median_time(lambda: pack.run_steps(orders, 0, steps), repeats, _sync(pack.x_train.device))
-    return pack.G * steps * pack.idx.shape[1] / t
 
 
 def bench_packing(
@@ -145,11 +136,11 @@ def bench_packing(
     echo(f"packed training, 1-layer k={k}, examples/s at batch 20 per member (after {warm} warm-up steps):")
     for g in sizes:
         steps = max(5, base_steps // (1 if cuda else g))
-        total = pack_throughput(warm_pack(mcfg, k, g, x, dev, cuda, warm), steps, repeats)
+        total = warm_pack(mcfg, k, g, x, dev, cuda, warm).examples_per_s(steps, repeats)
         fig[f"pack_k{k}_G{g}"] = total
         line = f"  G={g:<3d} total {total:9.0f}   per model {total / g:8.0f}   x{total / fig[f'pack_k{k}_G1']:.2f} of G=1"
         if cuda and g in (1, 8):
-            eager = pack_throughput(warm_pack(mcfg, k, g, x, dev, False, warm), steps, repeats)
+            eager = warm_pack(mcfg, k, g, x, dev, False, warm).examples_per_s(steps, repeats)
             fig[f"pack_k{k}_G{g}_eager"] = eager
             fig[f"pack_k{k}_G{g}_graph_over_eager"] = total / eager
             line += f"   eager {eager:9.0f} (graph x{total / eager:.2f})"
@@ -176,12 +167,11 @@ def pack_parity(x: torch.Tensor, dev: torch.device, k: int, steps: int) -> dict[
     against each alone (same streams), and the graphed step against the eager one (on a GPU)."""
     from iwae.bounds import VAE
 
-    data = Dataset("bench", x.cpu().numpy(), x[:1].cpu().numpy())
     mcfg = ModelConfig.paper(1)
     cfgs = [RunConfig(model=mcfg, objective=VAE(k=k), seed=0), RunConfig(model=mcfg, objective=IWAE(k=k), seed=1)]
 
     def trained(members: list[RunConfig], graph: bool) -> list[dict[str, torch.Tensor]]:
-        pack = Pack([start_state(c, data, dev, None, None)[0] for c in members], x.to(dev), graph=graph)
+        pack = Pack.fresh(members, x.to(dev), graph=graph)
         pack.run_steps(pack.epoch_orders(), 0, steps)
         return [{n: p[g].detach() for n, p in pack.params.items()} for g in range(pack.G)]
 
@@ -239,7 +229,7 @@ def pyro_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: tor
 
     for i in range(max(5, steps // 5)):
         step(i)
-    t = _median_time(lambda: _repeat(step, steps), repeats, _sync(dev))
+    t = median_time(lambda: _repeat(step, steps), repeats, device_sync(dev))
     return steps * 20 / t
 
 

@@ -250,6 +250,7 @@ def train(
     from iwae.config import Estimator as RunEstimator
     from iwae.config import ModelConfig, RunConfig, ScheduleConfig
     from pipeline.results import Results
+    from pipeline.work import train_in_process
 
     limit = _pack_limit(pack)
     cfgs = []
@@ -277,36 +278,12 @@ def train(
     res = Results.open(_loc(results))
     for c in cfgs:
         typer.echo(f"run {c.run_id}: {c.label()} seed {c.seed}, {c.schedule.total_epochs} epochs")
-    _train_in_process(cfgs, res, _loc(data_dir), limit, _compile_flag(compile_step))
+    rows = train_in_process(cfgs, res, _loc(data_dir), pack_limit=limit, compile_step=_compile_flag(compile_step), notice=lambda m: typer.echo(m, err=True))
+    for row in rows:
+        units = f"{row['active_h1']}" + (f"+{row['active_h2']}" if row["active_h2"] is not None else "")
+        typer.echo(f"trained {row['run_id']}: final train bound {row['final_train_bound']:.2f}, active units {units}")
     if test_images:
         _evaluate_in_process(res, _loc(data_dir), [c.run_id for c in cfgs], eval_k, test_images)
-
-
-def _train_in_process(cfgs: list[Any], res: Any, data_dir: str, limit: int | None, compile_step: bool | str) -> None:
-    """Train ``cfgs`` here, in packs (``limit``: the largest; ``None``: :func:`iwae.pack.auto_pack_size`)."""
-    import torch
-
-    from iwae.pack import auto_pack_size, group_packs
-    from iwae.train import pick_device
-    from pipeline.work import load_data, train_pack_runs, train_run
-
-    dev = pick_device()
-    for group in group_packs(cfgs, 1 << 30):
-        data = load_data(group[0].dataset, data_dir, group[0].split)
-        size = limit
-        if size is None:
-            c0 = group[0]
-            size = auto_pack_size(group, torch.as_tensor(data.train[: c0.train_subset] if c0.train_subset else data.train, device=dev))
-        for members in group_packs(group, size):
-            if len(members) == 1:
-                row = train_run(members[0], res, data_dir, data=data, compile_step=compile_step, progress=True)
-                rows = [row]
-            else:
-                typer.echo(f"training {len(members)} runs as one pack on {dev}", err=True)
-                rows = train_pack_runs(members, res, data_dir, data=data, progress=True)
-            for row in rows:
-                units = f"{row['active_h1']}" + (f"+{row['active_h2']}" if row["active_h2"] is not None else "")
-                typer.echo(f"trained {row['run_id']}: final train bound {row['final_train_bound']:.2f}, active units {units}")
 
 
 def _evaluate_in_process(res: Any, data_dir: str, run_ids: list[str], eval_k: int, test_images: int) -> None:

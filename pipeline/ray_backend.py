@@ -29,7 +29,7 @@ from iwae.config import RunConfig
 from pipeline.errors import ConnectTimeout, RunFailed, UserError
 from pipeline.results import Results
 from pipeline.storage import Store
-from pipeline.work import EvalPlan, load_final, mark_failed, prepare_eval, run_complete, scorer, train_pack_runs, train_run, write_shard
+from pipeline.work import EvalPlan, load_final, mark_failed, prepare_eval, run_complete, scorer, train_members, write_shard
 
 ENV_ADDRESS = "RAY_ADDRESS"
 CONNECT_TIMEOUT_S = float(os.environ.get("IWAE_CONNECT_TIMEOUT", "30"))
@@ -247,7 +247,7 @@ def _trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    cfgs = [RunConfig.from_dict(d) for d in (config.get("pack") or [config["run"]])]  # "run": an experiment from before packs
+    cfgs = [RunConfig.from_dict(d) for d in _members(config)]
     results = Results(Store.open(config["results"]))
     threads = int(config.get("threads") or 0)
     if threads:
@@ -256,11 +256,13 @@ def _trainable(config: dict[str, Any]) -> None:
     def report(row: dict[str, Any]) -> None:
         tune.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
 
-    if len(cfgs) == 1:
-        rows = [train_run(cfgs[0], results, config["data_dir"], on_epoch=report, compile_step=config.get("compile", "auto"))]
-    else:
-        rows = train_pack_runs(cfgs, results, config["data_dir"], on_epoch=lambda cfg, row: report(row))
+    rows = train_members(cfgs, results, config["data_dir"], on_epoch=lambda cfg, row: report(row), compile_step=config.get("compile", "auto"))
     tune.report({"done": 1, "active_h1": rows[0].get("active_h1") or 0, "final_train_bound": rows[0].get("final_train_bound") or 0.0})
+
+
+def _members(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run configs of a trial's config: its pack, or the one run of an experiment from before packs."""
+    return list(config.get("pack") or [config["run"]])
 
 
 def pack_runs(todo: Sequence[RunConfig], pack: int | None, gpus_per_trial: float) -> list[list[RunConfig]]:
@@ -359,10 +361,8 @@ def sweep(
     # without it the interrupt reaches the CLI, which keeps what is finished and says to re-run
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     trials = pack_runs(todo, pack, res.gpus)
-    if all(len(t) == 1 for t in trials):  # the name experiments had before packs, so Tuner.restore finds them
-        digest = hashlib.sha256(",".join(sorted(c.run_id for c in todo)).encode()).hexdigest()[:8]
-    else:
-        digest = hashlib.sha256(";".join(sorted(",".join(c.run_id for c in t) for t in trials)).encode()).hexdigest()[:8]
+    # packs of one give the name an experiment had before packs (its run ids, sorted), so Tuner.restore finds it
+    digest = hashlib.sha256(",".join(sorted("+".join(c.run_id for c in t) for t in trials)).encode()).hexdigest()[:8]
     exp_name = f"{name}-{digest}"
     storage_path, storage_fs = _tune_storage(results)
     exp_path = f"{storage_path}/{exp_name}"
@@ -400,7 +400,7 @@ def sweep(
     failed: dict[str, str] = {}  # run id -> why
     for i in range(len(grid)):
         r = grid[i]
-        members = [RunConfig.from_dict(d) for d in (r.config.get("pack") or [r.config["run"]])] if r.config else []
+        members = [RunConfig.from_dict(d) for d in _members(r.config)] if r.config else []
         for cfg in members:
             if r.error is not None and not results.run_done(cfg.run_id):
                 mark_failed(results, cfg, str(r.error))
@@ -416,7 +416,7 @@ def sweep(
 
 def _trial_name(trial: Any) -> str:
     """A trial is named by its first run's id, and ``+N`` for the other members of its pack."""
-    members = trial.config.get("pack") or [trial.config["run"]]
+    members = _members(trial.config)
     first = RunConfig.from_dict(members[0]).run_id
     return first if len(members) == 1 else f"{first}+{len(members) - 1}"
 
@@ -434,11 +434,11 @@ def _progress_callback(progress: Callable[[str, int, int], None], total: int) ->
                 progress(f"{trial.trial_id[:8]} epoch {result['epoch']} bound {result.get('train_bound', float('nan')):.2f}", self.done, total)
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
-            self.done += len(trial.config.get("pack") or [None])  # runs, not trials: a pack finishes several
+            self.done += len(_members(trial.config))  # runs, not trials: a pack finishes several
             progress("trial finished", self.done, total)
 
         def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
-            self.done += len(trial.config.get("pack") or [None])
+            self.done += len(_members(trial.config))
             progress("trial failed", self.done, total)
 
     return ProgressCallback()

@@ -159,6 +159,12 @@ def run_complete(results: Results, run_id: str) -> bool:
     return True
 
 
+def completed_row(results: Results, cfg: RunConfig) -> dict[str, Any] | None:
+    """The run's row when the run is complete (:func:`run_complete`), else ``None``: train it."""
+    row = results.run_row(cfg.run_id)
+    return row if row is not None and row["status"] == "done" and run_complete(results, cfg.run_id) else None
+
+
 def init_checkpoint(results: Results, cfg: RunConfig) -> dict[str, Any] | None:
     """The final checkpoint of ``cfg.init_from`` (Table 2 starts from Table 1's models)."""
     if not cfg.init_from:
@@ -184,8 +190,8 @@ def train_run(
 
     Returns the run's row. A run already complete is returned as it is, without training.
     """
-    row = results.run_row(cfg.run_id)
-    if row is not None and row["status"] == "done" and run_complete(results, cfg.run_id):
+    row = completed_row(results, cfg)
+    if row is not None:
         return row
     data = data or load_data(cfg.dataset, data_dir, cfg.split)
     init = init_checkpoint(results, cfg)
@@ -217,8 +223,8 @@ def train_pack_runs(
     rows: dict[str, dict[str, Any]] = {}
     todo = []
     for c in cfgs:
-        row = results.run_row(c.run_id)
-        if row is not None and row["status"] == "done" and run_complete(results, c.run_id):
+        row = completed_row(results, c)
+        if row is not None:
             rows[c.run_id] = row
         else:
             todo.append(c)
@@ -239,6 +245,51 @@ def train_pack_runs(
             rows[c.run_id] = record_run(c, results, r, data, dev, pack)
         if failed:
             raise RunFailed(f"{len(failed)} of {len(todo)} packed runs failed: {'; '.join(failed)}; the others are kept, run the same command again to retry")
+    return [rows[c.run_id] for c in cfgs]
+
+
+def train_members(
+    cfgs: Sequence[RunConfig],
+    results: Results,
+    data_dir: str | Path,
+    *,
+    on_epoch: Callable[[RunConfig, dict[str, Any]], None] | None = None,
+    data: Dataset | None = None,
+    compile_step: bool | str = "auto",
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Train ``cfgs``, one pack key (a Tune trial, or a pack of ``train``): one run through
+    :func:`train_run` (its own loop, compiled where that pays), several as one pack."""
+    if len(cfgs) == 1:
+        hook = (lambda row: on_epoch(cfgs[0], row)) if on_epoch is not None else None
+        return [train_run(cfgs[0], results, data_dir, on_epoch=hook, data=data, compile_step=compile_step, progress=progress)]
+    return train_pack_runs(cfgs, results, data_dir, on_epoch=on_epoch, data=data, progress=progress)
+
+
+def train_in_process(
+    cfgs: Sequence[RunConfig],
+    results: Results,
+    data_dir: str | Path,
+    *,
+    pack_limit: int | None,
+    compile_step: bool | str = "auto",
+    notice: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``cfgs`` in this process, in packs of one key: at most ``pack_limit`` runs each, or, with
+    ``None``, as many as :func:`iwae.pack.auto_pack_size` finds worth it on this device. Rows in order."""
+    from iwae.pack import auto_pack_size, group_packs
+    from iwae.train import training_images
+
+    dev = pick_device()
+    rows: dict[str, dict[str, Any]] = {}
+    for group in group_packs(cfgs, 1 << 30):
+        data = load_data(group[0].dataset, data_dir, group[0].split)
+        size = pack_limit if pack_limit is not None else auto_pack_size(group, training_images(group[0], data, dev))
+        for members in group_packs(group, size):
+            if len(members) > 1 and notice is not None:
+                notice(f"training {len(members)} runs as one pack on {dev}")
+            for c, row in zip(members, train_members(members, results, data_dir, data=data, compile_step=compile_step, progress=True)):
+                rows[c.run_id] = row
     return [rows[c.run_id] for c in cfgs]
 
 

@@ -7,7 +7,7 @@ from iwae import checkpoint
 from iwae.config import ModelConfig, RunConfig, ScheduleConfig
 from iwae.data import synthetic
 from iwae.pack import Pack, PackedAdam, group_packs, pack_key, train_pack
-from iwae.train import FINAL, TrainState, _StepBound, make_optimizer, start_state, train, train_epoch
+from iwae.train import FINAL, _StepBound, start_state, train, train_epoch
 
 SMALL = ModelConfig(x_dim=784, latent=(4,), hidden_q=((16,),), hidden_p=((16,),))
 TWO = ModelConfig(x_dim=784, latent=(4, 3), hidden_q=((16,), (8,)), hidden_p=((16,), (8,)))
@@ -141,11 +141,4 @@ def test_pack_keys_group_runs_of_one_shape():
     assert [len(p) for p in group_packs(runs, 8)] == [1, 3, 1]
     assert [len(p) for p in group_packs(runs, 2)] == [1, 2, 1, 1]
     with pytest.raises(ValueError, match="one shape"):
-        Pack([TrainState(r, *_fresh(r)) for r in runs[2:4]], torch.zeros(20, 784))
-
-
-def _fresh(c):
-    from iwae.train import build_model
-
-    m = build_model(c, synthetic(n_train=20, n_test=2), torch.device("cpu"))
-    return m, make_optimizer(m, c), torch.Generator().manual_seed(c.seed)
+        Pack.fresh(runs[2:4], torch.zeros(20, 784))
