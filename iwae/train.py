@@ -335,13 +335,13 @@ def _progress_bar(total: int, start: int, cfg: RunConfig) -> Any:
     return tqdm(total=total, initial=start, desc=cfg.label(), unit="epoch", dynamic_ncols=True)
 
 
-def load_model(path: Path, device: str | torch.device | None = None) -> tuple[IWAEModel, RunConfig, dict[str, Any]]:
-    """Model, config and raw checkpoint from a checkpoint file (safe load)."""
-    ck = checkpoint.load(path)
+def model_from_checkpoint(ck: dict[str, Any], name: str = "checkpoint", device: str | torch.device | None = None) -> tuple[IWAEModel, RunConfig]:
+    """The model (in eval mode, on ``device``) and config a loaded checkpoint holds
+    (:func:`iwae.checkpoint.load` or ``from_bytes``); ``CheckpointError`` naming ``name`` if they do not fit."""
     try:
         cfg = RunConfig.from_dict(ck["config"])
         model = IWAEModel(cfg.model)
         model.load_state_dict(ck["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise checkpoint.CheckpointError(f"{path} does not match its config ({type(e).__name__}); retrain the run") from None
-    return model.to(pick_device(device)).eval(), cfg, ck
+        raise checkpoint.CheckpointError(f"{name} does not match its config ({type(e).__name__}); retrain the run") from None
+    return model.to(pick_device(device)).eval(), cfg

@@ -27,6 +27,19 @@ class Job:
     train_images: int = 0  # also evaluate this many training images (the train-test gap)
     requires: tuple[str, ...] = ()  # jobs whose runs this one starts from
 
+    def datasets(self) -> list[str]:
+        return sorted({c.dataset for c in self.runs})
+
+    def eval_sizes(self, dataset: str, test_images: int | None = None, train_images: int | None = None) -> list[tuple[str, int, bool]]:
+        """What its evaluation on ``dataset`` scores: ``(images, count, pruned)`` for the test images
+        (the job's count, or the whole test set: MNIST 10,000, Omniglot 8,070) and, when asked, the
+        first training images (the train-test gap); the options override the job's counts."""
+        from iwae.data import TEST_SIZES
+
+        n_train = self.train_images if train_images is None else train_images
+        out = [("test", test_images or self.test_images or TEST_SIZES[dataset], self.pruned)]
+        return out + ([("train", n_train, False)] if n_train else [])
+
 
 def cut(cfg: RunConfig, size: str, stages: int | None, epoch_scale: float | None) -> RunConfig:
     """Apply the smoke size and a schedule cut to one run config."""

@@ -34,10 +34,11 @@ import torch
 
 from iwae.bounds import IWAE
 from iwae.config import ModelConfig, RunConfig, ScheduleConfig
-from iwae.data import binarize, load_mnist
+from iwae.data import binarize
 from iwae.models import IWAEModel
 from iwae.pack import Pack
 from iwae.train import make_optimizer, pick_device
+from pipeline.datasource import DataSource
 
 
 def median_time(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:
@@ -240,27 +241,27 @@ def _fake_results(root: Path, model_cfg: ModelConfig, data: Any) -> tuple[Any, s
     from pipeline.results import Results
 
     cfg = RunConfig(model=model_cfg, objective=IWAE(k=5), schedule=ScheduleConfig(stages=1))
-    res = Results.open(root)
+    res = Results.open(str(root))
     model = build_model(cfg, data, torch.device("cpu"))
     payload = _checkpoint_payload(cfg, model, make_optimizer(model, cfg), torch.Generator(), 1, [], 0.0)
-    res.store.write_bytes(f"{res.run_key(cfg.run_id)}/{FINAL}", checkpoint.to_bytes(payload))
+    res.store.write_bytes(f"{res.checkpoint_key(cfg.run_id)}/{FINAL}", checkpoint.to_bytes(payload))
     return res, cfg.run_id
 
 
-def eval_throughput(data_dir: Path, data: Any, n_images: int, ray_path: bool, echo: Callable[[str], None]) -> dict[str, Any]:
-    """k=5000 evaluation through the pipeline's shard evaluator: in-process, then on Ray actors."""
+def eval_throughput(data: DataSource, mnist: Any, n_images: int, ray_path: bool, echo: Callable[[str], None]) -> dict[str, Any]:
+    """k=5000 evaluation through the pipeline's shard evaluator: in-process, then as Ray tasks."""
     from iwae.evaluate import EvalConfig
-    from pipeline.work import EvalPlan, ShardScorer, prepare_eval
+    from pipeline.ledger import EvalPlan, ShardLedger
+    from pipeline.work import ShardScorer
 
     model_cfg = ModelConfig.paper(1)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:
-        res, run_id = _fake_results(Path(tmp) / "local", model_cfg, data)
+        res, run_id = _fake_results(Path(tmp) / "local", model_cfg, mnist)
         plan = EvalPlan(EvalConfig(k=5000), num_images=n_images, shards=2, pruned=False)
-        ev = ShardScorer(res, data_dir, plan)
+        ev = ShardScorer(ShardLedger(res, plan), data)
         ev.images(RunConfig())  # load the data before timing
         ev.score(run_id, 0)  # load the model and compile (start-up, not measured)
-        prepare_eval(res, run_id, plan)
         t0 = time.perf_counter()
         for s in range(plan.shards):
             ev.score(run_id, s)
@@ -268,18 +269,18 @@ def eval_throughput(data_dir: Path, data: Any, n_images: int, ray_path: bool, ec
         out["eval_images_per_s"] = n_images / t_local
         out["eval_samples_per_s"] = n_images * 5000 / t_local
         if ray_path:
-            from pipeline import ray_backend as rb
+            from pipeline.driver import ray_session
+            from pipeline.ray_backend.cluster import Resources
+            from pipeline.ray_backend.tasks import score_shards
 
-            res2, run_id2 = _fake_results(Path(tmp) / "ray", model_cfg, data)
-            owned = rb.connect()
-            try:
+            res2, run_id2 = _fake_results(Path(tmp) / "ray", model_cfg, mnist)
+            with ray_session(None):
                 cpus = float(os.cpu_count() or 1)
                 timings: dict[str, float] = {}
-                rb.evaluate(res2, data_dir, [run_id2], plan, rb.Resources(cpus=cpus / plan.shards, gpus=0.0), workers=plan.shards, timings=timings)
+                sl = ShardLedger(res2, plan)
+                items = sl.prepare([run_id2])
+                score_shards(sl, data, items, Resources(cpus=cpus / plan.shards, gpus=0.0), workers=plan.shards, timings=timings)
                 t_ray = timings["work_seconds"]
-            finally:
-                if owned:
-                    rb.shutdown()
             out["eval_ray_images_per_s"] = n_images / t_ray
             out["eval_ray_over_local"] = t_local / t_ray
     return out
@@ -301,11 +302,12 @@ def eval_peak_rss_mib(data_dir: Path, n_images: int) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
-def run_bench(quick: bool, pyro: bool, ray_path: bool, data_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:
+def run_bench(quick: bool, pyro: bool, ray_path: bool, data: DataSource, echo: Callable[[str], None]) -> dict[str, Any]:
     dev = pick_device()
     torch.set_flush_denormal(True)  # as training does (iwae.train.train)
-    data = load_mnist(data_dir)
-    x = torch.as_tensor(data.train[:20_000])
+    mnist = data.load("mnist")
+    data_dir = data.folder("mnist")
+    x = torch.as_tensor(mnist.train[:20_000])
     steps, repeats = (20, 2) if quick else (150, 3)
     fig: dict[str, Any] = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": quick}
     fig["matmul_gflops"] = matmul_peak(dev, quick)
@@ -332,7 +334,7 @@ def run_bench(quick: bool, pyro: bool, ray_path: bool, data_dir: Path, echo: Cal
     flops = decoder_flops(ModelConfig.paper(1))
     fig["eval_flops_per_sample"] = flops
     fig["eval_roofline_samples_per_s"] = fig["matmul_gflops"] * 1e9 / flops
-    fig.update(eval_throughput(data_dir, data, n_images, ray_path, echo))
+    fig.update(eval_throughput(data, mnist, n_images, ray_path, echo))
     fig["eval_roofline_fraction"] = fig["eval_samples_per_s"] / fig["eval_roofline_samples_per_s"]
     echo(
         f"k=5000 evaluation, {n_images} images, 1-layer: {fig['eval_samples_per_s']:.0f} samples/s, {fig['eval_images_per_s']:.1f} images/s; "

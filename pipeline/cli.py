@@ -43,11 +43,18 @@ DEFAULT_RESULTS = "results"
 DEFAULT_DATA = "data"
 
 
-def _loc(location: str) -> str:
-    """A local path made absolute (Ray workers run elsewhere); a URI as it is."""
+def _results(location: str, create: bool = True) -> Any:
+    """The results location, opened once here and passed down as an object."""
+    from pipeline.results import Results
     from pipeline.storage import is_uri
 
-    return location if is_uri(location) else str(Path(location).expanduser().absolute())
+    return Results.open(location if is_uri(location) else str(Path(location).expanduser().absolute()), create=create)
+
+
+def _data(location: str) -> Any:
+    from pipeline.datasource import DataSource
+
+    return DataSource.open(location)
 
 
 class Size(str, Enum):
@@ -156,25 +163,6 @@ def _command(cmd: str, job: str, size: Size, stages: int | None, epoch_scale: fl
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _check_local_data(dataset: str, data_dir: str, results: str, address: str | None = None) -> None:
-    """Before any work on this machine: the data is there (on a cluster each node fetches its own)."""
-    from iwae.data import MNIST_NPZ, load_dataset
-    from pipeline.storage import is_uri
-
-    if address or os.environ.get("RAY_ADDRESS") or is_uri(data_dir) or dataset == "synthetic":
-        return
-    folder = Path(data_dir)
-    if dataset == "mnist" and not (folder / MNIST_NPZ).exists() and not any(folder.glob("train-images-idx3-ubyte*")):
-        raise UserError(f"MNIST is not in {data_dir}; run `iwae-pipeline data fetch mnist --data-dir {data_dir}` (or pass --data-dir with it)")
-    load_dataset(dataset, folder)  # present but damaged or stale: its own one-line error
-
-
-def _bar(total: int, desc: str, unit: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=None)
-
-
 # ------------------------------------------------------------------------------------------ data
 
 
@@ -194,7 +182,7 @@ def data_fetch(
 
     if is_uri(data_dir):
         raise UserError(f"fetch into a local folder, then copy mnist.npz to {data_dir}; --data-dir takes a folder here")
-    path = fetch_mnist(_loc(data_dir), source)
+    path = fetch_mnist(Path(data_dir).expanduser().absolute(), source)
     typer.echo(f"mnist ready: {path}")
 
 
@@ -249,7 +237,6 @@ def train(
     from iwae.bounds import objective_from_dict
     from iwae.config import Estimator as RunEstimator
     from iwae.config import ModelConfig, RunConfig, ScheduleConfig
-    from pipeline.results import Results
     from pipeline.work import train_in_process
 
     limit = _pack_limit(pack)
@@ -274,35 +261,24 @@ def train(
                 )
             )
     cfgs = list({c.run_id: c for c in cfgs}.values())  # a repeated option trains its run once
-    _check_local_data(dataset, data_dir, results)
-    res = Results.open(_loc(results))
+    data = _data(data_dir)
+    data.check_here(dataset)
+    res = _results(results)
     for c in cfgs:
         typer.echo(f"run {c.run_id}: {c.label()} seed {c.seed}, {c.schedule.total_epochs} epochs")
-    rows = train_in_process(cfgs, res, _loc(data_dir), pack_limit=limit, compile_step=_compile_flag(compile_step), notice=lambda m: typer.echo(m, err=True))
+    rows = train_in_process(cfgs, res, data, pack_limit=limit, compile_step=_compile_flag(compile_step), notice=lambda m: typer.echo(m, err=True))
     for row in rows:
         units = f"{row['active_h1']}" + (f"+{row['active_h2']}" if row["active_h2"] is not None else "")
         typer.echo(f"trained {row['run_id']}: final train bound {row['final_train_bound']:.2f}, active units {units}")
     if test_images:
-        _evaluate_in_process(res, _loc(data_dir), [c.run_id for c in cfgs], eval_k, test_images)
+        from pipeline.driver import score_first_images
+        from pipeline.report import run_summary
 
-
-def _evaluate_in_process(res: Any, data_dir: str, run_ids: list[str], eval_k: int, test_images: int) -> None:
-    """Score the first ``test_images`` test images of each run with k=``eval_k``, here; print the NLLs."""
-    from iwae.evaluate import EvalConfig
-    from pipeline.report import run_summary
-    from pipeline.work import EvalPlan, evaluate_local
-
-    shards = max(1, test_images // 100)  # a shard per 100 images: the bar moves, and an interrupt keeps what is done
-    plan = EvalPlan(EvalConfig(k=eval_k), num_images=test_images, shards=shards)
-    bar = _bar(shards * len(run_ids), f"k={eval_k} evaluation", "shard")
-    try:
-        evaluate_local(res, data_dir, run_ids, plan, progress=bar.update)
-    finally:
-        bar.close()
-    summary = run_summary(res).set_index("run_id")
-    for rid in run_ids:
-        s = summary.loc[rid]
-        typer.echo(f"{rid} test NLL (k={eval_k}, {test_images} images): {s.nll:.2f} ± {s.nll_se:.2f} nats; pruned {s.nll_pruned:.2f}")
+        score_first_images(res, data, [c.run_id for c in cfgs], eval_k, test_images)
+        summary = run_summary(res).set_index("run_id")
+        for c in cfgs:
+            s = summary.loc[c.run_id]
+            typer.echo(f"{c.run_id} test NLL (k={eval_k}, {test_images} images): {s.nll:.2f} ± {s.nll_se:.2f} nats; pruned {s.nll_pruned:.2f}")
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -350,123 +326,43 @@ def sweep(
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
     """Train a job's grid on Ray Tune (resumable), evaluate it with Ray tasks, print the report."""
-    from pipeline import ray_backend as rb
+    from pipeline import driver
+    from pipeline.errors import UserError
     from pipeline.report import build_report
-    from pipeline.results import Results
-    from pipeline.work import run_complete
 
     j = _job(job, size, stages, epoch_scale, where)
     pack_limit = _pack_limit(pack)
-    for dataset in sorted({c.dataset for c in j.runs}):
-        _check_local_data(dataset, data_dir, results, address)
-    res = Results.open(_loc(results))
-    done = {c.run_id for c in j.runs if run_complete(res, c.run_id)}  # the job's state, computed once
-    if any(c.init_from and c.init_from not in done and not run_complete(res, c.init_from) for c in j.runs if c.run_id not in done):
-        req = " and ".join(j.requires) or "the runs it starts from"
-        again = _command("sweep", req, size, stages, epoch_scale, None, results, data_dir)
-        raise UserError(f"{job} starts from {req}'s runs; run `{again}` first")
+    data = _data(data_dir)
+    if driver.on_local_ray(address):
+        for dataset in j.datasets():
+            data.check_here(dataset)
     t0 = time.monotonic()
-    owned = rb.connect(address)
-    try:
-        try:
-            rb.check_storage(res)
-        except UserError:
-            res.discard_if_new()
-            raise
-        gpus_per_trial, eval_gpus = _default_gpus(gpus_per_trial, rb), _default_gpus(eval_gpus, rb)
-        todo = [c for c in j.runs if c.run_id not in done]
-        if todo:
-            rb.check_resources(cpus_per_trial, gpus_per_trial)  # before the first line: a request no node meets is one error line
-        typer.echo(
-            f"{job}: {len(j.runs)} runs ({len(todo)} to train); each trial gets {cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU, "
-            f"each evaluation task {eval_cpus:g} CPU and {eval_gpus:g} GPU; results in {res}",
-            err=True,
-        )
-        bar = _bar(len(j.runs), f"{job}: trials", "trial")
-        bar.update(len(done))
-        base = bar.n
-
-        def progress(msg: str, done: int, total: int) -> None:
-            bar.n = base + done
-            bar.set_postfix_str(msg[:60])
-            bar.refresh()
-
-        rb.sweep(
+    with driver.ray_session(address):
+        res = _results(results)
+        ledger = driver.survey_runs(res, j.runs, notice=lambda m: typer.echo(m, err=True))
+        if driver.missing_start(j.runs, ledger):
+            req = " and ".join(j.requires) or "the runs it starts from"
+            raise UserError(f"{job} starts from {req}'s runs; run `{_command('sweep', req, size, stages, epoch_scale, None, results, data_dir)}` first")
+        driver.check_storage(res)
+        ledger = driver.train_job(
             job,
             j.runs,
             res,
-            _loc(data_dir),
-            rb.Resources(cpus_per_trial, gpus_per_trial),
-            max_failures,
-            progress,
-            _compile_flag(compile_step),
-            todo=todo,
+            data,
+            ledger,
+            cpus=cpus_per_trial,
+            gpus=gpus_per_trial,
             pack=pack_limit,
+            max_failures=max_failures,
+            compile_step=_compile_flag(compile_step),
+            echo=lambda m: typer.echo(m, err=True),
         )
-        bar.close()
         if evaluate_after:
-            _evaluate(j, res, _loc(data_dir), shards, eval_workers, eval_cpus, eval_gpus, test_images, train_images)
-    finally:
-        if owned:
-            rb.shutdown()
-    rep = build_report(res)
-    typer.echo(rep.markdown)
+            driver.evaluate_job(
+                j, res, data, ledger, shards=shards, test_images=test_images, train_images=train_images, workers=eval_workers, cpus=eval_cpus, gpus=eval_gpus
+            )
+    typer.echo(build_report(res).markdown)
     typer.echo(f"{job}: done in {time.monotonic() - t0:.0f} s; tables in {res.store.uri('tables')}, report in {res.store.uri('report')}")
-
-
-def _default_gpus(asked: float | None, rb: Any) -> float:
-    """The user's choice, else one GPU per worker when the cluster has GPUs (none otherwise)."""
-    if asked is not None:
-        return asked
-    return 1.0 if rb.gpus_in_cluster() >= 1 else 0.0
-
-
-def _evaluate(
-    j: Any,
-    res: Any,
-    data_dir: str,
-    shards: int | None,
-    workers: int | None,
-    cpus: float,
-    gpus: float,
-    test_images: int | None,
-    train_images: int | None,
-    retries: int = 3,
-) -> None:
-    """The job's k=5000 evaluation on the test set (and the pruned models), then on training images.
-
-    Each dataset is sized on its own (MNIST has 10,000 test images, Omniglot 8,070).
-    """
-    from iwae.data import TEST_SIZES
-    from pipeline.work import EvalPlan
-
-    n_train = j.train_images if train_images is None else train_images
-    for dataset in sorted({c.dataset for c in j.runs}):
-        run_ids = [c.run_id for c in j.runs if c.dataset == dataset and res.run_done(c.run_id)]
-        n_test = test_images or j.test_images or TEST_SIZES[dataset]
-        plans = [EvalPlan(j.eval, num_images=n_test, shards=shards or max(1, n_test // 500), pruned=j.pruned)]
-        if n_train:
-            plans.append(EvalPlan(j.eval, num_images=n_train, shards=max(1, n_train // 500), pruned=False, images="train"))
-        for plan in plans:
-            _evaluate_plan(f"{j.name} {dataset}", plan, res, data_dir, run_ids, workers, cpus, gpus, retries)
-
-
-def _evaluate_plan(name: str, plan: Any, res: Any, data_dir: str, run_ids: list[str], workers: int | None, cpus: float, gpus: float, retries: int = 3) -> None:
-    from pipeline import ray_backend as rb
-
-    bar = _bar(0, f"{name}: {plan.images} shards", "shard")
-
-    def progress(done: int, total: int) -> None:  # total: the shards still to do when it started
-        bar.total, bar.n = total, done
-        bar.refresh()
-
-    def notice(line: str) -> None:
-        bar.write(line, file=sys.stderr)
-
-    try:
-        rb.evaluate(res, data_dir, run_ids, plan, rb.Resources(cpus, gpus), workers, progress, notice=notice, max_retries=retries)
-    finally:
-        bar.close()
 
 
 @app.command()
@@ -489,20 +385,21 @@ def evaluate(
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
     """Evaluate a job's trained runs (k=5000, sharded over Ray tasks); shards already written whole are skipped."""
-    from pipeline import ray_backend as rb
-    from pipeline.results import Results
+    from pipeline import driver
 
     j = _job(job, size, stages, epoch_scale, where)
-    res = Results.open(_loc(results), create=False)
-    if not any(res.run_done(c.run_id) for c in j.runs):
+    data = _data(data_dir)
+    res = _results(results, create=False)  # never creates: it may be read before the cluster answers
+    ledger = driver.survey_runs(res, j.runs, notice=lambda m: typer.echo(m, err=True))
+    if not any(ledger.done(c.run_id) for c in j.runs):
         raise UserError(f"no trained runs of {job} in {res}; run `{_command('sweep', job, size, stages, epoch_scale, where, results, data_dir)}` first")
-    owned = rb.connect(address)
-    try:
-        rb.check_storage(res)
-        _evaluate(j, res, _loc(data_dir), shards, workers, cpus, _default_gpus(gpus, rb), test_images, train_images, retries)
-    finally:
-        if owned:
-            rb.shutdown()
+    for why in ledger.incomplete(j.runs):
+        raise UserError(why)  # the first: a trained run whose files do not read whole
+    with driver.ray_session(address):
+        driver.check_storage(res)
+        driver.evaluate_job(
+            j, res, data, ledger, shards=shards, test_images=test_images, train_images=train_images, workers=workers, cpus=cpus, gpus=gpus, retries=retries
+        )
     typer.echo(f"evaluated {job} into {res.store.uri('tables/eval')}")
 
 
@@ -511,9 +408,8 @@ def evaluate(
 def report(results: ResultsOpt = DEFAULT_RESULTS, out: Annotated[Path | None, typer.Option(help="Output folder (default: RESULTS/report).")] = None) -> None:
     """Render Table 1 (ours beside the paper's), all runs, and PNG plots from the Parquet results."""
     from pipeline.report import build_report
-    from pipeline.results import Results
 
-    res = Results.open(_loc(results), create=False)
+    res = _results(results, create=False)
     rep = build_report(res, out)
     if rep.summary.empty:
         raise UserError(f"no runs in {res} yet; fill it with `iwae-pipeline sweep demo --results {shlex.quote(results)}` (see `iwae-pipeline jobs`)")
@@ -547,7 +443,7 @@ def submit(
     timeout: Annotated[float, typer.Option(min=1.0, help="Seconds to wait with --wait.")] = 3600.0,
 ) -> None:
     """Submit `iwae-pipeline sweep JOB` to a Ray cluster (Ray Jobs), uploading this working directory."""
-    from pipeline import ray_backend as rb
+    from pipeline.ray_backend import jobs as rb
     from pipeline.storage import is_uri
 
     _job(job, size, stages, epoch_scale, where)  # validate locally before uploading anything
@@ -585,7 +481,7 @@ def submit(
 @cli_errors
 def status(submission_id: str, address: SubmitAddress) -> None:
     """Status of a submitted job (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    from pipeline import ray_backend as rb
+    from pipeline.ray_backend import jobs as rb
 
     typer.echo(rb.status(address, submission_id))
 
@@ -596,7 +492,7 @@ def logs(
     submission_id: str, address: SubmitAddress, follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False
 ) -> None:
     """Logs of a submitted job."""
-    from pipeline import ray_backend as rb
+    from pipeline.ray_backend import jobs as rb
 
     rb.logs(address, submission_id, follow, lambda s: typer.echo(s, nl=False))
 
@@ -605,7 +501,7 @@ def logs(
 @cli_errors
 def stop(submission_id: str, address: SubmitAddress) -> None:
     """Stop a submitted job."""
-    from pipeline import ray_backend as rb
+    from pipeline.ray_backend import jobs as rb
 
     typer.echo("stopped" if rb.stop(address, submission_id) else "not running")
 
@@ -640,14 +536,14 @@ def repro(
     """Table 1 at k=50 (VAE and IWAE per seed) in M minutes, in this process on whatever device torch
     sees: measure, train as many whole stages as fit, score k=5000, write tables, report, repro.json."""
     from pipeline.repro import run_repro
-    from pipeline.results import Results
 
-    _check_local_data("mnist", data_dir, results)
-    res = Results.open(_loc(results))
+    data = _data(data_dir)
+    data.check_here("mnist")
+    res = _results(results)
     run_repro(
         minutes,
         res,
-        _loc(data_dir),
+        data,
         seeds=list(dict.fromkeys(seed or [0, 1])),
         test_images=test_images,
         train_images=train_images,
@@ -673,14 +569,14 @@ def bench(
     """Measure training examples/s (ours vs Pyro), k=5000 evaluation throughput vs the matmul roofline, memory."""
     from pipeline.bench import run_bench
 
-    figures = run_bench(quick=quick, pyro=pyro, ray_path=ray_path, data_dir=Path(_loc(data_dir)), echo=typer.echo)
+    figures = run_bench(quick=quick, pyro=pyro, ray_path=ray_path, data=_data(data_dir), echo=typer.echo)
     typer.echo(json.dumps(figures, sort_keys=True))
     if out is not None:
         import pyarrow as pa
 
-        from pipeline.results import write_arrow_atomic
+        from pipeline.storage import Store
 
-        write_arrow_atomic(pa.Table.from_pylist([figures]), out)
+        Store.open(out.parent).write_table(out.name, pa.Table.from_pylist([figures]))
 
 
 def run() -> None:

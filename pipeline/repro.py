@@ -32,9 +32,12 @@ from iwae.evaluate import EvalConfig
 from iwae.pack import group_packs
 from iwae.train import pick_device, training_images
 from pipeline.bench import bench_packing, device_sync
+from pipeline.datasource import DataSource
+from pipeline.driver import evaluate_here
+from pipeline.ledger import EvalPlan
 from pipeline.report import build_report
 from pipeline.results import Results
-from pipeline.work import EvalPlan, evaluate_local, load_data, train_pack_runs
+from pipeline.work import train_members
 
 PAPER_K50 = {"vae": 86.35, "iwae": 84.78}  # Table 1, MNIST, one stochastic layer, k=50 (test NLL, nats)
 REPRO_FILE = "repro.json"
@@ -61,7 +64,7 @@ def stages_that_fit(seconds: float, epoch_seconds: float) -> int:
 def run_repro(
     minutes: float,
     results: Results,
-    data_dir: str,
+    data: DataSource,
     *,
     seeds: list[int],
     test_images: int,
@@ -74,8 +77,8 @@ def run_repro(
     t_start = time.monotonic()
     deadline = t_start + 60.0 * minutes
     dev = pick_device()
-    data = load_data("mnist", data_dir)
-    x_train = training_images(repro_runs(1, seeds, train_subset)[0], data, dev)
+    ds = data.load("mnist")
+    x_train = training_images(repro_runs(1, seeds, train_subset)[0], ds, dev)
     saved = _read_json(results)
     fig: dict[str, Any] = {"device": _device_name(dev), "torch": torch.__version__, "minutes": minutes, "seeds": seeds}
     quick = minutes < 5
@@ -118,7 +121,7 @@ def run_repro(
 
     t_train = time.monotonic()
     for pack in group_packs(cfgs, size):  # a pack of one too: the loop whose step time was measured
-        train_pack_runs(pack, results, data_dir, data=data, progress=True)
+        train_members(pack, results, data, packed=True, dataset=ds, progress=True)
     fig["train_seconds"] = time.monotonic() - t_train
 
     t_eval = time.monotonic()
@@ -126,7 +129,7 @@ def run_repro(
     for images, n in (("test", test_images), ("train", train_images)):
         if n:
             plan = EvalPlan(EvalConfig(k=5000), num_images=n, shards=max(1, n // 500), images=images)
-            evaluate_local(results, data_dir, run_ids, plan)
+            evaluate_here(results, data, run_ids, plan, show=False)
     fig["eval_seconds"] = time.monotonic() - t_eval
     fig["runs"], fig["gains"] = table1_k50(results, cfgs)
     build_report(results)

@@ -26,7 +26,6 @@ import json
 import platform
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -126,12 +125,6 @@ def rows_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
 
 
-def write_arrow_atomic(table: pa.Table, path: Path) -> None:
-    """Write an Arrow table to a local ``path`` atomically (temp name starting with ``_``, then rename)."""
-    store = Store.open(Path(path).parent)
-    store.write_table(Path(path).name, table)
-
-
 class DamagedFile(Exception):
     """A results file that was read but does not parse: proven damaged, safe to move aside."""
 
@@ -144,7 +137,7 @@ class Results:
     created: bool = False  # this open made the location (a failed check may then remove it whole)
 
     @classmethod
-    def open(cls, location: str | Path, create: bool = True) -> Results:
+    def open(cls, location: str, create: bool = True) -> Results:
         store = Store.open(location)
         where = store.uri()
         try:
@@ -196,18 +189,17 @@ class Results:
     def table_key(self, name: str) -> str:
         return f"tables/{name}"
 
-    def run_key(self, run_id: str) -> str:
-        """Where a run's checkpoints live (``runs/<run_id>``)."""
+    def checkpoint_key(self, run_id: str) -> str:
+        """The folder of a run's checkpoints (``runs/<run_id>``)."""
         return f"runs/{run_id}"
 
-    def runs_key(self, run_id: str) -> str:
+    def row_key(self, run_id: str) -> str:
+        """A run's row in the runs table."""
         return f"tables/runs/{run_id}.parquet"
 
-    def train_key(self, run_id: str) -> str:
+    def history_key(self, run_id: str) -> str:
+        """A run's training history (one row per epoch)."""
         return f"tables/train/{run_id}.parquet"
-
-    def eval_key(self, run_id: str, table: str = "eval") -> str:
-        return f"tables/{table}/{run_id}"
 
     @property
     def tune_key(self) -> str:
@@ -240,21 +232,22 @@ class Results:
                 raise UserError(f"{e}; move that file out of the results (a re-run of the same command redoes it)") from None
         return pa.concat_tables(tables).to_pandas()
 
-    def run_row(self, run_id: str) -> dict[str, Any] | None:
-        """The run's row, or None when there is none, or when it is damaged (moved aside, to redo)."""
-        key = self.runs_key(run_id)
+    def read_row(self, run_id: str) -> dict[str, Any] | None:
+        """The run's row (None when there is none); ``DamagedFile`` when it does not read whole.
+
+        A reader: it never moves a file (:func:`pipeline.ledger.repair` does, before any work)."""
         try:
-            rows = self.read_file(key, "runs").to_pylist()
+            rows = self.read_file(self.row_key(run_id), "runs").to_pylist()
         except FileNotFoundError:
-            return None
-        except DamagedFile:
-            self.store.quarantine(key)  # proven damaged: the run is redone, the file kept aside
             return None
         return rows[0] if rows else None
 
-    def run_done(self, run_id: str) -> bool:
-        row = self.run_row(run_id)
-        return row is not None and row["status"] == "done"
+    def run_row(self, run_id: str) -> dict[str, Any] | None:
+        """The run's row, or None when there is none or it is damaged (to be redone)."""
+        try:
+            return self.read_row(run_id)
+        except DamagedFile:
+            return None
 
     def write_rows(self, key: str, rows: list[dict[str, Any]], name: str) -> None:
         self.store.write_table(key, rows_table(rows, SCHEMAS[name]))

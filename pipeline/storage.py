@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from iwae.files import write_atomic
 from pipeline.errors import UserError
 
 QUARANTINE = "_quarantine"  # damaged files are moved here, never deleted
@@ -137,18 +138,7 @@ class Store:
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write a whole object atomically (temp name + rename locally, one PUT on object stores)."""
         if self.is_local:
-            path = Path(self.path(key))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f"_tmp-{uuid.uuid4().hex}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            write_atomic(self.path(key), data)
             return
         with self.fs.open_output_stream(self.path(key)) as f:
             f.write(data)  # one call with the whole payload: nothing to complete half-way
@@ -165,9 +155,6 @@ class Store:
             Path(self.path(dest)).parent.mkdir(parents=True, exist_ok=True)
         self.fs.move(self.path(key), self.path(dest))
         return self.uri(dest)
-
-    def delete(self, key: str) -> None:
-        self.fs.delete_file(self.path(key))
 
     def delete_dir(self, prefix: str) -> None:
         info = self.fs.get_file_info(self.path(prefix))

@@ -33,8 +33,8 @@ def ray_local():
     """One real local Ray for the whole session (start-up costs ~7 s), loopback only."""
     import ray
 
-    from pipeline import ray_backend
+    from pipeline.ray_backend import cluster
 
-    ray_backend.connect(num_cpus=2)  # the CLI's own embedded start-up, loopback only
+    cluster.connect(num_cpus=2)  # the CLI's own embedded start-up, loopback only
     yield ray
-    ray_backend.shutdown()
+    cluster.shutdown()

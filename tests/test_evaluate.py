@@ -1,17 +1,15 @@
 """Evaluator: identity seeds, batching-independence, active units and pruning."""
 
-import importlib
 import math
 import warnings
 
 import torch
 
+import iwae.evaluate as evaluate_module
 from iwae.evaluate import EvalConfig, binarize_by_id, estimate_log_px
 from iwae.units import active_masks, prune, unit_variances
 from tests.test_models import exact_log_px_by_quadrature
 from tests.tiny import tiny_model
-
-evaluate_module = importlib.import_module("iwae.evaluate")
 
 
 def test_estimate_does_not_depend_on_batching_or_order():

@@ -401,7 +401,7 @@ def test_report_on_an_empty_results_folder_exits_2_with_the_command_that_fills_i
 def test_a_swallowed_ctrl_c_is_raised_again_when_the_guarded_loop_ends():
     """A KeyboardInterrupt that some frame swallows (as a finaliser does) is not lost: the guard
     remembers the SIGINT and raises again on the way out; the previous handler comes back."""
-    from pipeline.ray_backend import INTERRUPTED, interrupt_guard
+    from pipeline.ray_backend.cluster import INTERRUPTED, interrupt_guard
 
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):

@@ -55,8 +55,8 @@ def test_a_node_copies_data_from_a_uri_once_under_a_lock(tmp_path, mnist_dir):
     src.mkdir()
     (src / "mnist.npz").write_bytes((mnist_dir / "mnist.npz").read_bytes())
     code = (
-        "import sys; from pipeline.work import data_folder, load_data\n"
-        f"d = data_folder('mnist', 'file://{src}'); print(d); assert load_data('mnist', 'file://{src}').test.shape == (10000, 784)\n"
+        "import sys; from pipeline.datasource import DataSource\n"
+        f"src = DataSource.open('file://{src}'); d = src.folder('mnist'); print(d); assert src.load('mnist').test.shape == (10000, 784)\n"
     )
     env = {"IWAE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]

@@ -6,7 +6,7 @@ import torch
 from iwae import checkpoint
 from iwae.config import ModelConfig, RunConfig, ScheduleConfig
 from iwae.data import synthetic
-from iwae.train import FINAL, NonFiniteError, load_model, train
+from iwae.train import FINAL, NonFiniteError, model_from_checkpoint, train
 
 SMALL = ModelConfig(x_dim=784, latent=(4,), hidden_q=((16,),), hidden_p=((16,),))
 
@@ -63,10 +63,10 @@ def test_truncated_checkpoint_is_detected_and_redone(tmp_path):
     raw = (run_dir / FINAL).read_bytes()
     (run_dir / FINAL).write_bytes(raw[: len(raw) // 3])
     with pytest.raises(checkpoint.CheckpointError, match="damaged"):
-        load_model(run_dir / FINAL)
+        model_from_checkpoint(checkpoint.load(run_dir / FINAL))
     again = train(cfg(), data, run_dir)
     assert again.resumed_from_epoch == 4 and (run_dir / FINAL).exists()
-    load_model(run_dir / FINAL)
+    model_from_checkpoint(checkpoint.load(run_dir / FINAL))
     kept = list(run_dir.glob("_damaged-final.pt.*"))
     assert len(kept) == 1 and kept[0].read_bytes() == raw[: len(raw) // 3]  # moved aside, never deleted
 
@@ -106,9 +106,7 @@ def test_foreign_checkpoint_is_refused(tmp_path):
 
 def test_non_finite_steps_are_skipped_and_counted(monkeypatch):
     """A NaN loss step leaves the parameters untouched, is counted, and a poisoned epoch raises."""
-    import importlib
-
-    T = importlib.import_module("iwae.train")  # `iwae.train` the attribute is the function
+    import iwae.train as T
 
     data = synthetic(n_train=400, n_test=10)
     model_before = train(cfg(schedule=ScheduleConfig(stages=1)), data).model

@@ -1,0 +1,29 @@
+"""The one whole-file writer: every file the project writes on a local disk goes through here.
+
+A file is written under a ``_``-prefixed temporary name in its final folder, fsynced, then renamed
+into place with ``os.replace``. A process killed mid-write leaves only the temporary name, which no
+reader looks at (readers skip ``_`` names), so a reader sees the old file or the new one, never a
+part. :class:`pipeline.storage.Store` uses it for local folders; object stores get one whole PUT.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` as the whole of ``path`` (folders made as needed), atomically and durably."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="_", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,166 @@
+"""Ray tasks: the sharded evaluation's executor (the shard ledger decides what to score)."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline.datasource import DataSource
+from pipeline.errors import RunFailed, UserError
+from pipeline.ledger import ShardLedger, load_final
+from pipeline.ray_backend.cluster import INTERRUPTED, Resources, can_run, check_resources, interrupt_guard, work_nodes
+from pipeline.work import scorer
+
+
+def _score(ledger: ShardLedger, data: DataSource, run_id: str, shard: int, threads: int) -> Any:
+    """A Ray task: score one shard on whichever node Ray picks, with this process's cached model."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return scorer(ledger, data).score(run_id, shard)
+
+
+def _system_errors() -> tuple[type[BaseException], ...]:
+    """Ray's errors for lost work (a worker, actor, node or owner gone): never only RayTaskError."""
+    import ray.exceptions as rex
+
+    names = (
+        "WorkerCrashedError",
+        "NodeDiedError",
+        "OwnerDiedError",
+        "ObjectLostError",
+        "ActorDiedError",
+        "ActorUnavailableError",
+        "TaskUnschedulableError",
+        "RaySystemError",
+    )
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
+_TRANSIENT = "OSError"
+
+
+def _outcome(ref: Any, ledger: ShardLedger, item: tuple[str, int], max_retries: int) -> int | str:
+    """A finished task's shard written (its row count), or why not in one line. Every Ray error
+    (a lost worker or node after Ray's own retries, out of memory, a runtime environment that would
+    not set up, a full object store) and an ``OSError`` (reading or writing the store) is a reason,
+    never a traceback; reasons starting with ``OSError`` are transient and retried by the caller.
+    A ``UserError`` raised inside the task (bad input) is raised again here, the same one line."""
+    import ray
+    from ray.exceptions import RayError, RayTaskError
+
+    run_id, shard = item
+    try:
+        table = ray.get(ref)
+    except RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, OSError):
+            return f"OSError: {str(cause).strip().splitlines()[-1][:160] if str(cause).strip() else type(cause).__name__}"
+        return str(cause or e).strip().splitlines()[-1][:160]
+    except _system_errors() as e:
+        return f"{type(e).__name__} after {max_retries} retries"
+    except RayError as e:
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+    try:
+        return ledger.write(run_id, shard, table)
+    except OSError as e:
+        return f"OSError writing it: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+
+
+def score_shards(
+    ledger: ShardLedger,
+    data: DataSource,
+    items: Sequence[tuple[str, int]],
+    res: Resources,
+    *,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    timings: dict[str, float] | None = None,
+    notice: Callable[[str], None] | None = None,
+    max_retries: int = 3,
+    stall_timeout: float = 300.0,
+) -> int:
+    """The Ray executor: score the (run, shard) ``items`` as Ray tasks; the driver writes each shard
+    (:meth:`ShardLedger.write`). Returns the rows written.
+
+    Why tasks and not an actor pool: a task whose worker or node is lost is retried by Ray on any
+    node that is left (``max_retries``), while an actor pool waits for its dead actor to come back,
+    which never happens when the surviving actors hold every free CPU (the hang this replaces).
+    Each worker process keeps its model and data between shards (:func:`pipeline.work.scorer`), so
+    tasks cost what actors did. The driver is the one writer: it checks each returned shard and
+    writes it whole, so a shard computed twice (a retry of a task whose result was lost) is written
+    twice with the same content, never duplicated. When a shard runs out of retries the others
+    still finish and are kept, then ``RunFailed`` names it.
+    """
+    import ray
+
+    if not items:
+        return 0
+    for rid in sorted({rid for rid, _ in items}):
+        load_final(ledger.results, rid)  # a damaged or foreign checkpoint fails here, in one line
+    check_resources(res)
+    cluster = ray.cluster_resources()
+    if workers is None:
+        by_cpu = int(cluster.get("CPU", 1) // max(res.cpus, 1e-9)) if res.cpus else len(items)
+        by_gpu = int(cluster.get("GPU", 0) // res.gpus) if res.gpus else by_cpu
+        workers = max(1, min(len(items), by_cpu, by_gpu))
+    # max_calls=0: keep GPU workers alive between tasks too (Ray's default for GPU tasks is 1 call)
+    task = ray.remote(max_calls=0)(_score).options(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=max_retries, retry_exceptions=False)
+    threads = max(1, int(res.cpus))
+    queue = collections.deque(sorted(items))  # consecutive shards of a run: a worker reloads only when the run changes
+    pending: dict[Any, tuple[str, int]] = {}
+    failed: dict[tuple[str, int], str] = {}
+    retried: collections.Counter[tuple[str, int]] = collections.Counter()
+    rows = done = 0
+    alive = {n["NodeID"] for n in work_nodes()}
+    t0 = last_progress = time.perf_counter()
+    with interrupt_guard():  # Ctrl-C: cancel what is in flight; written shards stay
+        try:
+            while queue or pending:
+                if INTERRUPTED.is_set():  # a Ctrl-C some frame swallowed
+                    raise KeyboardInterrupt
+                while queue and len(pending) < 2 * workers:  # bounded in flight; Ray schedules them where resources are
+                    item = queue.popleft()
+                    pending[task.remote(ledger, data, item[0], item[1], threads)] = item
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+                now_alive = {n["NodeID"] for n in work_nodes()}
+                if notice and alive - now_alive:
+                    notice(f"lost {len(alive - now_alive)} node(s) of {len(alive)}; their shards are rescheduled on the {len(now_alive)} left")
+                if notice and now_alive - alive:
+                    notice(f"{len(now_alive - alive)} node(s) joined")
+                alive = now_alive
+                for ref in ready:
+                    item = pending.pop(ref)
+                    why = _outcome(ref, ledger, item, max_retries)
+                    if isinstance(why, int):
+                        rows += why
+                        done += 1
+                        last_progress = time.perf_counter()
+                        if progress:
+                            progress(done, len(items))
+                        continue
+                    retried[item] += 1
+                    if retried[item] <= max_retries and why.startswith(_TRANSIENT):
+                        queue.append(item)  # an object-store blip: the shard is scored again
+                    else:
+                        failed[item] = why
+                if pending and not ready and time.perf_counter() - last_progress > stall_timeout and not can_run(res):
+                    raise RunFailed(
+                        f"evaluation stalled: no node left can run a shard ({res.cpus:g} CPU, {res.gpus:g} GPU) for {stall_timeout:.0f} s; "
+                        f"{done} of {len(items)} shards are written and kept; add nodes and run the same command again"
+                    )
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+    if timings is not None:
+        timings["work_seconds"] = time.perf_counter() - t0
+    if failed:
+        (rid, shard), why = next(iter(sorted(failed.items())))
+        more = f" and {len(failed) - 1} more shard(s)" if len(failed) > 1 else ""
+        raise RunFailed(f"evaluation of run {rid} shard {shard}{more} failed ({why}); the {done} shards written are kept; run the same command again to finish")
+    return rows
