@@ -326,14 +326,22 @@ def simulate(model: IWAEModel, n: int, generator: torch.Generator) -> tuple[Tens
     return x, h
 
 
-def bdmc(model: IWAEModel, n: int, cfg: AISConfig = AISConfig()) -> BDMCResult:
+def simulate_by_id(model: IWAEModel, image_ids: Sequence[int], seed: int) -> tuple[Tensor, list[Tensor]]:
+    """:func:`simulate` one image per id, each from its own seed: image i is the same in any batch."""
+    draws = [simulate(model, 1, torch.Generator().manual_seed(image_seed(seed, int(i), _SIMULATE))) for i in image_ids]
+    return torch.cat([x for x, _ in draws]), [torch.cat(hs) for hs in zip(*(h for _, h in draws))]
+
+
+def bdmc(model: IWAEModel, n: int, cfg: AISConfig = AISConfig(), image_ids: Sequence[int] | None = None) -> BDMCResult:
     """Bidirectional Monte Carlo (Grosse et al. 2015, 2016; Wu et al. 2017) on n simulated images.
 
     Forward AIS from q gives ``lower``; reverse AIS from the latent that generated each x gives
     ``upper``; both with the same T, chains and (pilot-tuned, then frozen) step sizes. The gap
     ``upper - lower`` bounds the error of either estimate on data like the simulated ones.
+    Simulated image i (``image_ids``, default ``0..n-1``) and its chains are seeded by i alone.
     """
-    x, h = simulate(model, n, torch.Generator().manual_seed(image_seed(cfg.seed, 0, _SIMULATE)))
-    forward = ais_log_px(model, x, cfg)
-    reverse = _run_model(model, x, cfg, _generators(cfg.seed, range(n), _REVERSE), h, forward.step_size)
+    ids = list(range(n)) if image_ids is None else list(image_ids)
+    x, h = simulate_by_id(model, ids, cfg.seed)
+    forward = ais_log_px(model, x, cfg, ids)
+    reverse = _run_model(model, x, cfg, _generators(cfg.seed, ids, _REVERSE), h, forward.step_size)
     return BDMCResult(forward.log_px, reverse.log_px, reverse.log_px - forward.log_px, x, forward, reverse)

@@ -286,6 +286,26 @@ def eval_throughput(data: DataSource, mnist: Any, n_images: int, ray_path: bool,
     return out
 
 
+def ais_cost(dev: torch.device, mnist: Any, quick: bool, k5000_images_per_s: float) -> dict[str, float]:
+    """Seconds per image per temperature of AIS on the paper's 1-layer model (untrained weights: the
+    cost does not depend on them), and the projected cost of T=500 with its 100-temperature pilot."""
+    from iwae.ais import AISConfig, ais_log_px
+    from iwae.evaluate import binarize_by_id
+
+    n, steps = (4, 10) if quick else (20, 50)
+    model = IWAEModel(ModelConfig.paper(1)).to(dev)
+    ids = list(range(n))
+    x = binarize_by_id(torch.as_tensor(mnist.test[:n]), ids, 123).to(dev)
+    cfg = AISConfig(steps=steps, pilot_steps=0)
+    ais_log_px(model, x, AISConfig(steps=2, pilot_steps=0), ids)  # warm-up
+    def run() -> None:
+        ais_log_px(model, x, cfg, ids)
+
+    t = median_time(run, 1 if quick else 2, device_sync(dev))
+    per = t / (n * steps)
+    return {"ais_s_per_image_per_temperature": per, "ais_T500_s_per_image": 600 * per, "ais_T500_over_k5000": 600 * per * k5000_images_per_s}
+
+
 def eval_peak_rss_mib(data_dir: Path, n_images: int) -> float:
     """Peak resident memory (MiB) of a fresh process evaluating ``n_images`` test images at k=5000."""
     code = (
@@ -342,6 +362,11 @@ def run_bench(quick: bool, pyro: bool, ray_path: bool, data: DataSource, echo: C
     )
     if ray_path:
         echo(f"  Ray-sharded path: {fig['eval_ray_images_per_s']:.1f} images/s = {100 * fig['eval_ray_over_local']:.0f}% of in-process (Ray start-up excluded)")
+    fig.update(ais_cost(dev, mnist, quick, fig["eval_images_per_s"]))
+    echo(
+        f"AIS (iwae.ais, 16 chains, 10 leapfrog), 1-layer: {1e3 * fig['ais_s_per_image_per_temperature']:.1f} ms per image per temperature;"
+        f" T=500 (+100 pilot) ~ {fig['ais_T500_s_per_image']:.2f} s per image = {fig['ais_T500_over_k5000']:.0f}x the k=5000 estimate"
+    )
     fig["eval_peak_rss_mib"] = eval_peak_rss_mib(data_dir, 4 if quick else 50)
     echo(f"  peak RSS of an evaluation process: {fig['eval_peak_rss_mib']:.0f} MiB (bounded by max_rows, not by the number of images)")
     return json.loads(json.dumps(fig))

@@ -90,6 +90,12 @@ WhereOpt = Annotated[
 ]
 
 
+class Method(str, Enum):
+    is_ = "is"
+    ais = "ais"
+    bdmc = "bdmc"
+
+
 class Estimator(str, Enum):  # the CLI's choices (iwae.config.Estimator is imported lazily: it brings torch)
     standard = "standard"
     stl = "stl"
@@ -377,6 +383,13 @@ def evaluate(
     cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluation task.")] = 1.0,
     gpus: Annotated[float | None, typer.Option(min=0.0, help="GPUs per evaluation task (default: 1 when the cluster has GPUs).")] = None,
     retries: Annotated[int, typer.Option("--retries", min=0, help="Times a shard is retried after its worker or node is lost.")] = 3,
+    method: Annotated[
+        Method, typer.Option(help="is: importance sampling (k=5000); ais: AIS on the first --images test images; bdmc: AIS bounds on simulated images.")
+    ] = Method.is_,
+    images: Annotated[int, typer.Option(min=1, help="ais/bdmc: images per run (test images, or simulated ones).")] = 100,
+    steps: Annotated[int, typer.Option(min=1, help="ais/bdmc: intermediate temperatures T (sigmoid schedule).")] = 500,
+    chains: Annotated[int, typer.Option(min=1, help="ais/bdmc: chains per image.")] = 16,
+    leapfrog: Annotated[int, typer.Option(min=1, help="ais/bdmc: leapfrog steps per HMC transition.")] = 10,
     test_images: TestImagesOpt = None,
     train_images: TrainImagesOpt = None,
     where: WhereOpt = None,
@@ -388,6 +401,12 @@ def evaluate(
     from pipeline import driver
 
     j = _job(job, size, stages, epoch_scale, where)
+    ais = None
+    if method != Method.is_:
+        from iwae.ais import AISConfig
+        from pipeline.ledger import AISPlan
+
+        ais = AISPlan(AISConfig(steps=steps, chains=chains, leapfrog=leapfrog), images, shards or max(1, images // 10), method.value)
     data = _data(data_dir)
     res = _results(results, create=False)  # never creates: it may be read before the cluster answers
     ledger = driver.survey_runs(res, j.runs, notice=lambda m: typer.echo(m, err=True))
@@ -397,10 +416,10 @@ def evaluate(
         raise UserError(why)  # the first: a trained run whose files do not read whole
     with driver.ray_session(address):
         driver.check_storage(res)
-        driver.evaluate_job(
-            j, res, data, ledger, shards=shards, test_images=test_images, train_images=train_images, workers=workers, cpus=cpus, gpus=gpus, retries=retries
-        )
-    typer.echo(f"evaluated {job} into {res.store.uri('tables/eval')}")
+        sizes = {"shards": shards, "test_images": test_images, "train_images": train_images}
+        driver.evaluate_job(j, res, data, ledger, **sizes, workers=workers, cpus=cpus, gpus=gpus, retries=retries, ais=ais)
+    table = ais.table if ais else "eval"
+    typer.echo(f"evaluated {job} into {res.store.uri(f'tables/{table}')}")
 
 
 @app.command()

@@ -24,7 +24,7 @@ from typing import Any
 from iwae.config import RunConfig
 from iwae.evaluate import EvalConfig
 from pipeline.datasource import DataSource
-from pipeline.ledger import EvalPlan, RunLedger, ShardLedger, repair
+from pipeline.ledger import AISPlan, EvalPlan, Plan, RunLedger, ShardLedger, repair
 from pipeline.results import Results
 
 Echo = Callable[[str], None]
@@ -138,17 +138,20 @@ def evaluate_job(
     cpus: float = 1.0,
     gpus: float | None = None,
     retries: int = 3,
+    ais: AISPlan | None = None,
 ) -> None:
     """The job's k=5000 evaluation of its done runs on Ray tasks: the test images (and the pruned
-    models), then the training images if asked. Each dataset is sized on its own."""
+    models), then the training images if asked. Each dataset is sized on its own. With ``ais``, that
+    AIS (or BDMC) evaluation instead (:mod:`iwae.ais`), sharded and written the same way."""
     from pipeline.ray_backend import cluster, tasks
 
     task = cluster.Resources(cpus, cluster.default_gpus(gpus))
     for dataset in job.datasets():
         run_ids = [c.run_id for c in job.runs if c.dataset == dataset and ledger.done(c.run_id)]
-        for plan in eval_plans(job, dataset, shards, test_images, train_images):
+        plans: list[Plan] = [ais] if ais is not None else list(eval_plans(job, dataset, shards, test_images, train_images))
+        for plan in plans:
             sl = ShardLedger(results, plan)
-            b = bar(0, f"{job.name} {dataset}: {plan.images} shards", "shard")
+            b = bar(0, f"{job.name} {dataset}: {plan.table} shards", "shard")
 
             def progress(done: int, total: int, b: Any = b) -> None:  # total: the shards still to do when it started
                 b.total, b.n = total, done
@@ -164,13 +167,13 @@ def evaluate_job(
                 b.close()
 
 
-def evaluate_here(results: Results, data: DataSource, run_ids: Sequence[str], plan: EvalPlan, notice: Echo | None = None, show: bool = True) -> int:
+def evaluate_here(results: Results, data: DataSource, run_ids: Sequence[str], plan: Plan, notice: Echo | None = None, show: bool = True) -> int:
     """One evaluation plan scored in this process (no Ray): the `train` and `repro` commands. Returns rows."""
     from pipeline.work import score_here
 
     sl = ShardLedger(results, plan)
     items = sl.prepare(run_ids, notice)
-    b = bar(len(items), f"k={plan.config.k} {plan.images} evaluation", "shard") if show else None
+    b = bar(len(items), f"{plan.table} {plan.estimate}", "shard") if show else None
     try:
         return score_here(sl, data, items, progress=b.update if b is not None else None)
     finally:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -23,11 +23,12 @@ import numpy as np
 import pyarrow as pa
 
 from iwae import checkpoint
+from iwae.ais import AISConfig
 from iwae.config import RunConfig
 from iwae.evaluate import EvalConfig
 from iwae.train import FINAL
 from pipeline.errors import UserError
-from pipeline.results import EVAL_SCHEMA, DamagedFile, Results
+from pipeline.results import SCHEMAS, DamagedFile, Results
 
 Damaged = tuple[str, str]  # (key, why): a file that was read and does not read whole
 
@@ -165,6 +166,66 @@ class EvalPlan:
         c = self.config
         return {"k": c.k, "seed": c.seed, "block": c.block, "num_images": self.num_images, "shards": self.shards, "pruned": self.pruned}
 
+    def matches(self, t: pa.Table) -> bool:
+        """The shard's rows carry this estimator's settings."""
+        d = t.select(["eval_k", "eval_seed"]).to_pydict()
+        return set(d["eval_k"]) == {self.config.k} and set(d["eval_seed"]) == {self.config.seed}
+
+
+@dataclass(frozen=True)
+class AISPlan:
+    """An AIS evaluation (:mod:`iwae.ais`): the first ``num_images`` test images, binarised as the
+    k=5000 evaluation binarises them (``binarize_seed``), so both estimates score the same images;
+    or, with ``method="bdmc"``, ``num_images`` images simulated from each model (BDMC bounds)."""
+
+    config: AISConfig
+    num_images: int
+    shards: int
+    method: str = "ais"
+    binarize_seed: int = EvalConfig().seed
+    pruned: bool = False
+    images: str = "test"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("ais", "bdmc"):
+            raise ValueError(f"method must be ais or bdmc, got {self.method!r}")
+
+    @property
+    def table(self) -> str:
+        return self.method
+
+    @property
+    def estimate(self) -> str:
+        c = self.config
+        return f"T{c.steps}-C{c.chains}-L{c.leapfrog}-seed{c.seed}"
+
+    def shard_ids(self, shard: int) -> np.ndarray:
+        return np.array_split(np.arange(self.num_images), self.shards)[shard]
+
+    def identity(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "method": self.method,
+            "steps": c.steps,
+            "chains": c.chains,
+            "leapfrog": c.leapfrog,
+            "seed": c.seed,
+            "pilot_steps": c.pilot_steps,
+            "binarize_seed": self.binarize_seed,
+            "num_images": self.num_images,
+            "shards": self.shards,
+            "pruned": False,
+        }
+
+    def matches(self, t: pa.Table) -> bool:
+        d = t.select(["ais_steps", "ais_chains", "ais_leapfrog", "ais_seed"]).to_pydict()
+        c = self.config
+        want = {"ais_steps": c.steps, "ais_chains": c.chains, "ais_leapfrog": c.leapfrog, "ais_seed": c.seed}
+        return all(set(d[k]) == {v} for k, v in want.items())
+
+
+Plan = EvalPlan | AISPlan
+
 
 @dataclass(frozen=True)
 class Survey:
@@ -181,7 +242,7 @@ class ShardLedger:
     """The layout of one evaluation plan in a results location (see the module docstring)."""
 
     results: Results
-    plan: EvalPlan
+    plan: Plan
 
     def dir_key(self, run_id: str) -> str:
         return f"tables/{self.plan.table}/{run_id}/{self.plan.estimate}"
@@ -192,7 +253,7 @@ class ShardLedger:
     def identity_key(self, run_id: str) -> str:
         return f"{self.dir_key(run_id)}/_eval.json"
 
-    def problem(self, run_id: str, shard: int, plan: EvalPlan | None = None) -> str | None:
+    def problem(self, run_id: str, shard: int, plan: Plan | None = None) -> str | None:
         """Why a written shard does not count as done (None when it reads whole and matches).
 
         Done means: its Parquet reads, its row count equals the shard's image count, and its rows
@@ -206,14 +267,14 @@ class ShardLedger:
         want = ledger.plan.shard_ids(shard)
         if t.num_rows != len(want):
             return f"has {t.num_rows} rows, not {len(want)}"
-        d = t.select(["run_id", "eval_k", "eval_seed", "image_id"]).to_pydict()
-        if set(d["run_id"]) != {run_id} or set(d["eval_k"]) != {ledger.plan.config.k} or set(d["eval_seed"]) != {ledger.plan.config.seed}:
+        d = t.select(["run_id", "image_id"]).to_pydict()
+        if set(d["run_id"]) != {run_id} or not ledger.plan.matches(t):
             return "belongs to another evaluation"
         if sorted(d["image_id"]) != want.tolist():
             return "holds other images"
         return None
 
-    def _whole(self, run_id: str, plan: EvalPlan) -> bool:
+    def _whole(self, run_id: str, plan: Plan) -> bool:
         try:
             return all(self.problem(run_id, s, plan) is None for s in range(plan.shards))
         except FileNotFoundError:
@@ -229,7 +290,7 @@ class ShardLedger:
             old = None  # none yet, or damaged: written again by claim (the shards are checked one by one)
         if old is not None and old != new:
             n_old = int(old.get("shards", 0))
-            old_plan = EvalPlan(self.plan.config, int(old.get("num_images", 0)), n_old, bool(old.get("pruned")), self.plan.images)
+            old_plan = replace(self.plan, num_images=int(old.get("num_images", 0)), shards=n_old, pruned=bool(old.get("pruned")))
             covers = old_plan.num_images >= self.plan.num_images and (old_plan.pruned or not self.plan.pruned)
             if covers and self._whole(run_id, old_plan):  # a run shared by two jobs is scored once
                 return Survey([], [], covered=True)
@@ -268,5 +329,5 @@ class ShardLedger:
         want = self.plan.shard_ids(shard)
         if table.num_rows != len(want) or sorted(table.column("image_id").to_pylist()) != want.tolist():
             raise RuntimeError(f"shard {shard} of run {run_id} came back with {table.num_rows} rows, expected {len(want)}")
-        self.results.store.write_table(self.shard_key(run_id, shard), table.cast(EVAL_SCHEMA))
+        self.results.store.write_table(self.shard_key(run_id, shard), table.cast(SCHEMAS[self.plan.table]))
         return table.num_rows

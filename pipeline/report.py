@@ -474,6 +474,30 @@ def _render(results: Results, summary: pd.DataFrame, ev: pd.DataFrame, out_dir: 
             "Different images, so the standard error is unpaired. Paper: 0.62-0.79 nats on MNIST after 3,280 epochs, on all of train.",
             "",
         ]
+    ais, bdmc = results.read("ais"), results.read("bdmc")
+    ta = ais_table(summary, ev, ais, bdmc)
+    if ta:
+        parts += [
+            "## How far is L_5000 from log p(x)? AIS and BDMC (iwae.ais)",
+            "",
+            ta,
+            "",
+            "On the same test images (binarised alike): AIS anneals from the encoder to the posterior over T temperatures with HMC"
+            " (Wu et al. 2017; Cremer et al. 2018); its log-mean-exp over chains is a stochastic lower bound on log p(x) that tightens"
+            " as T grows, so rows with more temperatures are the better estimate. 'AIS - L_5000': how much L_5000 understates log p(x)"
+            " (positive: AIS is higher); 'jackknife - L_5000': what the jackknife predicted. BDMC gap: upper minus lower bound on images"
+            " simulated from the model (Grosse et al. 2015), which bounds AIS's own error there.",
+            "",
+        ]
+        tgain = ais_gain_table(summary, ev, ais)
+        if tgain:
+            parts += ["The IWAE gain measured each way (on the images AIS scored, largest T):", "", tgain, ""]
+    parts += ["## Findings: the paper's claims at this budget", "", findings(summary, ev), ""]
+    parts += [
+        "Verdicts: 'holds' when the figure clears the claim by two standard errors (paired over images; with several seeds"
+        " the larger of that and the spread across seeds), 'contradicted' when it misses by two, otherwise not resolved.",
+        "",
+    ]
     parts += [
         "## All runs",
         "",
@@ -496,3 +520,156 @@ def _render(results: Results, summary: pd.DataFrame, ev: pd.DataFrame, out_dir: 
 
     pq.write_table(pa.Table.from_pandas(flat, preserve_index=False), out_dir / "summary.parquet")
     return md, [out_dir / "report.md", *files, out_dir / "summary.parquet"]
+
+
+# ---------------------------------------------------------------------------------------- AIS and findings
+
+
+def ais_table(summary: pd.DataFrame, ev: pd.DataFrame, ais: pd.DataFrame, bdmc: pd.DataFrame) -> str | None:
+    """Per run and AIS setting, on the same test images: L_5000, its jackknife, AIS (iwae.ais), how far
+    L_5000 is below AIS (paired) against what the jackknife predicted, and BDMC's gap on simulated data."""
+    if ais.empty:
+        return None
+    names = {str(r.run_id): _name(r) for r in summary.itertuples()}
+    rows = []
+    for (rid, t, c, lf), g in ais.groupby(["run_id", "ais_steps", "ais_chains", "ais_leapfrog"], sort=True):
+        e = ev[ev.run_id == rid]
+        e = e[e.eval_k == e.eval_k.max()].set_index("image_id") if len(e) else e.set_index("image_id")
+        a = g.set_index("image_id")
+        both = a.index.intersection(e.index)
+        d = (a.log_px_ais.reindex(both) - e.log_px.reindex(both)).dropna()  # AIS - L_5000, per image
+        jk = (e.log_px_jk.reindex(both) - e.log_px.reindex(both)).dropna()
+        b = bdmc[(bdmc.run_id == rid) & (bdmc.ais_steps == t) & (bdmc.ais_chains == c) & (bdmc.ais_leapfrog == lf)]
+        bgap = _fmt(float((b.log_px_upper - b.log_px_ais).mean()), _se(b.log_px_upper - b.log_px_ais)) + f" ({len(b)})" if len(b) else "-"
+        l5k = -e.log_px.reindex(both).mean() if len(both) else math.nan
+        rows.append(
+            f"| {names.get(str(rid), rid)} | {t} / {c} / {lf} | {len(both)} | {_fmt(l5k)} | {_fmt(-e.log_px_jk.reindex(both).mean()) if len(both) else '-'} | "
+            f"{_fmt(-a.log_px_ais.mean())} | {_fmt(float(d.mean()), _se(d)) if len(d) else '-'} | {_fmt(float(jk.mean())) if len(jk) else '-'} | "
+            f"{bgap} | {a.accept.mean():.2f} | {a.seconds.mean():.2f} |"
+        )
+    head = (
+        "| run | T / chains / leapfrog | images | NLL from L_5000 | NLL from the jackknife | NLL from AIS | AIS - L_5000 (paired) |"
+        " jackknife - L_5000 | BDMC gap (simulated images) | acceptance | s per image |\n" + "|---" * 11 + "|"
+    )
+    return head + "\n" + "\n".join(rows)
+
+
+def ais_gain_table(summary: pd.DataFrame, ev: pd.DataFrame, ais: pd.DataFrame) -> str | None:
+    """The IWAE gain over the VAE measured each way, on the images AIS scored (paired per image)."""
+    if ais.empty:
+        return None
+    done = summary[(summary.status == "done") & (summary.estimator == "standard") & (summary.init_from == "")]
+    top = ais[ais.ais_steps == ais.ais_steps.max()]
+    rows = []
+    for (dataset, layers, k, epochs, seed), g in done.groupby(["dataset", "layers", "k", "epochs", "seed"], sort=True):
+        v, i = g[g.objective == "vae"], g[g.objective == "iwae"]
+        if not len(v) or not len(i):
+            continue
+        rv, ri = str(v.run_id.iloc[0]), str(i.run_id.iloc[0])
+        av, ai = top[top.run_id == rv].set_index("image_id").log_px_ais, top[top.run_id == ri].set_index("image_id").log_px_ais
+        d_ais = (ai - av).dropna()
+        if len(d_ais) < 2:
+            continue
+        ids = d_ais.index
+        d_is = (_headline(ev, ri).reindex(ids) - _headline(ev, rv).reindex(ids)).dropna()
+        rows.append(
+            f"| {dataset} | {layers} | {k} | {epochs} | {seed} | {len(ids)} | {_fmt(float(d_is.mean()), _se(d_is))} | {_fmt(float(d_ais.mean()), _se(d_ais))} |"
+        )
+    if not rows:
+        return None
+    return "| data | layers | k | epochs | seed | images | IWAE gain by L_5000 | IWAE gain by AIS |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+
+
+NR = "not resolved at this budget"
+
+
+def _signs(values: list[int], sign: int = 1) -> str:
+    """'holds' when every value has the sign, 'contradicted' when every one has the other."""
+    return "holds" if all(sign * v > 0 for v in values) else "contradicted" if all(sign * v < 0 for v in values) else NR
+
+
+def _se(x: pd.Series) -> float:
+    x = x.dropna()
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
+
+
+def _verdict(mean: float, se: float, threshold: float = 0.0) -> str:
+    """'holds' when mean - 2 se > threshold, 'contradicted' when mean + 2 se < threshold."""
+    if math.isnan(mean) or math.isnan(se):
+        return NR
+    if mean - 2 * se > threshold:
+        return "holds"
+    if mean + 2 * se < threshold:
+        return "contradicted"
+    return NR
+
+
+def _pooled(gains: list[tuple[float, float, int]]) -> tuple[float, float, float]:
+    """Mean over seeds of paired gains, the standard error of that mean (the larger of the images'
+    paired error and the seeds' spread / sqrt(n)), and the spread across seeds (nan for one seed)."""
+    means = [m for m, _, _ in gains if not math.isnan(m)]
+    if not means:
+        return math.nan, math.nan, math.nan
+    paired = math.sqrt(sum(se**2 for _, se, _ in gains if not math.isnan(se))) / len(means)
+    sd = float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
+    se = max(paired, sd / math.sqrt(len(means))) if len(means) > 1 else paired
+    return float(np.mean(means)), se, sd
+
+
+def _pairs(summary: pd.DataFrame) -> list[tuple[Any, Any]]:
+    """(VAE, IWAE) rows trained alike (dataset, layers, k, epochs, seed), from scratch."""
+    done = summary[(summary.status == "done") & (summary.estimator == "standard") & (summary.init_from == "")]
+    out = []
+    for _, g in done.groupby(["dataset", "layers", "k", "epochs", "seed"], sort=True):
+        v, i = g[g.objective == "vae"], g[g.objective == "iwae"]
+        if len(v) and len(i):
+            out.append((v.iloc[0], i.iloc[0]))
+    return out
+
+
+def _active(r: Any) -> int:
+    return int(r.active_h1) + (int(r.active_h2) if not pd.isna(r.active_h2) else 0)
+
+
+def findings(summary: pd.DataFrame, ev: pd.DataFrame) -> str:
+    """The paper's claims, each with our figure, its standard error and spread, and a verdict from the data."""
+    pairs = _pairs(summary)
+    out = ["| claim (Burda et al. 2016) | our figure | verdict |", "|---|---|---|"]
+    # (1) IWAE reaches a better test log-likelihood than the VAE at k = 5 and 50
+    for k in (5, 50):
+        gains = [paired_gap(ev, str(v.run_id), str(i.run_id)) for v, i in pairs if int(v.k) == k]
+        m, se, sd = _pooled(gains)
+        fig = f"gain {_fmt(m, se)} nats over {len(gains)} pair(s)" + ("" if math.isnan(sd) else f", sd across seeds {sd:.2f}")
+        out.append(f"| (1) IWAE beats the VAE in test log-likelihood at k={k} | {fig if gains else 'no pair'} | {_verdict(m, se) if gains else NR} |")
+    # (2) IWAE uses more active units
+    diffs = [_active(i) - _active(v) for v, i in pairs if int(v.k) > 1]
+    fig = f"{np.mean(diffs):+.1f} units over {len(diffs)} pair(s) (range {min(diffs):+d} to {max(diffs):+d})" if diffs else "no pair"
+    out.append(f"| (2) IWAE has more active units (k > 1) | {fig} | {_signs(diffs) if diffs else NR} |")
+    # (3) continuing a VAE with the IWAE objective raises log p and active units; the reverse lowers both
+    done = summary[summary.status == "done"].set_index("run_id")
+    for src, dst, want in (("vae", "iwae", 1), ("iwae", "vae", -1)):
+        cont = done[(done.init_from != "") & (done.objective == dst)]
+        rows = [(rid, r) for rid, r in cont.iterrows() if r.init_from in done.index and done.loc[r.init_from].objective == src]
+        claim = f"(3) {src.upper()} continued as {dst.upper()}: log p and active units go {'up' if want > 0 else 'down'}"
+        if not rows:
+            out.append(f"| {claim} | no such run | {NR} |")
+            continue
+        m, se, _ = _pooled([paired_gap(ev, str(r.init_from), str(rid)) for rid, r in rows])
+        du = [_active(r) - _active(done.loc[r.init_from]) for _, r in rows]
+        v_nll, v_units = _verdict(want * m, se), _signs(du, want)
+        verdict = "holds" if v_nll == v_units == "holds" else "contradicted" if "contradicted" in (v_nll, v_units) else NR
+        out.append(f"| {claim} | log p {_fmt(m, se)} nats, units {', '.join(f'{d:+d}' for d in du)} | {verdict} (log p: {v_nll}; units: {v_units}) |")
+    # (4) removing the inactive units changes the NLL by less than 0.06 nats
+    worst: tuple[float, float, str] | None = None
+    for r in summary[summary.status == "done"].itertuples():
+        g = ev[ev.run_id == r.run_id]
+        d = (g[g.eval_k == g.eval_k.max()].log_px_pruned - g[g.eval_k == g.eval_k.max()].log_px).dropna()
+        if len(d) > 1 and (worst is None or abs(float(d.mean())) > worst[0]):
+            worst = (abs(float(d.mean())), _se(d), _name(r))
+    fig = f"largest: {worst[0]:.3f} ± {worst[1]:.3f} ({worst[2]})" if worst else "no pruned evaluation"
+    out.append(f"| (4) pruning inactive units moves the NLL by < 0.06 nats | {fig} | {_verdict(0.06 - worst[0], worst[1]) if worst else NR} |")
+    # (5) in the two-layer models the second layer keeps fewer than 10 active units
+    h2 = [int(x) for x in summary[(summary.status == "done") & (summary.layers == 2) & summary.active_h2.notna()].active_h2]
+    fig = f"{', '.join(map(str, h2))} over {len(h2)} run(s)" if h2 else "no two-layer run"
+    out.append(f"| (5) two-layer models: fewer than 10 active units in layer 2 | {fig} | {_signs([10 - h for h in h2]) if h2 else NR} |")
+    return "\n".join(out)

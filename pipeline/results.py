@@ -11,6 +11,8 @@ table, with ``storage_options`` for object stores)::
       tables/eval/<run_id>/<estimate>/shard-00000-of-00004.parquet  one row per test image
       tables/eval/<run_id>/<estimate>/_eval.json  the evaluation's identity (images, shards)
       tables/eval_train/<run_id>/...  the same for the first training images (the train-test gap)
+      tables/ais/<run_id>/<settings>/shard-*.parquet  AIS log p(x) of the first test images (iwae.ais)
+      tables/bdmc/<run_id>/<settings>/shard-*.parquet  BDMC lower/upper bounds on images simulated from the model
       runs/<run_id>/*.pt           checkpoints
       tune/                        Ray Tune's experiment state
       _quarantine/                 damaged files, moved aside (never deleted)
@@ -117,7 +119,26 @@ RUNS_SCHEMA = pa.schema(
     ]
 )
 
-SCHEMAS = {"runs": RUNS_SCHEMA, "train": TRAIN_SCHEMA, "eval": EVAL_SCHEMA, "eval_train": EVAL_SCHEMA}
+AIS_SCHEMA = pa.schema(
+    CONFIG_FIELDS
+    + [
+        pa.field("method", pa.string()),  # ais: test images (binarised as the k=5000 evaluation); bdmc: images simulated from the model
+        pa.field("ais_steps", pa.int64()),  # T temperatures (sigmoid schedule)
+        pa.field("ais_chains", pa.int64()),
+        pa.field("ais_leapfrog", pa.int64()),
+        pa.field("ais_seed", pa.int64()),
+        pa.field("eval_seed", pa.int64()),  # the binarisation seed of the test images (ais)
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("log_px_ais", pa.float64()),  # forward AIS log p-hat: a stochastic lower bound, nats
+        pa.field("log_px_upper", pa.float64()),  # bdmc: reverse AIS from the simulated latent, a stochastic upper bound
+        pa.field("accept", pa.float64()),  # mean HMC acceptance of the forward chains
+        pa.field("ess", pa.float64()),  # Kish ESS of the chains' final weights
+        pa.field("seconds", pa.float64()),  # wall time of the shard, per image
+        pa.field("shard", pa.int64()),
+    ]
+)
+
+SCHEMAS = {"runs": RUNS_SCHEMA, "train": TRAIN_SCHEMA, "eval": EVAL_SCHEMA, "eval_train": EVAL_SCHEMA, "ais": AIS_SCHEMA, "bdmc": AIS_SCHEMA}
 
 
 def rows_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

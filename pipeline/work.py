@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,14 +27,14 @@ import torch
 from iwae import checkpoint
 from iwae.config import RunConfig
 from iwae.data import Dataset
-from iwae.evaluate import binarize_by_id, estimate_log_px
+from iwae.evaluate import EvalConfig, binarize_by_id, estimate_log_px
 from iwae.models import IWAEModel
 from iwae.train import TrainResult, model_from_checkpoint, pick_device, train
 from iwae.units import active_masks, prune, unit_variances
 from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
-from pipeline.ledger import EvalPlan, RunLedger, ShardLedger, load_final
-from pipeline.results import EVAL_SCHEMA, PREFIXES, Results, rows_table, versions
+from pipeline.ledger import AISPlan, Plan, RunLedger, ShardLedger, load_final
+from pipeline.results import AIS_SCHEMA, EVAL_SCHEMA, PREFIXES, Results, rows_table, versions
 
 
 def _now() -> str:
@@ -237,13 +238,16 @@ class ShardScorer:
         return ds.test if self.plan.images == "test" else ds.train[: cfg.train_subset or None]
 
     def score(self, run_id: str, shard: int) -> pa.Table:
-        """Score one shard: its rows, one per image, as an Arrow table of the eval schema."""
+        """Score one shard: its rows, one per image, as an Arrow table of its table's schema."""
+        if isinstance(self.plan, AISPlan):
+            return self._score_ais(run_id, shard, self.plan)
         model, pruned, cfg = self._load(run_id)
         images = self.images(cfg)
         if self.plan.num_images > len(images):
             raise UserError(f"--{self.plan.images}-images {self.plan.num_images} exceeds the {len(images)} {self.plan.images} images of run {run_id}")
         ids = self.plan.shard_ids(shard)
         ec = self.plan.config
+        assert isinstance(ec, EvalConfig), "an importance-sampling plan"
         x = binarize_by_id(torch.as_tensor(images[ids]), ids.tolist(), ec.seed)
         est = estimate_log_px(model, x, ids.tolist(), ec)
         pruned_px: torch.Tensor | None
@@ -264,8 +268,47 @@ class ShardScorer:
             rows.append(row)
         return rows_table(rows, EVAL_SCHEMA)
 
+    def _score_ais(self, run_id: str, shard: int, plan: AISPlan) -> pa.Table:
+        """AIS on the shard's test images (binarised as the k=5000 evaluation does), or BDMC on the
+        shard's simulated images (:mod:`iwae.ais`)."""
+        from iwae.ais import ais_log_px, bdmc
 
-_SCORERS: dict[tuple[str, str, EvalPlan], ShardScorer] = {}
+        model, _, cfg = self._load(run_id)
+        ids = plan.shard_ids(shard).tolist()
+        t0 = time.perf_counter()
+        upper: list[float | None]
+        if plan.method == "ais":
+            images = self.images(cfg)
+            if plan.num_images > len(images):
+                raise UserError(f"--images {plan.num_images} exceeds the {len(images)} test images of run {run_id}")
+            x = binarize_by_id(torch.as_tensor(images[ids]), ids, plan.binarize_seed).to(self.device)
+            fwd = ais_log_px(model, x, plan.config, ids)
+            upper = [None] * len(ids)
+        else:
+            b = bdmc(model, len(ids), plan.config, ids)
+            fwd, upper = b.forward, b.upper.tolist()
+        per_image = (time.perf_counter() - t0) / len(ids)
+        c, flat = plan.config, cfg.flat()
+        common = {"method": plan.method, "ais_steps": c.steps, "ais_chains": c.chains, "ais_leapfrog": c.leapfrog, "ais_seed": c.seed}
+        rows = [
+            {
+                **flat,
+                **common,
+                "eval_seed": plan.binarize_seed if plan.method == "ais" else None,
+                "image_id": int(i),
+                "log_px_ais": float(fwd.log_px[j]),
+                "log_px_upper": upper[j],
+                "accept": float(fwd.accept[j]),
+                "ess": float(fwd.ess[j]),
+                "seconds": per_image,
+                "shard": shard,
+            }
+            for j, i in enumerate(ids)
+        ]
+        return rows_table(rows, AIS_SCHEMA)
+
+
+_SCORERS: dict[tuple[str, str, Plan], ShardScorer] = {}
 
 
 def scorer(ledger: ShardLedger, data: DataSource) -> ShardScorer:

@@ -27,6 +27,8 @@ def test_bench_quick_prints_a_json_line(capsys, mnist_dir, tmp_path):
         "eval_samples_per_s",
         "eval_roofline_fraction",
         "eval_peak_rss_mib",
+        "ais_s_per_image_per_temperature",
+        "ais_T500_over_k5000",
         "pack_k50_G1",
         "pack_k50_G4",
         "solo_k50_denormals_kept",
