@@ -389,10 +389,10 @@ def _note_right(ax: Any, y: float, text: str) -> None:
 
 
 def _save(fig: object, path: Path) -> Path:
+    """Render a figure into the report's private temporary folder (build_report then writes each
+    file whole into the report's location through the store)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"_{path.name}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
-    tmp.replace(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
     import matplotlib.pyplot as plt
 
     plt.close(fig)  # type: ignore[arg-type]
