@@ -37,7 +37,7 @@ from iwae.diagnostics import kish_ess
 from iwae.evaluate import image_seed
 from iwae.models import IWAEModel
 
-_AIS, _REVERSE, _SIMULATE = 2, 3, 4  # stream tags of the per-image seeds (evaluate.py uses 0 and 1)
+_AIS, _REVERSE, _SIMULATE, _BDMC = 2, 3, 4, 5  # stream tags of the per-image seeds (evaluate.py uses 0 and 1)
 JITTER = 0.5  # each transition uses eps * U(1 - JITTER, 1 + JITTER)
 ADAPT = 1.05  # pilot: eps x1.05 or x0.95 per transition, so 100 transitions can span 0.05 -> 0.5 twice
 LogDensity = Callable[[list[Tensor]], Tensor]  # [(C, B, D_l)] -> (C, B)
@@ -342,6 +342,6 @@ def bdmc(model: IWAEModel, n: int, cfg: AISConfig = AISConfig(), image_ids: Sequ
     """
     ids = list(range(n)) if image_ids is None else list(image_ids)
     x, h = simulate_by_id(model, ids, cfg.seed)
-    forward = ais_log_px(model, x, cfg, ids)
+    forward = _run_model(model, x, cfg, _generators(cfg.seed, ids, _BDMC), None, None)  # not the test images' AIS noise
     reverse = _run_model(model, x, cfg, _generators(cfg.seed, ids, _REVERSE), h, forward.step_size)
     return BDMCResult(forward.log_px, reverse.log_px, reverse.log_px - forward.log_px, x, forward, reverse)

@@ -13,12 +13,22 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import: os.umask is process-wide, never toggle it while threads write
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` as the whole of ``path`` (folders made as needed), atomically and durably."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="_", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a results file reads like any other file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

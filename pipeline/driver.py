@@ -3,7 +3,8 @@
 The CLI parses options, makes the :class:`~pipeline.results.Results` and the
 :class:`~pipeline.datasource.DataSource` once, and calls these steps in order:
 
-1. :func:`ray_session`: connect (the embedded local Ray, or a cluster) before any location is created.
+1. :func:`ray_session`: connect (the embedded local Ray, or a cluster) before any location is
+   created (``sweep``); ``evaluate``, which never creates one, reads its ledger first.
 2. :func:`survey_runs`: read the job's run ledger once and repair what does not read whole; every
    later step consults that ledger.
 3. :func:`check_storage`: every node can use the results location.

@@ -126,7 +126,7 @@ def repair(results: Results, damaged: Iterable[Damaged], notice: Callable[[str],
         except FileNotFoundError:
             continue  # another command moved it first
         if notice:
-            notice(f"{results.store.uri(key)}: {why}; moved to {where} and redone")
+            notice(f"{results.store.uri(key)}: {why}; moved to {where}")
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -197,7 +197,7 @@ class AISPlan:
     @property
     def estimate(self) -> str:
         c = self.config
-        return f"T{c.steps}-C{c.chains}-L{c.leapfrog}-seed{c.seed}"
+        return f"T{c.steps}-C{c.chains}-L{c.leapfrog}-P{c.pilot_steps}-seed{c.seed}"
 
     def shard_ids(self, shard: int) -> np.ndarray:
         return np.array_split(np.arange(self.num_images), self.shards)[shard]
@@ -309,8 +309,22 @@ class ShardLedger:
         return Survey(todo, damaged)
 
     def claim(self, run_id: str) -> None:
-        """Record this evaluation's identity for the run (before its first shard is written)."""
-        self.results.store.write_bytes(self.identity_key(run_id), json.dumps(self.plan.identity(), sort_keys=True).encode())
+        """Record this evaluation's identity for the run before its first shard is written: only where
+        none is recorded, then read back, so that of two evaluations started at once with other
+        settings the second stops (one line) instead of writing shards of another layout beside the first."""
+        key, new = self.identity_key(run_id), self.plan.identity()
+        try:
+            old = json.loads(self.results.store.read_bytes(key))
+        except FileNotFoundError:
+            old = None
+        except ValueError:
+            old = None  # damaged: written again
+        if old is None:
+            self.results.store.write_bytes(key, json.dumps(new, sort_keys=True).encode())
+            old = json.loads(self.results.store.read_bytes(key))
+        if old != new:
+            diff = ", ".join(f"{k}={old.get(k)}" for k in new if old.get(k) != new[k])
+            raise UserError(f"run {run_id} is being evaluated with {diff} by another command; use the same options, or wait for it to finish")
 
     def prepare(self, run_ids: Sequence[str], notice: Callable[[str], None] | None = None) -> list[tuple[str, int]]:
         """The driver's step before scoring: survey each run, repair what is damaged, claim the

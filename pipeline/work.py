@@ -33,7 +33,7 @@ from iwae.train import TrainResult, model_from_checkpoint, pick_device, train
 from iwae.units import active_masks, prune, unit_variances
 from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
-from pipeline.ledger import AISPlan, Plan, RunLedger, ShardLedger, load_final
+from pipeline.ledger import AISPlan, Plan, RunLedger, RunState, ShardLedger, load_final, run_state
 from pipeline.results import AIS_SCHEMA, EVAL_SCHEMA, PREFIXES, Results, rows_table, versions
 
 
@@ -185,10 +185,9 @@ def record_run(cfg: RunConfig, results: Results, res: TrainResult, data: Dataset
 
 
 def mark_failed(results: Results, cfg: RunConfig, error: str) -> bool:
-    """Record a failed run so reports show it instead of dropping it; never over a done row.
+    """Record a failed run so reports show it instead of dropping it; never over a done run.
     Returns whether it wrote the row."""
-    row = results.run_row(cfg.run_id)
-    if row is not None and row["status"] == "done":
+    if run_state(results, cfg.run_id).state == RunState.done:
         return False
     row = {
         **cfg.flat(),

