@@ -333,7 +333,6 @@ def sweep(
 ) -> None:
     """Train a job's grid on Ray Tune (resumable), evaluate it with Ray tasks, print the report."""
     from pipeline import driver
-    from pipeline.errors import UserError
     from pipeline.report import build_report
 
     j = _job(job, size, stages, epoch_scale, where)
@@ -378,7 +377,7 @@ def evaluate(
     size: Annotated[Size, typer.Option(help="full or smoke.")] = Size.full,
     stages: Annotated[int | None, typer.Option(min=1, max=8)] = None,
     epoch_scale: Annotated[float | None, typer.Option(min=1e-6)] = None,
-    shards: Annotated[int | None, typer.Option(min=1, help="Shards per run (default: 1 per 500 images).")] = None,
+    shards: Annotated[int | None, typer.Option(min=1, help="Shards per run (default: 1 per 500 images; ais/bdmc: 1 per 10).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Shards scored at once (default: fill the cluster).")] = None,
     cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluation task.")] = 1.0,
     gpus: Annotated[float | None, typer.Option(min=0.0, help="GPUs per evaluation task (default: 1 when the cluster has GPUs).")] = None,
@@ -397,7 +396,8 @@ def evaluate(
     results: ResultsOpt = DEFAULT_RESULTS,
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
-    """Evaluate a job's trained runs (k=5000, sharded over Ray tasks); shards already written whole are skipped."""
+    """Evaluate a job's trained runs, sharded over Ray tasks: k=5000 importance sampling, or AIS/BDMC
+    (--method); shards already written whole are skipped."""
     from pipeline import driver
 
     j = _job(job, size, stages, epoch_scale, where)
@@ -406,14 +406,15 @@ def evaluate(
         from iwae.ais import AISConfig
         from pipeline.ledger import AISPlan
 
-        ais = AISPlan(AISConfig(steps=steps, chains=chains, leapfrog=leapfrog), images, shards or max(1, images // 10), method.value)
+        ais = AISPlan(AISConfig(steps=steps, chains=chains, leapfrog=leapfrog), images, shards or max(1, images // 10), method.value, j.eval.seed)
     data = _data(data_dir)
     res = _results(results, create=False)  # never creates: it may be read before the cluster answers
     ledger = driver.survey_runs(res, j.runs, notice=lambda m: typer.echo(m, err=True))
     if not any(ledger.done(c.run_id) for c in j.runs):
         raise UserError(f"no trained runs of {job} in {res}; run `{_command('sweep', job, size, stages, epoch_scale, where, results, data_dir)}` first")
-    for why in ledger.incomplete(j.runs):
-        raise UserError(why)  # the first: a trained run whose files do not read whole
+    incomplete = ledger.incomplete(j.runs)
+    if incomplete:
+        raise UserError(incomplete[0])  # a trained run whose files do not read whole (the first; a sweep redoes them all)
     with driver.ray_session(address):
         driver.check_storage(res)
         sizes = {"shards": shards, "test_images": test_images, "train_images": train_images}
@@ -454,7 +455,11 @@ def submit(
     where: WhereOpt = None,
     results: Annotated[
         str | None,
-        typer.Option("--results", help="Results location the cluster writes: s3://BUCKET/PREFIX (or gs://), or an absolute path every node shares."),
+        typer.Option(
+            "--results",
+            help="Results location the cluster writes: s3://BUCKET/PREFIX (or gs://), or an absolute path every node shares.",
+            envvar="IWAE_RESULTS",
+        ),
     ] = None,
     data_dir: Annotated[str, typer.Option("--data-dir", help="Data folder on the cluster's nodes, or a URI; nodes without MNIST fetch it.")] = "data",
     submission_id: Annotated[str | None, typer.Option(help="Submission id (default: Ray picks one).")] = None,
@@ -463,13 +468,15 @@ def submit(
 ) -> None:
     """Submit `iwae-pipeline sweep JOB` to a Ray cluster (Ray Jobs), uploading this working directory."""
     from pipeline.ray_backend import jobs as rb
-    from pipeline.storage import is_uri
+    from pipeline.storage import is_uri, refuse_credentials
 
     _job(job, size, stages, epoch_scale, where)  # validate locally before uploading anything
     _pack_limit(pack)
     if results is None or not (is_uri(results) or Path(results).is_absolute()):
-        got = f"--results {results} is relative: it would land in the job's temporary folder" if results else "--results is needed"
+        got = f"--results {results} is relative: it would land in the job's temporary folder" if results else "--results (or IWAE_RESULTS) is needed"
         raise UserError(f"{got}; pass --results s3://BUCKET/PREFIX (or an absolute path every node shares)")
+    refuse_credentials(results)  # the entrypoint is shown by the dashboard and `ray job list`
+    refuse_credentials(data_dir)
     args = [
         f"sweep {job}",
         f"--size {size.value}",
@@ -599,7 +606,17 @@ def bench(
 
 
 def run() -> None:
-    sys.exit(main())
+    """The console script: ``main()``, then leave without the interpreter's teardown.
+
+    Everything is written and Ray is shut down by then. Under load the teardown sometimes aborted
+    ("terminate called without an active exception", exit -6: a native thread pool torn down while
+    its threads were still joinable) after the command had already printed its one error line, which
+    turned exit 2 into a crash. This is the outermost frame, so nothing above it loses a cleanup.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from iwae.data import MNIST_NPZ, DataError, Dataset, fetch_mnist, load_dataset
 from iwae.files import write_atomic
 from pipeline.errors import UserError
-from pipeline.storage import Store, is_uri
+from pipeline.storage import Store, is_uri, refuse_credentials
 
 
 def node_cache_dir() -> Path:
@@ -52,6 +52,7 @@ class DataSource:
     @classmethod
     def open(cls, location: str | Path) -> DataSource:
         loc = str(location)
+        refuse_credentials(loc)  # --data-dir s3://KEY:SECRET@...: one line, before it travels to any node
         return cls(loc if is_uri(loc) else str(Path(loc).expanduser().absolute()))
 
     def __str__(self) -> str:

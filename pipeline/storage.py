@@ -19,6 +19,7 @@ start with ``_`` or ``.``.
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,6 +43,34 @@ def is_uri(location: str | Path) -> bool:
     return len(scheme) > 1 and "://" in str(location)
 
 
+# query parameters that carry a secret (pyarrow takes none of them, but a user may try): never printed
+_SECRET_PARAM = re.compile(r"secret|token|passw|credential|signature|(^|_)key$", re.IGNORECASE)
+
+
+def redact(location: str) -> str:
+    """``location`` as it may be printed: a user or password part and secret query values as ``***``."""
+    if not is_uri(location):
+        return location
+    url = urlparse(location)
+    netloc = f"***@{url.netloc.rsplit('@', 1)[1]}" if "@" in url.netloc else url.netloc
+    query = "&".join(f"{k}={'***' if _SECRET_PARAM.search(k) else v}" for k, v in parse_qsl(url.query, keep_blank_values=True))
+    return urlunparse(url._replace(netloc=netloc, query=query))
+
+
+def refuse_credentials(location: str) -> None:
+    """A location never holds credentials: it is printed, logged, pickled to every node and saved in
+    Tune's state. Arrow would take ``s3://KEY:SECRET@bucket/p``; this refuses it in one line."""
+    if not is_uri(location):
+        return
+    url = urlparse(location)
+    if "@" in url.netloc or any(_SECRET_PARAM.search(k) for k, _ in parse_qsl(url.query, keep_blank_values=True)):
+        raise UserError(
+            f"{redact(location)} holds credentials, which a location never should (it is printed, logged and sent to every node); "
+            "give each node its own through environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or the node's IAM role, "
+            "and an S3-compatible server's address as endpoint_override=HOST:PORT in the query"
+        )
+
+
 def _with_env_endpoint(uri: str) -> str:
     """Add ``endpoint_override``/``scheme`` from ``AWS_ENDPOINT_URL(_S3)`` to an S3 URI that has none."""
     url = urlparse(uri)
@@ -59,7 +88,7 @@ def _with_env_endpoint(uri: str) -> str:
 class Store:
     """A folder-like location: ``base`` inside ``fs``; every method takes a ``/``-separated key."""
 
-    location: str  # as the user gave it (a local one made absolute): what messages and pickles carry
+    location: str  # as the user gave it (a local one made absolute; never credentials, see refuse_credentials): what pickles carry
     fs: pafs.FileSystem
     base: str
 
@@ -69,10 +98,13 @@ class Store:
         if not is_uri(loc):
             path = Path(loc).expanduser().absolute()
             return cls(str(path), pafs.LocalFileSystem(), path.as_posix())
+        refuse_credentials(loc)
         try:
             fs, base = pafs.FileSystem.from_uri(_with_env_endpoint(loc))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
-            raise UserError(f"cannot open {loc} ({str(e).splitlines()[0][:160]}); check the URI (s3://bucket/prefix?endpoint_override=HOST:PORT)") from None
+            raise UserError(
+                f"cannot open {redact(loc)} ({str(e).splitlines()[0][:160]}); check the URI (s3://bucket/prefix?endpoint_override=HOST:PORT)"
+            ) from None
         return cls(loc, fs, base.rstrip("/"))
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.cluster.fixture import CREDENTIALS, LocalCluster, S3Server
+from tests.cluster.fixture import CREDENTIALS, LocalCluster, S3Server, private_mounts
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
@@ -30,6 +30,8 @@ def s3():
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    if why := private_mounts():
+        pytest.skip(f"the multi-node tests {why}")
     c = LocalCluster(tmp_path_factory.mktemp("cluster"), workers=2)
     yield c
     c.stop()

@@ -89,7 +89,9 @@ def _pair_frames(gain: float, pruned_shift: float = 0.0, h2: int | None = None):
         for obj, shift, units in (("vae", 0.0, 20), ("iwae", gain, 25)):
             rid = f"{obj}{seed}"
             lp = base + shift + rng.normal(0, 0.1, 50)
-            ev += [{"run_id": rid, "image_id": i, "eval_k": 5000, "log_px": v, "log_px_pruned": v + pruned_shift, "log_px_jk": v + 0.1} for i, v in enumerate(lp)]
+            ev += [
+                {"run_id": rid, "image_id": i, "eval_k": 5000, "log_px": v, "log_px_pruned": v + pruned_shift, "log_px_jk": v + 0.1} for i, v in enumerate(lp)
+            ]  # noqa: E501
             rows.append(
                 {"run_id": rid, "label": obj, "objective": obj, "estimator": "standard", "seed": seed, "status": "done", "init_from": "", "dataset": "mnist"}
                 | {"layers": 2 if h2 is not None else 1, "epochs": 4, "k": 5, "m": 1, "active_h1": units, "active_h2": h2, "nll": -lp.mean()}

@@ -105,12 +105,29 @@ def test_malformed_cluster_yaml_gives_one_line(tmp_path):
     assert r.exit_code == 2 and "not valid YAML" in r.output and r.output.count("\n") == 1
 
 
-@pytest.mark.parametrize("results, match", [(None, "--results is needed"), ("results", "relative")])
-def test_submit_refuses_results_that_would_land_in_the_jobs_temporary_folder(capsys, results, match):
+@pytest.mark.parametrize("results, match", [(None, "--results (or IWAE_RESULTS) is needed"), ("results", "relative")])
+def test_submit_refuses_results_that_would_land_in_the_jobs_temporary_folder(capsys, monkeypatch, results, match):
     """submit without --results, or with a relative one: exit 2, one line naming s3://, before contacting any cluster."""
     from pipeline.cli import main
 
+    monkeypatch.delenv("IWAE_RESULTS", raising=False)
     argv = ["submit", "demo", "--address", "http://127.0.0.1:9"] + (["--results", results] if results else [])
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0] and "s3://" in err[0]
+
+
+def test_submit_takes_iwae_results_and_refuses_credentials_in_it(capsys, monkeypatch):
+    """IWAE_RESULTS stands for --results in submit too; a location with a key and secret in it is refused before any upload, never echoed."""
+    from pipeline.cli import main
+
+    secret = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"
+    monkeypatch.setenv("IWAE_RESULTS", f"s3://AKIDEXAMPLE:{secret}@bucket/iwae")
+    assert main(["submit", "demo", "--address", "http://127.0.0.1:9", "--gpus-per-trial", "0.25"]) == 2
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and "holds credentials" in err[0] and "IAM role" in err[0], err
+    assert secret not in out.out + out.err and "AKIDEXAMPLE" not in out.out + out.err
+    monkeypatch.setenv("IWAE_RESULTS", "s3://bucket/iwae")  # accepted: the command goes on to the Jobs address (nothing listens there)
+    assert main(["submit", "demo", "--address", "http://127.0.0.1:9", "--gpus-per-trial", "0.25"]) == 2
+    assert "cannot reach" in capsys.readouterr().err

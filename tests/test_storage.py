@@ -78,3 +78,71 @@ def test_results_of_an_older_format_are_refused(tmp_path):
         Results.open(tmp_path / "old")
     assert Results.open(tmp_path / "new").store.exists(MARKER)
     Results.open(tmp_path / "new")  # ours, current: opens again
+
+
+def test_a_location_with_credentials_is_refused_and_never_printed():
+    """s3://KEY:SECRET@bucket/p (which Arrow accepts) and secret query values: one line naming the supported ways, no secret in it."""
+    from pipeline.datasource import DataSource
+    from pipeline.errors import UserError
+    from pipeline.storage import redact
+
+    for loc in ("s3://AKIAKEY:s3cr3tvalue@bucket/p", "s3://bucket/p?region=us-east-1&secret_key=s3cr3tvalue&access_key=AKIAKEY"):
+        for opener in (Store.open, DataSource.open):
+            with pytest.raises(UserError) as e:
+                opener(loc)
+            msg = str(e.value)
+            assert "s3cr3tvalue" not in msg and "AKIAKEY" not in msg and "\n" not in msg
+            assert "environment variables" in msg and "IAM role" in msg and "endpoint_override" in msg
+    assert redact("s3://b/p?endpoint_override=127.0.0.1:9000&session_token=t0k") == "s3://b/p?endpoint_override=127.0.0.1:9000&session_token=***"
+    assert redact("gs://u:pw@b/p") == "gs://***@b/p" and redact("/abs/results") == "/abs/results"
+
+
+@pytest.mark.slow
+def test_sweep_with_credentials_in_results_exits_2_without_printing_them(tmp_path, mnist_dir):
+    """The CLI as a user meets it: `sweep demo --results s3://K:S@b/p` exits 2 with one line, and the secret is in no output."""
+    cli = str(Path(sys.executable).parent / "iwae-pipeline")
+    secret = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"
+    r = subprocess.run(
+        [cli, "sweep", "demo", "--size", "smoke", "--results", f"s3://AKIDEXAMPLE:{secret}@bucket/p", "--data-dir", str(mnist_dir)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "holds credentials" in lines[0], r.stderr[-3000:]
+    assert secret not in r.stdout + r.stderr and "AKIDEXAMPLE" not in r.stdout + r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stale_node_cache_is_rebuilt_from_the_data_uri(tmp_path, mnist_dir, monkeypatch):
+    """A node cache holding an mnist.npz from before the pixel fix, --data-dir a file:// URI with a current copy: rebuilt, then it loads."""
+    import hashlib
+
+    import numpy as np
+
+    from iwae import data as D
+    from pipeline.datasource import DataSource
+
+    src = tmp_path / "bucket"
+    src.mkdir()
+    (src / "mnist.npz").write_bytes((mnist_dir / "mnist.npz").read_bytes())
+    monkeypatch.setenv("IWAE_CACHE_DIR", str(tmp_path / "cache"))
+    data = DataSource.open(f"file://{src}")
+    cache = tmp_path / "cache" / hashlib.sha256(data.location.encode()).hexdigest()[:12]
+    stale = {k: np.full((2, 784), 255 / 256, np.float32) for k in ("x_train", "x_valid", "x_test")}  # no version: pixels /256
+    D.atomic_save_npz(cache / D.MNIST_NPZ, stale)
+    with pytest.raises(D.DataError, match="stale"):
+        D.load_mnist(cache)
+    assert data.folder("mnist") == cache
+    assert (cache / D.MNIST_NPZ).read_bytes() == (src / "mnist.npz").read_bytes()
+    assert data.load("mnist").test.shape == (10000, 784)
+
+
+def test_whole_file_writes_keep_the_usual_file_mode(tmp_path):
+    """A file written whole gets the mode any new file gets (umask), not mkstemp's owner-only 0600."""
+    import iwae.files as files
+
+    files.write_atomic(tmp_path / "a" / "f.parquet", b"x")
+    (tmp_path / "plain").write_bytes(b"x")
+    assert (tmp_path / "a" / "f.parquet").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o666 & ~files._UMASK

@@ -3,7 +3,10 @@
 - ``connect``: the embedded local Ray (loopback only) or an existing cluster, within a deadline.
 - ``fits`` is the one rule for "does this request fit this node": CPU and GPU together. Every check
   uses it: ``check_resources`` (before any work), ``default_gpus``, the evaluation's stall check.
-- ``check_storage``: every node that may run work can read and write the results location.
+  They weigh the nodes that are up and the node types the autoscaler can launch
+  (``launchable_types``): a request only a type meets waits for the autoscaler.
+- ``check_storage``: every node that may run work can read and write the results location, the
+  nodes that join later included.
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import signal
 import socket
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.errors import ConnectTimeout, UserError
+from pipeline.errors import ConnectTimeout, RunFailed, UserError
 from pipeline.results import Results
 from pipeline.storage import Store
 
@@ -68,6 +71,14 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
 
     import ray
 
+    given = address or os.environ.get(ENV_ADDRESS) or ""
+    if urlparse(given).scheme in ("http", "https"):
+        # Ray's job docs say `export RAY_ADDRESS=http://HEAD:8265`, which is the Jobs API, not the cluster
+        where = f"--address {address}" if address else f"{ENV_ADDRESS}={given}"
+        raise UserError(
+            f"{where} is the Ray Jobs (dashboard) address, which `iwae-pipeline submit --address` takes; this command connects to the "
+            f"cluster itself: pass --address HOST:6379 (the head's GCS address, as `ray status` prints it), or unset {ENV_ADDRESS} to run on a local Ray"
+        )
     if address:
         _probe(address)  # even when attached already: a wrong address is always reported
     if ray.is_initialized():
@@ -89,6 +100,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
             log_to_driver=False,
             configure_logging=False,
         )
+        _TYPES[ray.get_runtime_context().gcs_address] = []  # this process's own Ray: no autoscaler to ask
         return True
     _probe(address)
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.ERROR}
@@ -177,22 +189,234 @@ def can_run(res: Resources) -> bool:
     return any(fits(res, n["Resources"]) for n in work_nodes())
 
 
+@dataclass(frozen=True)
+class NodeType:
+    """A kind of worker node the cluster's autoscaler can launch, and what one such node offers."""
+
+    name: str
+    resources: Mapping[str, float]
+    max_workers: int
+
+
+AUTOSCALE_TIMEOUT_S = float(os.environ.get("IWAE_AUTOSCALE_TIMEOUT", "900"))  # a cloud node takes minutes; a quota error never ends
+_TYPES: dict[str, list[NodeType] | None] = {}  # per cluster (GCS address): the node types do not change while a command runs
+
+
+def launchable_types() -> list[NodeType] | None:
+    """The node types the cluster's autoscaler can launch ([] without an autoscaler; None: unknown).
+
+    Ray 2.60 has no public API for this. Two sources, in order (checked on Ray's fake_multinode
+    autoscaling cluster, autoscaler v1, the one ``ray up`` starts):
+
+    1. ``ray._private.state.state.get_cluster_config()``: the node groups (resources, min and max
+       count) that the GCS keeps when the autoscaler reports them (KubeRay, autoscaler v2). Ray Train
+       v2 (``get_max_resources_from_cluster_config``) and Ray Data read the same key for the same
+       question, so it is the source Ray itself relies on. On a ``ray up`` cluster it is None.
+    2. The head's autoscaling config: the file the autoscaler on the head was started with
+       (``ray start --head --autoscaling-config=~/ray_bootstrap_config.yaml``, written by ``ray
+       up``), found in the monitor process's arguments and read by a zero-CPU task pinned to the
+       head. Its ``available_node_types`` are exactly what that autoscaler launches from. A monitor
+       without the flag means a fixed-size cluster: [].
+
+    Not used: the monitor's status in the GCS KV (``DEBUG_AUTOSCALING_STATUS``, what ``ray status``
+    prints) and ``ray.autoscaler.v2.sdk.get_cluster_status``: both list live nodes, pending launches
+    and pending demands, but no node types, and an infeasible demand only shows as an autoscaler
+    event line sent to drivers. When neither source answers, :func:`check_resources` falls back on
+    submitting the request and watching whether the autoscaler starts a launch for it.
+    """
+    import ray
+
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001  # a Ray Client connection has none to give
+        return None
+    if gcs not in _TYPES:
+        _TYPES[gcs] = _types_from_cluster_config()
+        if _TYPES[gcs] is None:
+            _TYPES[gcs] = _types_from_head(gcs)
+    return _TYPES[gcs]
+
+
+def _types_from_cluster_config() -> list[NodeType] | None:
+    import ray._private.state
+
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001  # a private API: any change in it means "unknown here"
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return [
+        NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count)) for g in config.node_group_configs if g.max_count != 0 and g.resources
+    ]
+
+
+def _monitor_config(gcs_port: int) -> dict[str, Any] | None:
+    """On the head node: the autoscaler monitor's config for this cluster; {} for a monitor started
+    without one (a fixed-size cluster); None when no monitor of this cluster runs here."""
+    import yaml
+
+    for proc in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{proc}/cmdline", "rb") as f:
+                args = [a.decode() for a in f.read().split(b"\0") if a]
+        except (OSError, ValueError):
+            continue
+        if not any(a.endswith("monitor.py") and "autoscaler" in a for a in args):
+            continue
+        flags = {a[2:].partition("=")[0]: a.partition("=")[2] for a in args if a.startswith("--")}
+        if not flags.get("gcs-address", "").endswith(f":{gcs_port}"):
+            continue  # another cluster's monitor on the same machine
+        path = flags.get("autoscaling-config")
+        if not path:
+            return {}
+        path = os.path.join(f"/proc/{proc}/cwd", os.path.expanduser(path))  # relative to the monitor's folder
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+        return {k: config.get(k) for k in ("available_node_types", "head_node_type", "max_workers")}
+    return None
+
+
+def _types_from_head(gcs: str) -> list[NodeType] | None:
+    """Source 2 of :func:`launchable_types`: the head's autoscaling config, read on the head."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    heads = [n for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})]
+    if not heads:
+        return None
+    read = ray.remote(num_cpus=0, max_retries=0)(_monitor_config)
+    ref = read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(heads[0]["NodeID"], soft=False)).remote(_hostport(gcs)[1])
+    ready, _ = ray.wait([ref], timeout=60)
+    if not ready:
+        ray.cancel(ref, force=True)
+        return None
+    try:
+        config = ray.get(ref)
+    except Exception:  # noqa: BLE001  # no /proc, an unreadable file: unknown, not an error of the user's
+        return None
+    return None if config is None else _worker_types(config)
+
+
+def _worker_types(config: Mapping[str, Any]) -> list[NodeType] | None:
+    """The worker types of an autoscaling config that may launch a node (None: a type whose
+    resources the config leaves to the cloud provider, unknown here)."""
+    types, limit = config.get("available_node_types") or {}, config.get("max_workers")
+    out = []
+    for name, t in types.items():
+        count = min(t.get("max_workers", limit or 0), limit if limit is not None else 1 << 30)  # the cluster's max_workers caps every type
+        if name == config.get("head_node_type") or not count:
+            continue
+        if not isinstance(t.get("resources"), dict):
+            return None  # resources left to the cloud provider to fill in: unknown here
+        out.append(NodeType(name, {k: float(v) for k, v in t["resources"].items()}, int(count)))
+    return out
+
+
 def default_gpus(asked: float | None) -> float:
-    """The user's choice, else one GPU per worker when a node has a GPU (none otherwise)."""
+    """The user's choice, else one GPU per worker when a live node or a node type the autoscaler
+    can launch has a GPU (none otherwise)."""
     if asked is not None:
         return asked
-    return 1.0 if any(n["Resources"].get("GPU", 0) >= 1 for n in work_nodes()) else 0.0
+    if any(n["Resources"].get("GPU", 0) >= 1 for n in work_nodes()):
+        return 1.0
+    return 1.0 if any(t.resources.get("GPU", 0) >= 1 for t in launchable_types() or []) else 0.0
 
 
-def check_resources(res: Resources) -> None:
-    """Refuse a request no node can meet (Ray would wait forever instead of failing), in one line
-    naming the largest offer."""
+Notice = Callable[[str], None]
+# the options that set a worker's request, in each command that has them
+FEWER_CPUS_FIX = "ask for fewer CPUs per worker (sweep --cpus-per-trial or --eval-cpus, evaluate --cpus)"
+NO_GPU_FIX = "ask for no GPU (sweep --gpus-per-trial 0 or --eval-gpus 0, evaluate --gpus 0) or use a cluster with GPUs"
+
+
+def check_resources(res: Resources, notice: Notice | None = None) -> None:
+    """Refuse a request that no node can meet and no node type the autoscaler can launch meets (Ray
+    would wait forever instead of failing), in one line naming the largest offer. A request that
+    only a type meets is submitted, so that the autoscaler launches such a node, and waited for with
+    one status line on stderr (or ``notice``)."""
     if can_run(res):
         return
-    offers = sorted(((n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0)) for n in work_nodes()), reverse=True)
-    largest = f"{offers[0][1]:g} CPU and {offers[0][0]:g} GPU" if offers else "nothing"
-    fix = "pass --gpus 0 or use a cluster with GPUs" if res.gpus > 0 and not any(g >= res.gpus for g, _ in offers) else "lower --cpus"
-    raise UserError(f"asked for {res} per worker but no node has that (the largest offers {largest}); {fix}")
+    types = launchable_types()
+    if types is not None and not any(fits(res, t.resources) for t in types):
+        offers = sorted(
+            [(n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0), "") for n in work_nodes()]
+            + [(t.resources.get("GPU", 0), t.resources.get("CPU", 0), f": node type {t.name}") for t in types],
+            reverse=True,
+        )
+        largest = f"{offers[0][1]:g} CPU and {offers[0][0]:g} GPU{offers[0][2]}" if offers else "nothing"
+        where = "no node has that and the autoscaler can launch none that has" if types else "no node has that"
+        fix = NO_GPU_FIX if res.gpus > 0 and not any(g >= res.gpus for g, _, _ in offers) else FEWER_CPUS_FIX
+        raise UserError(f"asked for {res} per worker but {where} (the largest offers {largest}); {fix}")
+    fitting = sorted((t for t in types or [] if fits(res, t.resources)), key=lambda t: (t.resources.get("GPU", 0), t.resources.get("CPU", 0)))
+    _await_node(res, fitting[0] if fitting else None, notice)
+
+
+def _nothing() -> None:
+    """A task that only holds a request's resources, so that the autoscaler launches a node for it."""
+
+
+def _launching() -> bool:
+    """The autoscaler is launching a node or has one starting (v1's status in the KV, or v2's)."""
+    import json
+
+    import ray
+    import ray._private.ray_constants as rc
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        report = json.loads(_internal_kv_get(rc.DEBUG_AUTOSCALING_STATUS) or b"{}").get("autoscaler_report") or {}
+        if report.get("pending_launches") or report.get("pending_nodes"):
+            return True
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        return bool(status.pending_launches or status.pending_nodes)
+    except Exception:  # noqa: BLE001  # private status formats: no answer means "not seen launching"
+        return False
+
+
+def _await_node(res: Resources, node_type: NodeType | None, notice: Notice | None) -> None:
+    """Submit a placeholder task for ``res`` and wait until it runs: the autoscaler sees the demand,
+    launches a node, and the work that follows lands there. With ``node_type`` None (the types are
+    unknown) a request the autoscaler starts no launch for within 60 s is refused as infeasible."""
+    import sys
+    import time
+
+    import ray
+
+    tty = notice is None and sys.stderr.isatty()
+    say = notice or (lambda line: print(line, file=sys.stderr, flush=True))
+    what = f"1 {node_type.name} node" if node_type else f"a node for {res}"
+
+    def status(waited: float) -> str:
+        return f"waiting for the autoscaler: 0 of {what} up ({waited:.0f} s)" if node_type else f"waiting for the autoscaler to start {what} ({waited:.0f} s)"
+
+    ref = ray.remote(max_retries=0)(_nothing).options(num_cpus=res.cpus, num_gpus=res.gpus).remote()
+    t0 = time.monotonic()
+    shown = -1e9
+    launch_seen = node_type is not None
+    try:
+        while not ray.wait([ref], timeout=1.0)[0]:
+            waited = time.monotonic() - t0
+            if tty:
+                print(f"\r{status(waited)}", end="", file=sys.stderr, flush=True)
+            elif waited - shown >= 30:
+                say(status(waited))
+                shown = waited
+            launch_seen = launch_seen or _launching()
+            if not launch_seen and waited > 60:
+                raise UserError(f"asked for {res} per worker but no node has that and the autoscaler started no node for it in 60 s; {FEWER_CPUS_FIX}, or GPUs")
+            if waited > AUTOSCALE_TIMEOUT_S:
+                raise RunFailed(
+                    f"the autoscaler started no node for {res} in {AUTOSCALE_TIMEOUT_S:.0f} s; see `ray status` on the head (cloud quota, instance type); "
+                    "IWAE_AUTOSCALE_TIMEOUT sets the wait"
+                )
+    finally:
+        if not ray.wait([ref], timeout=0)[0]:
+            ray.cancel(ref)  # still queued (a finished task is never cancelled: Ray 2.60's core worker aborts on that race)
+        if tty:
+            print(file=sys.stderr, flush=True)
+    say(f"the autoscaler started {what} in {time.monotonic() - t0:.0f} s")
 
 
 def _probe_store(store: Store, key: str, token: str) -> str:
@@ -218,12 +442,17 @@ def _answer(ref: Any) -> str:
         return str(getattr(e, "cause", None) or e).strip().splitlines()[-1][:160]
 
 
+_STORAGE_OK: set[tuple[str, str]] = set()  # (results location, node id): nodes this process has checked
+
+
 def check_storage(results: Results) -> None:
-    """Before any work: every node that may run work must read and write the results location.
+    """Before work lands on a node: every node that may run work must read and write the results location.
 
     The driver writes a marker with a random token; a zero-CPU task pinned to each node reads it and
     writes an answer (Ray's ``storage_path`` guard works the same way). A node that cannot is named
-    in one line with the fix. On the embedded single-node Ray there is nothing to check.
+    in one line with the fix. On the embedded single-node Ray there is nothing to check. Called
+    before any work and again when nodes join while a command runs (an autoscaling cluster starts
+    with none); a node that passed once in this process is not asked again.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -232,6 +461,9 @@ def check_storage(results: Results) -> None:
     here = ray.get_runtime_context().get_node_id()
     if not nodes or (len(nodes) == 1 and nodes[0]["NodeID"] == here):
         return
+    todo = [n for n in nodes if (results.store.location, n["NodeID"]) not in _STORAGE_OK]
+    if not todo:
+        return
     token = uuid.uuid4().hex
     key = f"_check/{token}/marker"
     results.store.write_bytes(key, token.encode())
@@ -239,19 +471,40 @@ def check_storage(results: Results) -> None:
     try:
         refs = {
             n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(results.store, key, token)
-            for n in nodes
+            for n in todo
         }
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=120)
         answers = {nid: (_answer(r) if r in ready else "no answer in 120 s") for nid, r in refs.items()}
     finally:
         results.store.delete_dir(f"_check/{token}")
+    _STORAGE_OK.update((results.store.location, nid) for nid, why in answers.items() if not why)
     bad = {nid: why for nid, why in answers.items() if why}
     if bad:
         nid, why = next(iter(bad.items()))
-        fix = "pass --results s3://BUCKET/PREFIX (or gs://...)" if results.store.is_local else "give every node credentials for it (environment or IAM role)"
-        raise UserError(
-            f"{len(bad)} of {len(nodes)} nodes cannot use the results location {results} (node {nid[:8]}: {why}); {fix}, or a folder all nodes share"
-        )
+        raise UserError(f"{len(bad)} of {len(nodes)} nodes cannot use the results location {results} (node {nid[:8]}: {why}); {storage_fix(results)}")
+
+
+def storage_usable_here(results: Results) -> str:
+    """On a node, at the start of work: '' when this node sees the results location the driver
+    opened (its marker) and can write there, else why not, in a few words (see :func:`check_storage`;
+    this covers nodes that join after it ran)."""
+    from pipeline.results import MARKER
+
+    try:
+        if not results.store.exists(MARKER):
+            return "it does not see the driver's files there"
+        key = f"_check/{uuid.uuid4().hex}"
+        results.store.write_bytes(f"{key}/{socket.gethostname()}", b"ok")
+        results.store.delete_dir(key)
+        return ""
+    except Exception as e:  # noqa: BLE001  # credentials, network, permissions: one line
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def storage_fix(results: Results) -> str:
+    """What to do when a node cannot use the results location."""
+    fix = "pass --results s3://BUCKET/PREFIX (or gs://...)" if results.store.is_local else "give every node credentials for it (environment or IAM role)"
+    return f"{fix}, or a folder all nodes share"
 
 
 # set by the SIGINT handler of ``interrupt_guard``; module-level so that a pickled Tune callback

@@ -10,7 +10,7 @@ from typing import Any
 from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
 from pipeline.ledger import ShardLedger, load_final
-from pipeline.ray_backend.cluster import INTERRUPTED, Resources, can_run, check_resources, interrupt_guard, work_nodes
+from pipeline.ray_backend.cluster import INTERRUPTED, Resources, can_run, check_resources, check_storage, interrupt_guard, work_nodes
 from pipeline.work import scorer
 
 
@@ -70,6 +70,8 @@ def _outcome(ref: Any, ledger: ShardLedger, item: tuple[str, int], max_retries: 
         return ledger.write(run_id, shard, table)
     except OSError as e:
         return f"OSError writing it: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+    except Exception as e:  # noqa: BLE001  # a shard that does not check out (rows, schema): named, never a traceback
+        return f"{type(e).__name__} writing it: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
 def score_shards(
@@ -104,6 +106,7 @@ def score_shards(
     for rid in sorted({rid for rid, _ in items}):
         load_final(ledger.results, rid)  # a damaged or foreign checkpoint fails here, in one line
     check_resources(res)
+    check_storage(ledger.results)  # nodes an autoscaler started since the command's own check
     cluster = ray.cluster_resources()
     if workers is None:
         by_cpu = int(cluster.get("CPU", 1) // max(res.cpus, 1e-9)) if res.cpus else len(items)
@@ -131,8 +134,10 @@ def score_shards(
                 now_alive = {n["NodeID"] for n in work_nodes()}
                 if notice and alive - now_alive:
                     notice(f"lost {len(alive - now_alive)} node(s) of {len(alive)}; their shards are rescheduled on the {len(now_alive)} left")
-                if notice and now_alive - alive:
-                    notice(f"{len(now_alive - alive)} node(s) joined")
+                if now_alive - alive:
+                    if notice:
+                        notice(f"{len(now_alive - alive)} node(s) joined")
+                    check_storage(ledger.results)  # a joined node that cannot use the results location: one line, before more work lands
                 alive = now_alive
                 for ref in ready:
                     item = pending.pop(ref)

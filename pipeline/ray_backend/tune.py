@@ -4,29 +4,38 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import sys
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from iwae.config import RunConfig
 from pipeline.datasource import DataSource
-from pipeline.errors import RunFailed
-from pipeline.ray_backend.cluster import Resources, check_resources, interrupt_guard
+from pipeline.errors import RunFailed, UserError
+from pipeline.ledger import RunLedger
+from pipeline.ray_backend.cluster import Resources, check_resources, interrupt_guard, storage_fix, storage_usable_here
 from pipeline.results import Results
 from pipeline.storage import Store
 from pipeline.work import mark_failed, train_members
 
 
-def _trainable(config: dict[str, Any]) -> None:
+def _trainable(config: dict[str, Any], results: Results | None = None, data: DataSource | None = None) -> None:
     """One Tune trial = one pack of runs (often a pack of one, see :mod:`iwae.pack`). On a retry (any
-    node) each member resumes from its own checkpoints in the store; members already done are kept."""
+    node) each member resumes from its own checkpoints in the store; members already done are kept.
+
+    ``results`` and ``data`` come through ``tune.with_parameters`` (the objects the command made,
+    put once into Ray's object store, not deep-copied into every trial's config); an experiment
+    saved before that carries their locations in its config instead."""
     import torch
     from ray import tune
 
     cfgs = [RunConfig.from_dict(d) for d in _members(config)]
-    results, data = config["results"], config.get("data")
-    if isinstance(results, str):  # an experiment saved before the config carried objects
-        results, data = Results(Store.open(results)), DataSource.open(config["data_dir"])
-    assert isinstance(results, Results) and isinstance(data, DataSource), "a trial's config carries its Results and DataSource"
+    if results is None or data is None:
+        results, data = Results(Store.open(config["results"])), DataSource.open(config["data_dir"])
+    why = storage_usable_here(results)  # a node that joined after the driver's check_storage (an autoscaler's) is checked here
+    if why:
+        raise UserError(f"node {socket.gethostname()} cannot use {results} ({why}); {storage_fix(results)}")
     threads = int(config.get("threads") or 0)
     if threads:
         torch.set_num_threads(threads)
@@ -111,16 +120,20 @@ def train_runs(
     exp_name = f"{name}-{digest}"
     storage_path, storage_fs = _tune_storage(results)
     exp_path = f"{storage_path}/{exp_name}"
-    trainable = tune.with_resources(_trainable, {"cpu": res.cpus, "gpu": res.gpus})
+    trainable = tune.with_resources(tune.with_parameters(_trainable, results=results, data=data), {"cpu": res.cpus, "gpu": res.gpus})
     by_id = {c.run_id: c for c in todo}
     callbacks: list[Any] = [_interrupt_callback()] + ([_progress_callback(progress, len(todo))] if progress else [])
+    tuner = None
     if tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
-    else:
+        try:
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
+        except Exception as e:  # noqa: BLE001  # a saved state this code cannot load: the runs' own checkpoints still resume them
+            why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            sys.stderr.write(f"note: Tune could not restore {exp_name} ({why}); each run resumes from its checkpoints in a new experiment\n")
+            exp_name = f"{exp_name}-{uuid.uuid4().hex[:6]}"
+    if tuner is None:
         space = {
             "pack": tune.grid_search([[c.to_dict() for c in t] for t in trials]),
-            "results": results,  # objects that pickle as their locations (Results, DataSource)
-            "data": data,
             "threads": max(1, int(res.cpus)),
             "compile": compile_step,
         }
@@ -143,17 +156,15 @@ def train_runs(
     with interrupt_guard():
         grid = tuner.fit()
     failed: dict[str, str] = {}  # run id -> why
-    finished: set[str] = set()
+    after = RunLedger.read(results, by_id)  # what the trials left in the store: the one definition of done
     for i in range(len(grid)):
         r = grid[i]
         members = [RunConfig.from_dict(d) for d in _members(r.config)] if r.config else []
         for cfg in members:
-            if r.error is None and (r.metrics or {}).get("done"):
-                finished.add(cfg.run_id)  # the trial's last report: every member's row is written
-            elif r.error is not None and mark_failed(results, cfg, str(r.error)):  # a pack's member may be done
+            if r.error is not None and not after.done(cfg.run_id) and mark_failed(results, cfg, str(r.error)):
                 failed[cfg.run_id] = str(r.error).strip().splitlines()[-1][:160]
     for rid in by_id:
-        if rid not in failed and rid not in finished and mark_failed(results, by_id[rid], "trial did not finish"):
+        if rid not in failed and not after.done(rid) and mark_failed(results, by_id[rid], "trial did not finish"):
             failed[rid] = "trial did not finish"
     if failed:
         raise RunFailed(f"{len(failed)} of {len(todo)} trials failed: " + "; ".join(f"{rid} ({by_id[rid].label()}): {why}" for rid, why in failed.items()))

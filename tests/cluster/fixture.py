@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,22 +137,82 @@ class LocalCluster:
         self.control.write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in faults.items()}))
 
     def stop(self) -> None:
-        for proc in [*self.workers, self.head]:
+        _stop_sessions([*self.workers, self.head])
+
+
+class FakeAutoscalingCluster:
+    """A 0-CPU head whose autoscaler (Ray's fake_multinode provider, RAY-NOTES section 9) starts
+    worker nodes of ``worker_types`` on 127.0.0.1 as demand appears; there is no worker node at first.
+
+    ``worker_types``: ``{name: {"resources": {...}, "max_workers": n}}``. The worker nodes run in the
+    head's session (the autoscaler's children), so stopping the head's session stops them all;
+    nothing here runs ``ray stop``.
+    """
+
+    def __init__(self, tmp: Path, worker_types: dict):
+        self.tmp = tmp
+        self.env = {
+            **os.environ,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback-only nodes (RAY-NOTES section 8)
+            "RAY_FAKE_CLUSTER": "1",  # the fake_multinode provider requires it; its nodes inherit both
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        cmd = [sys.executable, NODE, "autoscaling-head", json.dumps(worker_types)]
+        self.head = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=self.env, cwd=tmp, start_new_session=True)
+        self.address = (self.head.stdout.readline() if self.head.stdout else "").strip()
+        if not self.address:
+            raise RuntimeError("the autoscaling head did not start")
+
+    def worker_nodes(self) -> list[dict]:
+        """Total resources of each alive node that offers a CPU or a GPU, asked of the GCS from a fresh process."""
+        code = (
+            "import json, ray._private.ray_constants as rc; rc.ENABLE_RAY_CLUSTER = False\n"
+            "from ray._raylet import GcsClient\n"
+            f"c = GcsClient(address={self.address!r})\n"
+            "print(json.dumps([dict(n.resources_total) for n in c.get_all_node_info().values() if n.state == 0]))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=self.env, timeout=60)
+        nodes = json.loads(out.stdout.strip().splitlines()[-1])
+        return [n for n in nodes if n.get("CPU", 0) > 0 or n.get("GPU", 0) > 0]
+
+    def stop(self) -> None:
+        _stop_sessions([self.head])
+
+
+def private_mounts() -> str:
+    """'' when worker nodes can get a private tmpfs (Linux, root, util-linux ``unshare``), else why not."""
+    if sys.platform != "linux":
+        return "needs Linux (mount namespaces)"
+    if os.geteuid() != 0:
+        return "needs root: each worker node mounts a private tmpfs in its own mount namespace (unshare -m)"
+    if shutil.which("unshare") is None:
+        return "needs util-linux's unshare"
+    return ""
+
+
+def _stop_sessions(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group, then SIGKILL it and whatever is left of its session (by PID)."""
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    time.sleep(2)
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in _children_of_session(proc.pid):
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        time.sleep(2)
-        for proc in [*self.workers, self.head]:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            for pid in _children_of_session(proc.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _children_of_session(sid: int) -> list[int]:
