@@ -112,7 +112,7 @@ def train_job(
         b.refresh()
 
     try:
-        trained = tune.train_runs(name, todo, results, data, trial, max_failures=max_failures, progress=progress, compile_step=compile_step, pack=pack)
+        trained = tune.train_runs(name, runs, todo, results, data, trial, max_failures=max_failures, progress=progress, compile_step=compile_step, pack=pack)
     finally:
         b.close()
     return ledger.with_done(trained)

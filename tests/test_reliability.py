@@ -108,8 +108,9 @@ def test_evaluation_survives_a_killed_worker(trained, tmp_path, mnist_dir):
 
 @pytest.mark.slow
 def test_killed_sweep_driver_resumes_without_retraining(tmp_path, mnist_dir):
-    """SIGKILL the sweep driver (and its local Ray) mid-sweep; the same command resumes, trains only
-    what was unfinished, and no row appears twice."""
+    """SIGKILL the sweep driver (and its local Ray) after a run finished; the same command resumes
+    through Tune's restore of the same experiment, trains only what was unfinished, no row appears
+    twice, and the finished experiment's Tune state is removed."""
     results = tmp_path / "r"
     args = ("sweep", "paper_table1", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir)
     proc = start_cli(*args)
@@ -121,8 +122,11 @@ def test_killed_sweep_driver_resumes_without_retraining(tmp_path, mnist_dir):
     proc.wait(timeout=30)
     done_before = {p.name: p.stat().st_mtime_ns for p in runs_dir.glob("*.parquet")}
     assert 1 <= len(done_before) < 5, "kill the driver mid-sweep"
+    assert len(list((results / "tune").iterdir())) == 1  # the crashed sweep's Tune experiment
     r = run_cli(*args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming Tune's experiment" in r.stderr, r.stderr[-3000:]  # Tune's restore, not a new experiment
+    assert not any((results / "tune").iterdir())  # done: the experiment is removed, none piles up
     runs = pd.read_parquet(runs_dir)
     assert len(runs) == 5 and set(runs.status) == {"done"} and runs.run_id.is_unique
     for name, mtime in done_before.items():  # finished runs were not trained again

@@ -87,6 +87,7 @@ def _interrupt_callback() -> Any:
 
 def train_runs(
     name: str,
+    runs: Sequence[RunConfig],
     todo: Sequence[RunConfig],
     results: Results,
     data: DataSource,
@@ -97,12 +98,15 @@ def train_runs(
     compile_step: bool | str = "auto",
     pack: int | None = 1,
 ) -> list[str]:
-    """Train the runs ``todo`` (those the run ledger found not done) as Tune trials; returns their
-    ids once all are done. Raises RunFailed naming the runs that failed (their rows say so).
+    """Train the runs ``todo`` (those of ``runs``, the sweep's selection, that the run ledger found
+    not done) as Tune trials; returns their ids once all are done. Raises RunFailed naming the runs
+    that failed (their rows say so).
 
-    Re-running the same command after a crash resumes: finished runs are not in ``todo``, Tune
-    restores its experiment from the store when it can, and each trial resumes from its last
-    epoch's checkpoint in the store, on whichever node it lands.
+    The experiment is named by the sweep's whole selection (and pack size), not by what is left to
+    train, so re-running the same command after a driver crash at any point restores it with
+    ``Tuner.restore``: finished trials stay finished, the others resume, each from its last epoch's
+    checkpoint in the store, on whichever node it lands. Once every run is done the experiment's
+    folder is removed: it exists only to resume, and dead experiments do not pile up under ``tune/``.
     """
     from ray import tune
 
@@ -115,8 +119,7 @@ def train_runs(
     # without it the interrupt reaches the CLI, which keeps what is finished and says to re-run
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     trials = pack_runs(todo, pack, res.gpus)
-    # packs of one give the name an experiment had before packs (its run ids, sorted), so Tuner.restore finds it
-    digest = hashlib.sha256(",".join(sorted("+".join(c.run_id for c in t) for t in trials)).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(",".join(sorted("+".join(c.run_id for c in t) for t in pack_runs(runs, pack, res.gpus))).encode()).hexdigest()[:8]
     exp_name = f"{name}-{digest}"
     storage_path, storage_fs = _tune_storage(results)
     exp_path = f"{storage_path}/{exp_name}"
@@ -127,6 +130,7 @@ def train_runs(
     if tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
         try:
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
+            sys.stderr.write(f"resuming Tune's experiment {exp_name}: finished trials are kept, the others resume from their checkpoints\n")
         except Exception as e:  # noqa: BLE001  # a saved state this code cannot load: the runs' own checkpoints still resume them
             why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
             sys.stderr.write(f"note: Tune could not restore {exp_name} ({why}); each run resumes from its checkpoints in a new experiment\n")
@@ -166,6 +170,8 @@ def train_runs(
     for rid in by_id:
         if rid not in failed and not after.done(rid) and mark_failed(results, by_id[rid], "trial did not finish"):
             failed[rid] = "trial did not finish"
+    if not failed:
+        results.store.delete_dir(f"{results.tune_key}/{exp_name}")  # only for resuming; every run is done
     if failed:
         raise RunFailed(f"{len(failed)} of {len(todo)} trials failed: " + "; ".join(f"{rid} ({by_id[rid].label()}): {why}" for rid, why in failed.items()))
     return list(by_id)
