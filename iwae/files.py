@@ -37,3 +37,28 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def create_atomic(path: str | Path, data: bytes) -> bool:
+    """Write ``data`` as ``path`` only if no file is there (compare-and-set); returns whether it did.
+
+    The whole file is written under a temporary name first, then hard-linked into place: ``link``
+    fails when the name exists, so of two writers racing for one name exactly one wins, and a
+    reader never sees a part.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="_", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)

@@ -309,9 +309,10 @@ class ShardLedger:
         return Survey(todo, damaged)
 
     def claim(self, run_id: str) -> None:
-        """Record this evaluation's identity for the run before its first shard is written: only where
-        none is recorded, then read back, so that of two evaluations started at once with other
-        settings the second stops (one line) instead of writing shards of another layout beside the first."""
+        """Record this evaluation's identity for the run before its first shard is written, only where
+        none is recorded (compare-and-set on a local disk, :meth:`Store.create`), then read it back:
+        of two evaluations started at once with other settings the second stops in one line instead
+        of writing shards of another layout beside the first."""
         key, new = self.identity_key(run_id), self.plan.identity()
         try:
             old = json.loads(self.results.store.read_bytes(key))
@@ -320,8 +321,13 @@ class ShardLedger:
         except ValueError:
             old = None  # damaged: written again
         if old is None:
-            self.results.store.write_bytes(key, json.dumps(new, sort_keys=True).encode())
-            old = json.loads(self.results.store.read_bytes(key))
+            store = self.results.store
+            if not store.create(key, json.dumps(new, sort_keys=True).encode()):  # another command was first
+                try:
+                    old = json.loads(store.read_bytes(key))
+                except ValueError:  # a damaged identity: ours replaces it
+                    store.write_bytes(key, json.dumps(new, sort_keys=True).encode())
+            old = json.loads(store.read_bytes(key))
         if old != new:
             diff = ", ".join(f"{k}={old.get(k)}" for k in new if old.get(k) != new[k])
             raise UserError(f"run {run_id} is being evaluated with {diff} by another command; use the same options, or wait for it to finish")

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from iwae.files import write_atomic
+from iwae.files import create_atomic, write_atomic
 from pipeline.errors import UserError
 
 QUARANTINE = "_quarantine"  # damaged files are moved here, never deleted
@@ -174,6 +174,17 @@ class Store:
             return
         with self.fs.open_output_stream(self.path(key)) as f:
             f.write(data)  # one call with the whole payload: nothing to complete half-way
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only where there is none; returns whether this call wrote it. Exclusive on a
+        local disk (a hard link, :func:`iwae.files.create_atomic`); on an object store, which
+        pyarrow gives no conditional PUT, it checks and then writes: callers read the object back."""
+        if self.is_local:
+            return create_atomic(self.path(key), data)
+        if self.exists(key):
+            return False
+        self.write_bytes(key, data)
+        return True
 
     def write_table(self, key: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()

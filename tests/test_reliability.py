@@ -188,6 +188,26 @@ def test_two_evaluations_at_once_do_not_double_rows(trained, tmp_path, mnist_dir
 
 
 @pytest.mark.slow
+def test_two_evaluations_with_other_shardings_at_once_count_each_image_once(trained, tmp_path, mnist_dir):
+    """`evaluate --shards 4` and `--shards 2` on one folder at the same time: the evaluation identity is
+    claimed compare-and-set, so the second stops in one line (or finds the first's evaluation stands
+    for it); never two layouts side by side, each image exactly once."""
+    results = copy_results(trained, tmp_path / "r")
+    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
+    slow = faults(slow_claim=8)  # both survey (nothing there yet) before either claims
+    a, b = start_cli(*args, "--shards", "4", env=slow), start_cli(*args, "--shards", "2", env=slow)
+    out_a, _ = a.communicate(timeout=300)
+    out_b, _ = b.communicate(timeout=300)
+    assert {a.returncode, b.returncode} <= {0, 2} and 0 in {a.returncode, b.returncode}, out_a[-2000:] + out_b[-2000:]
+    for proc, out in ((a, out_a), (b, out_b)):
+        if proc.returncode == 2:
+            assert "by another command" in out or "was evaluated with" in out, out[-2000:]
+    assert_each_image_once(results, runs=2, images=20)
+    layouts = {p.name.split("-of-")[1] for p in (results / "tables" / "eval").rglob("shard-*.parquet")}
+    assert len(layouts) == 1, layouts
+
+
+@pytest.mark.slow
 def test_partial_files_are_never_read_and_truncated_checkpoints_are_redone(trained, tmp_path, mnist_dir):
     """A leftover `_tmp-*` Parquet is ignored by readers; a truncated final checkpoint is retrained."""
     results = copy_results(trained, tmp_path / "r")

@@ -11,6 +11,8 @@ long before the test (the nodes of a multi-node cluster), from the JSON file nam
   only the first process that gets there does (the file records that it fired).
 - ``slow_score`` (``IWAE_TEST_SLOW_SCORE=s``): scoring a shard sleeps s seconds first.
 - ``slow_epoch`` (``IWAE_TEST_SLOW_EPOCH=s``): each epoch sleeps s seconds first.
+- ``slow_claim`` (``IWAE_TEST_SLOW_CLAIM=s``): claiming an evaluation's identity sleeps s seconds
+  first, so that two commands started together both survey before either claims.
 """
 
 import importlib.abc
@@ -78,9 +80,21 @@ def _patch_work(mod):
     mod.ShardScorer.score = score
 
 
+def _patch_ledger(mod):
+    original = mod.ShardLedger.claim
+
+    def claim(self, run_id):
+        import time
+
+        time.sleep(float(setting("slow_claim", 0) or 0))
+        return original(self, run_id)
+
+    mod.ShardLedger.claim = claim
+
+
 PATCHES = {}
 if any(k.startswith("IWAE_TEST_") for k in os.environ):
-    PATCHES = {"iwae.train": _patch_train, "pipeline.work": _patch_work}
+    PATCHES = {"iwae.train": _patch_train, "pipeline.work": _patch_work, "pipeline.ledger": _patch_ledger}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
