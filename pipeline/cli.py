@@ -116,10 +116,9 @@ def cli_errors(fn: F) -> F:
 
         try:
             return fn(*args, **kwargs)
-        except ConnectTimeout as e:  # ray.init is still waiting in a thread: leave without waiting for it
+        except ConnectTimeout as e:  # ray.init still waits in a daemon thread; `run` leaves without joining it
             typer.echo(f"error: {e}", err=True)
-            sys.stderr.flush()
-            os._exit(2)
+            raise typer.Exit(2) from None
         except (UserError, DataError, CheckpointError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
@@ -492,7 +491,8 @@ def submit(
     if epoch_scale:
         args.append(f"--epoch-scale {epoch_scale}")
     args += [f"--where {shlex.quote(w)}" for w in where or []]
-    entry = "python -m pipeline.cli " + " ".join(args)  # each node fetches (or copies) the data it needs itself
+    # the preflight says in one line when the cluster's python lacks the project; each node fetches (or copies) its data
+    entry = "python -m pipeline.preflight && python -m pipeline.cli " + " ".join(args)
     env = {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     sid = rb.submit(address, entry, Path.cwd(), submission_id, env)
     typer.echo(sid)
@@ -500,7 +500,8 @@ def submit(
         st = rb.wait(address, sid, timeout)
         typer.echo(f"{sid}: {st}")
         if not st.endswith("SUCCEEDED"):
-            raise RunFailed(f"job {sid} ended {st}; see `iwae-pipeline logs {sid} --address {address}`")
+            why = rb.last_error(address, sid)  # the job's own one-line error, when it printed one
+            raise RunFailed(f"job {sid} ended {st}" + (f": {why}" if why else "") + f"; see `iwae-pipeline logs {sid} --address {address}`")
 
 
 @app.command()

@@ -47,3 +47,23 @@ def test_every_ray_error_and_a_failed_shard_write_is_a_reason_never_a_traceback(
     why = tasks._outcome(object(), _Ledger(OSError("connection reset")), ("run", 0), 3)
     assert isinstance(why, str) and why.startswith(tasks._TRANSIENT) and "connection reset" in why, why
     assert tasks._outcome(object(), _Ledger(), ("run", 0), 3) == 7
+
+
+def test_a_cluster_python_without_the_project_is_named_in_one_line(tmp_path):
+    """`submit`'s entrypoint starts with `python -m pipeline.preflight`: where the cluster's python lacks
+    a dependency (typer here) it exits 2 with one line naming it and the fix, not a traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fake = tmp_path / "typer"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError(\"No module named 'typer'\")\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{root}"}
+    r = subprocess.run([sys.executable, "-m", "pipeline.preflight"], capture_output=True, text=True, env=env, cwd=root, timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "cannot import typer" in lines[0] and "setup_commands" in lines[0], r.stderr
+    ok = subprocess.run([sys.executable, "-m", "pipeline.preflight"], capture_output=True, text=True, cwd=root, timeout=120)
+    assert ok.returncode == 0 and not ok.stderr.strip(), ok.stderr

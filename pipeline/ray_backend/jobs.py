@@ -91,3 +91,13 @@ def wait(address: str, submission_id: str, timeout: float) -> str:
         if st.split(".")[-1] in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() - t0 > timeout:
             return st
         time.sleep(2)
+
+
+def last_error(address: str, submission_id: str) -> str:
+    """The last ``error: ...`` line the job printed (our one-line errors), without the prefix; '' if none."""
+    try:
+        text = job_client(address).get_job_logs(submission_id)
+    except Exception:  # noqa: BLE001  # the logs are a courtesy here; the status already says it failed
+        return ""
+    lines = [ln.strip()[len("error:") :].strip() for ln in str(text).splitlines() if ln.strip().startswith("error:")]
+    return lines[-1][:400] if lines else ""
