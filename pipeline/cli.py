@@ -46,9 +46,8 @@ DEFAULT_DATA = "data"
 def _results(location: str, create: bool = True) -> Any:
     """The results location, opened once here and passed down as an object."""
     from pipeline.results import Results
-    from pipeline.storage import is_uri
 
-    return Results.open(location if is_uri(location) else str(Path(location).expanduser().absolute()), create=create)
+    return Results.open(location, create=create)  # Store.open makes a local path absolute (Ray workers run elsewhere)
 
 
 def _data(location: str) -> Any:

@@ -132,8 +132,18 @@ def repair(results: Results, damaged: Iterable[Damaged], notice: Callable[[str],
 # ---------------------------------------------------------------------------------------- evaluation
 
 
+class _Shards:
+    """What every evaluation plan shares: the first ``num_images`` images split into ``shards``."""
+
+    num_images: int
+    shards: int
+
+    def shard_ids(self, shard: int) -> np.ndarray:
+        return np.array_split(np.arange(self.num_images), self.shards)[shard]
+
+
 @dataclass(frozen=True)
-class EvalPlan:
+class EvalPlan(_Shards):
     """What an evaluation covers: the first ``num_images`` test (or training) images, in ``shards``.
 
     ``images="train"`` scores the first training images instead, into the ``eval_train`` table: the
@@ -159,9 +169,6 @@ class EvalPlan:
         """The estimator's identity as a folder name: settings that change the numbers."""
         return f"k{self.config.k}-seed{self.config.seed}-block{self.config.block}"
 
-    def shard_ids(self, shard: int) -> np.ndarray:
-        return np.array_split(np.arange(self.num_images), self.shards)[shard]
-
     def identity(self) -> dict[str, Any]:
         c = self.config
         return {"k": c.k, "seed": c.seed, "block": c.block, "num_images": self.num_images, "shards": self.shards, "pruned": self.pruned}
@@ -173,7 +180,7 @@ class EvalPlan:
 
 
 @dataclass(frozen=True)
-class AISPlan:
+class AISPlan(_Shards):
     """An AIS evaluation (:mod:`iwae.ais`): the first ``num_images`` test images, binarised as the
     k=5000 evaluation binarises them (``binarize_seed``), so both estimates score the same images;
     or, with ``method="bdmc"``, ``num_images`` images simulated from each model (BDMC bounds)."""
@@ -198,9 +205,6 @@ class AISPlan:
     def estimate(self) -> str:
         c = self.config
         return f"T{c.steps}-C{c.chains}-L{c.leapfrog}-P{c.pilot_steps}-seed{c.seed}"
-
-    def shard_ids(self, shard: int) -> np.ndarray:
-        return np.array_split(np.arange(self.num_images), self.shards)[shard]
 
     def identity(self) -> dict[str, Any]:
         c = self.config

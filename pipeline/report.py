@@ -103,8 +103,8 @@ def _fmt(v: float, se: float | None = None) -> str:
 
 
 def _headline(ev: pd.DataFrame, run_id: str) -> pd.Series:
-    g = ev[ev.run_id == run_id]
-    return g[g.eval_k == g.eval_k.max()].set_index("image_id")["log_px"] if len(g) else g.set_index("image_id")["log_px"]
+    """A run's headline log p(x) per image (the largest k)."""
+    return _l5000(ev, run_id).log_px
 
 
 def paired_gap(ev: pd.DataFrame, a: str, b: str) -> tuple[float, float, int]:

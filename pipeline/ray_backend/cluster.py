@@ -419,6 +419,11 @@ def _await_node(res: Resources, node_type: NodeType | None, notice: Notice | Non
     say(f"the autoscaler started {what} in {time.monotonic() - t0:.0f} s")
 
 
+def _why(e: BaseException) -> str:
+    """Why a node cannot use the store, in one line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
 def _probe_store(store: Store, key: str, token: str) -> str:
     """On a node: read the driver's marker and write this node's answer beside it. Returns '' or why not."""
     try:
@@ -428,8 +433,8 @@ def _probe_store(store: Store, key: str, token: str) -> str:
         return ""
     except FileNotFoundError:
         return "it does not see the driver's files there"
-    except Exception as e:  # credentials, network, permissions: one line
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    except Exception as e:  # noqa: BLE001  # credentials, network, permissions: one line
+        return _why(e)
 
 
 def _answer(ref: Any) -> str:
@@ -498,7 +503,7 @@ def storage_usable_here(results: Results) -> str:
         results.store.delete_dir(key)
         return ""
     except Exception as e:  # noqa: BLE001  # credentials, network, permissions: one line
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        return _why(e)
 
 
 def storage_fix(results: Results) -> str:
