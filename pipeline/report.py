@@ -7,8 +7,10 @@ images use the paired per-image difference.
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -489,15 +491,19 @@ def _render(results: Results, summary: pd.DataFrame, ev: pd.DataFrame, out_dir: 
             " simulated from the model (Grosse et al. 2015), which bounds AIS's own error there.",
             "",
         ]
+        tconv = ais_convergence_table(summary, ais)
+        if tconv:
+            parts += ["Convergence: each run's AIS as T doubles, on the images both settings scored:", "", tconv, ""]
         tgain = ais_gain_table(summary, ev, ais)
         if tgain:
             parts += ["The IWAE gain measured each way (on the images both runs' AIS scored, the setting with the most images):", "", tgain, ""]
-    parts += ["## Findings: the paper's claims at this budget", "", findings(summary, ev), ""]
+    parts += ["## Findings: the paper's claims at this budget", "", findings(summary, ev, ais), ""]
     parts += [
         "Verdicts: a log-likelihood claim 'holds' when the gain (each image's gain averaged over seeds) clears zero by two"
         " standard errors over images and, with two or more seeds, the per-seed gains clear it by Student's t at 95%;"
         " 'contradicted' likewise on the other side; one seed says so. Unit claims need every run (or pair) to agree;"
-        " the pruning claim needs every run within 0.06 nats by two standard errors. Otherwise: not resolved at this budget.",
+        " the pruning claim needs every run within 0.06 nats by two standard errors. Otherwise: not resolved at this budget."
+        " Claim (1) 'by AIS' is the same test on the AIS estimates of the first test images, where every run of the cell has them.",
         "",
     ]
     parts += [
@@ -585,6 +591,35 @@ def _at(df: pd.DataFrame, setting: tuple[Any, ...]) -> pd.Series:
     return df[sel].drop_duplicates("image_id").set_index("image_id").log_px_ais
 
 
+def ais_convergence_table(summary: pd.DataFrame, ais: pd.DataFrame) -> str | None:
+    """Per run, AIS at each T against the next larger T with the same chains, leapfrog and seed, on the
+    images both scored, paired: an estimate that has converged stops moving as T grows."""
+    if ais.empty:
+        return None
+    names = {str(r.run_id): _name(r) for r in summary.itertuples()}
+    rows = []
+    for (rid, c, lf, seed), g in ais.groupby(["run_id", "ais_chains", "ais_leapfrog", "ais_seed"], sort=True):
+        ts = sorted(set(g.ais_steps))
+        for small, large in zip(ts, ts[1:]):
+            a, b = _at(g, (small, c, lf, seed)), _at(g, (large, c, lf, seed))
+            both = a.index.intersection(b.index)
+            if len(both) < 2:
+                continue
+            d = b.reindex(both) - a.reindex(both)
+            cells = [
+                names.get(str(rid), str(rid)),
+                f"{small} → {large}",
+                str(len(both)),
+                _fmt(-float(a.reindex(both).mean())),
+                _fmt(-float(b.reindex(both).mean())),
+            ]
+            rows.append("| " + " | ".join([*cells, _fmt(float(d.mean()), _se(d))]) + " |")
+    if not rows:
+        return None
+    head = "| run | T | images | NLL from AIS at the smaller T | at the larger T | log p̂ change (paired) |\n" + "|---" * 6 + "|"
+    return head + "\n" + "\n".join(rows)
+
+
 def ais_gain_table(summary: pd.DataFrame, ev: pd.DataFrame, ais: pd.DataFrame) -> str | None:
     """The IWAE gain over the VAE measured each way, per pair, on the images both runs' AIS scored with
     one setting (the one with the most images, then the largest T), paired per image."""
@@ -636,12 +671,13 @@ def _verdict(mean: float, se: float, threshold: float = 0.0) -> str:
     return NR
 
 
-def _gain(ev: pd.DataFrame, pairs: list[tuple[str, str]]) -> tuple[str, str]:
+def _gain(ev: pd.DataFrame, pairs: list[tuple[str, str]], value: Callable[[str], pd.Series] | None = None) -> tuple[str, str]:
     """A gain log p_b - log p_a over seeds: (figure, verdict). Each image's gain is averaged over the
     seeds (they share the test images), its standard error taken over images; with two or more seeds
     the per-seed means must also clear zero by Student's t (the seeds' spread usually dominates);
-    with one seed the verdict says so."""
-    per = [(_headline(ev, b) - _headline(ev, a)).dropna() for a, b in pairs]
+    with one seed the verdict says so. ``value``: a run's log p(x) by image id (default: its L_k)."""
+    value = value or (lambda rid: _headline(ev, rid))
+    per = [(value(b) - value(a)).dropna() for a, b in pairs]
     per = [d for d in per if len(d) > 1]
     if not per:
         return "no evaluated pair", NR
@@ -674,8 +710,25 @@ def _active(r: Any) -> int:
     return int(r.active_h1) + (int(r.active_h2) if not pd.isna(r.active_h2) else 0)
 
 
-def findings(summary: pd.DataFrame, ev: pd.DataFrame) -> str:
-    """The paper's claims, each with our figure, its error and spread, and a verdict from the data."""
+def _ais_by_image(ais: pd.DataFrame, run_ids: list[str]) -> tuple[Callable[[str], pd.Series], tuple[Any, ...], int] | None:
+    """One AIS setting that scored every run of ``run_ids`` (the most images shared, then the largest T):
+    a run's AIS log p(x) by image id under it, the setting, and the images shared."""
+    by_run = [ais[ais.run_id == rid] for rid in run_ids]
+    settings = set.intersection(*(set(map(tuple, a[AIS_SETTING].values.tolist())) for a in by_run)) if by_run else set()
+    if not settings:
+        return None
+
+    def shared(st: tuple[Any, ...]) -> int:
+        return len(functools.reduce(lambda ix, a: ix.intersection(_at(a, st).index), by_run[1:], _at(by_run[0], st).index))
+
+    best = max(settings, key=lambda st: (shared(st), st))
+    return (lambda rid: _at(ais[ais.run_id == rid], best)), best, shared(best)
+
+
+def findings(summary: pd.DataFrame, ev: pd.DataFrame, ais: pd.DataFrame | None = None) -> str:
+    """The paper's claims, each with our figure, its error and spread, and a verdict from the data.
+    Claim (1) is also judged by AIS where every run of a cell has AIS estimates: L_k understates log
+    p(x) by more for the IWAE than for the VAE (the AIS section), so the two can disagree."""
     pairs = _pairs(summary)
     out = ["| claim (Burda et al. 2016) | our figure | verdict |", "|---|---|---|"]
     # (1) IWAE reaches a better test log-likelihood than the VAE at k = 5 and 50: per cell, pooled over seeds
@@ -688,6 +741,11 @@ def findings(summary: pd.DataFrame, ev: pd.DataFrame) -> str:
             claim = f"(1) IWAE beats the VAE in test log-likelihood at k={k}" + (f" ({dataset}, {layers} layer(s), {epochs} epochs)" if ids else "")
             fig, verdict = _gain(ev, ids) if ids else ("no pair", NR)
             out.append(f"| {claim} | {fig} | {verdict} |")
+            by_ais = _ais_by_image(ais, [r for pair in ids for r in pair]) if ids and ais is not None and len(ais) else None
+            if by_ais is not None:
+                value, setting, n = by_ais
+                fig, verdict = _gain(ev, ids, value)
+                out.append(f"| {claim}, by AIS (T={setting[0]}, {n} images) | {fig} | {verdict} |")
     # (2) IWAE uses more active units
     diffs = [_active(i) - _active(v) for v, i in pairs if int(v.k) > 1]
     fig = f"{np.mean(diffs):+.1f} units over {len(diffs)} pair(s) (range {min(diffs):+d} to {max(diffs):+d})" if diffs else "no pair"

@@ -138,6 +138,41 @@ def test_ais_table_reports_how_far_l5000_is_below_ais():
     assert cells[7].startswith("0.30 ± 0.00") and cells[8] == "0.10" and cells[9].startswith("0.05"), cells
 
 
+def _ais_frame(ev: pd.DataFrame, shift: dict[str, float], steps: int = 500) -> pd.DataFrame:
+    """AIS rows on the first 30 of ``ev``'s images: each run's L_k plus its ``shift`` (nats)."""
+    a = ev[ev.image_id < 30]
+    return a.assign(log_px_ais=a.log_px + a.run_id.map(shift), ais_steps=steps, ais_chains=16, ais_leapfrog=10, ais_seed=0, accept=0.7, seconds=1.0)
+
+
+def test_claim_one_is_also_judged_by_ais_where_every_run_has_it():
+    """L_k says the IWAE loses by 0.5 nats; AIS, which lifts the IWAE 2 nats and the VAE 0.5, says it
+    wins by 1: claim (1) gets both rows with opposite verdicts. Without AIS there is no AIS row."""
+    from pipeline.report import findings
+
+    summary, ev = _pair_frames(gain=-0.5)
+    ais = _ais_frame(ev, {"vae0": 0.5, "vae1": 0.5, "iwae0": 2.0, "iwae1": 2.0})
+    rows = {r.split("|")[1].strip(): r.split("|")[3].strip() for r in findings(summary, ev, ais).splitlines()[2:]}
+    cell = "(1) IWAE beats the VAE in test log-likelihood at k=5 (mnist, 1 layer(s), 4 epochs)"
+    assert rows[cell] == "contradicted" and rows[cell + ", by AIS (T=500, 30 images)"] == "holds", rows
+    assert not any("by AIS" in r for r in findings(summary, ev).splitlines())
+    partial = ais[ais.run_id != "iwae1"]  # a run of the cell without AIS: no AIS verdict for the cell
+    assert not any("by AIS" in r for r in findings(summary, ev, partial).splitlines())
+
+
+def test_ais_convergence_table_pairs_each_t_with_the_next():
+    """AIS at T=250 and T=500 on the same images, 0.2 nats apart for one run: the change reads 0.20 there
+    and 0.00 for the other; T=1000 on too few shared images (one) gets no row."""
+    from pipeline.report import ais_convergence_table
+
+    summary, ev = _pair_frames(gain=1.0)
+    flat = {r: 0.0 for r in ("vae0", "vae1", "iwae0", "iwae1")}
+    ais = pd.concat([_ais_frame(ev, flat, 250), _ais_frame(ev, flat | {"vae0": 0.2})])
+    ais = pd.concat([ais, _ais_frame(ev[ev.image_id == 0], {"vae0": 0.0}, 1000)])
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:7]] for r in ais_convergence_table(summary, ais).splitlines()[2:] if "vae" in r}
+    assert rows["vae"] == ["250 → 500", "30", rows["vae"][2], rows["vae"][3], "0.20 ± 0.00"], rows
+    assert len([r for r in ais_convergence_table(summary, ais).splitlines()[2:]]) == 4
+
+
 def test_one_seed_is_named_and_seeds_that_disagree_leave_the_claim_open():
     """Claim (1) with one seed says so; with two seeds whose gains have opposite signs it is not resolved,
     however small each seed's paired standard error."""
