@@ -286,13 +286,16 @@ def eval_throughput(data: DataSource, mnist: Any, n_images: int, ray_path: bool,
     return out
 
 
-def ais_cost(dev: torch.device, mnist: Any, quick: bool, k5000_images_per_s: float) -> dict[str, float]:
+def ais_cost(dev: torch.device, mnist: Any, quick: bool, k5000_images_per_s: float, images: int | None = None) -> dict[str, float]:
     """Seconds per image per temperature of AIS on the paper's 1-layer model (untrained weights: the
-    cost does not depend on them), and the projected cost of T=500 with its 100-temperature pilot."""
+    cost does not depend on them), and the projected cost of T=500 with its 100-temperature pilot.
+    ``images`` per batch (default 20; the steps are sequential, so a GPU's cost per image falls as
+    its batch grows)."""
     from iwae.ais import AISConfig, ais_log_px
     from iwae.evaluate import binarize_by_id
 
     n, steps = (4, 10) if quick else (20, 50)
+    n = images or n
     model = IWAEModel(ModelConfig.paper(1)).to(dev)
     ids = list(range(n))
     x = binarize_by_id(torch.as_tensor(mnist.test[:n]), ids, 123).to(dev)
@@ -306,7 +309,7 @@ def ais_cost(dev: torch.device, mnist: Any, quick: bool, k5000_images_per_s: flo
     per = t / (n * steps)
     full = AISConfig()  # the default: T=500 after a 100-temperature pilot, 16 chains, 10 leapfrog steps
     s = (full.steps + full.pilot_steps) * per
-    return {"ais_s_per_image_per_temperature": per, "ais_T500_s_per_image": s, "ais_T500_over_k5000": s * k5000_images_per_s}
+    return {"ais_s_per_image_per_temperature": per, "ais_T500_s_per_image": s, "ais_T500_over_k5000": s * k5000_images_per_s, "ais_batch_images": n}
 
 
 def eval_peak_rss_mib(data_dir: Path, n_images: int) -> float:

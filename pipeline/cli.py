@@ -556,11 +556,16 @@ def repro(
     test_images: Annotated[int, typer.Option(min=0, max=10_000, help="Score the first N test images with k=5000.")] = 10_000,
     train_images: Annotated[int, typer.Option(min=0, help="Also score the first N training images (the train-test gap).")] = 1_000,
     train_subset: Annotated[int | None, typer.Option(min=20, help="Train on the first N images only (tests; changes the run ids).")] = None,
+    two_layer: Annotated[bool, typer.Option("--two-layer", help="Also train the two-layer VAE/IWAE k=50 pair of the first seed.")] = False,
+    ais_images: Annotated[int, typer.Option(min=0, max=10_000, help="AIS on the first N of the test images (with a T/2 check on 20).")] = 0,
+    bdmc_images: Annotated[int, typer.Option(min=0, help="BDMC bounds on N images simulated from each model.")] = 0,
+    ais_steps: Annotated[int, typer.Option(min=2, help="AIS/BDMC temperatures T.")] = 500,
     results: ResultsOpt = "results/repro-budget",
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
     """Table 1 at k=50 (VAE and IWAE per seed) in M minutes, in this process on whatever device torch
-    sees: measure, train as many whole stages as fit, score k=5000, write tables, report, repro.json."""
+    sees: measure, train as many whole stages as fit, score k=5000 (and AIS/BDMC if asked), write
+    tables, report, repro.json."""
     from pipeline.repro import run_repro
 
     data = _data(data_dir)
@@ -575,6 +580,10 @@ def repro(
         train_images=train_images,
         stages=stages,
         train_subset=train_subset,
+        two_layer=two_layer,
+        ais_images=min(ais_images, test_images),
+        bdmc_images=bdmc_images,
+        ais_steps=ais_steps,
         echo=lambda line: typer.echo(line, err=True),
     )
     typer.echo(f"repro: figures in {res.store.uri('repro.json')}, report in {res.store.uri('report')}")

@@ -1,6 +1,7 @@
 """The in-process commands (train, report, bench --no-ray, repro) run where Ray is not installed."""
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -66,19 +67,29 @@ def test_pack_option_is_checked(capsys):
 
 
 def test_repro_on_a_tiny_budget_trains_evaluates_and_resumes(mnist_dir, tmp_path, capsys):
-    """`repro` on CPU with a tiny budget and a cut test set: the k=50 pair trained for the stages that
-    fit, scored, reported, the paired gain in repro.json; a re-run keeps its stage count and trains nothing."""
+    """`repro` on CPU with a tiny budget and a cut test set: the k=50 pairs (one layer, and two with
+    --two-layer) trained for the stages that fit, scored with k=5000, AIS (with its T/2 check) and BDMC,
+    reported, the paired gains and L_5000 against AIS in repro.json; a re-run keeps its stage count,
+    trains and scores nothing, and keeps the first call's timings."""
     res = tmp_path / "rp"
     argv = ["repro", "--minutes", "1", "--seed", "0", "--train-subset", "200", "--test-images", "20", "--train-images", "10"]
-    argv += ["--results", str(res), "--data-dir", str(mnist_dir)]
+    argv += ["--two-layer", "--ais-images", "3", "--bdmc-images", "2", "--ais-steps", "4", "--results", str(res), "--data-dir", str(mnist_dir)]
     assert main(argv) == 0, capsys.readouterr().err
     fig = json.loads((res / "repro.json").read_text())
     assert 1 <= fig["stages"] <= 8 and fig["epochs"] == sum(3**i for i in range(fig["stages"]))
-    assert [r["objective"] for r in fig["runs"]] == ["iwae", "vae"] and all(r["test_images"] == 20 for r in fig["runs"])
-    assert fig["gains"]["0"]["images"] == 20 and fig["bench"]["pack_k50_G1"] > 0
-    assert (res / "report" / "report.md").exists()
+    assert [(r["layers"], r["objective"]) for r in fig["runs"]] == [(1, "iwae"), (1, "vae"), (2, "iwae"), (2, "vae")]
+    assert all(r["test_images"] == 20 for r in fig["runs"]) and all((r["active_h2"] is None) == (r["layers"] == 1) for r in fig["runs"])
+    assert fig["gains"]["0"]["images"] == 20 and fig["gains"]["0-2layer"]["images"] == 20 and fig["bench"]["pack_k50_G1"] > 0
+    assert [(e["method"], e["setting"][:3], e["images"]) for e in fig["ais_evaluations"]] == [("ais", "T4-", 3), ("ais", "T2-", 3), ("bdmc", "T4-", 2)]
+    assert len(fig["ais"]) == 4 and all(a["images"] == 3 and a["bdmc_images"] == 2 and math.isfinite(a["gap"]) for a in fig["ais"].values())
+    assert fig["ais_speed"]["device"]["ais_s_per_image_per_temperature"] > 0
+    report = (res / "report" / "report.md").read_text()
+    assert "Convergence: each run's AIS as T doubles" in report and "| 2 → 4 | 3 |" in report and ", by AIS (T=4, 3 images)" in report
     runs = pd.read_parquet(res / "tables" / "runs")
-    assert len(runs) == 2 and (runs.epochs_trained == fig["epochs"]).all()
-    assert main(argv) == 0  # resumed: same runs, nothing left to train
+    assert len(runs) == 4 and (runs.epochs_trained == fig["epochs"]).all()
+    capsys.readouterr()
+    assert main(argv) == 0  # resumed: same runs, nothing left to train or score
+    assert capsys.readouterr().err.count("(already scored)") == 3
     again = json.loads((res / "repro.json").read_text())
-    assert again["stages"] == fig["stages"] and again["train_seconds"] < 5
+    assert again["stages"] == fig["stages"] and pd.read_parquet(res / "tables" / "runs").train_seconds.tolist() == runs.train_seconds.tolist()
+    assert [again[k] for k in ("train_seconds", "eval_seconds", "ais_evaluations")] == [fig[k] for k in ("train_seconds", "eval_seconds", "ais_evaluations")]
