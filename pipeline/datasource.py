@@ -33,13 +33,13 @@ def _has_data(name: str, folder: Path) -> bool:
     return True
 
 
-def _reads(name: str, folder: Path) -> bool:
-    """The cached files load as the current format (a cache from before the pixel fix does not)."""
+def _reads(name: str, folder: Path, split: str) -> Dataset | None:
+    """The cached dataset when its files load as the current format (a cache from before the pixel
+    fix does not: None). Kept by :meth:`DataSource.load`, which would otherwise load it again."""
     try:
-        load_dataset(name, folder)
-        return True
+        return load_dataset(name, folder, split)
     except DataError:
-        return False
+        return None
 
 
 _LOADED: dict[tuple[str, str, str], Dataset] = {}
@@ -64,17 +64,21 @@ class DataSource:
 
     def folder(self, name: str) -> Path:
         """A local folder holding dataset ``name`` on this node (see the module docstring)."""
+        return self._fill(name, "paper")[0]
+
+    def _fill(self, name: str, split: str) -> tuple[Path, Dataset | None]:
+        """:meth:`folder`, with the dataset (``split``) when checking this node's cache loaded it (None otherwise)."""
         from filelock import FileLock
 
         if not self.is_uri and _has_data(name, Path(self.location)):
-            return Path(self.location)
+            return Path(self.location), None
         cache = node_cache_dir()
         if self.is_uri:
             cache = cache / hashlib.sha256(self.location.encode()).hexdigest()[:12]
         cache.mkdir(parents=True, exist_ok=True)
         with FileLock(str(cache / "_fetch.lock"), timeout=1800):
-            if _has_data(name, cache) and _reads(name, cache):
-                return cache
+            if _has_data(name, cache) and (ds := _reads(name, cache, split)) is not None:
+                return cache, ds
             if self.is_uri:
                 store = Store.open(self.location)
                 for fname in (MNIST_NPZ,) if name == "mnist" else ("chardata.mat",):
@@ -88,14 +92,15 @@ class DataSource:
                 raise DataError(
                     f"{name} is not in {self.location} on node {os.uname().nodename}; copy it there, or put it in object storage and pass --data-dir s3://..."
                 )
-        return cache
+        return cache, None
 
     def load(self, name: str, split: str = "paper") -> Dataset:
         """The dataset, loaded once per process (workers reuse it across trials and shards)."""
         key = (name, self.location, split)
         if key not in _LOADED:
             _LOADED.clear()  # one dataset at a time: bounded memory
-            _LOADED[key] = load_dataset(name, self.folder(name), split)
+            folder, ds = self._fill(name, split)  # a cache checked by loading it is not loaded twice
+            _LOADED[key] = ds if ds is not None else load_dataset(name, folder, split)
         return _LOADED[key]
 
     def check_here(self, dataset: str) -> None:

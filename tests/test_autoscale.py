@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import UserError
+from pipeline.ray_backend import autoscaler as A
 from pipeline.ray_backend import cluster as C
 from tests.cluster.fixture import FakeAutoscalingCluster
 
@@ -31,8 +32,8 @@ def offers(monkeypatch):
 
     def set_offers(nodes, types):
         monkeypatch.setattr(C, "work_nodes", lambda: nodes)
-        monkeypatch.setattr(C, "launchable_types", lambda: types)
-        monkeypatch.setattr(C, "_await_node", lambda res, node_type, notice: waited.append((res, node_type)))
+        monkeypatch.setattr(A, "launchable_types", lambda: types)
+        monkeypatch.setattr(A, "_await_node", lambda res, node_type, notice: waited.append((res, node_type)))
         return waited
 
     return set_offers
@@ -52,8 +53,8 @@ def test_mixed_node_sizes_refuse_a_request_no_single_node_meets(offers):
 
 def test_a_request_only_a_launchable_type_meets_waits_for_the_autoscaler(offers):
     """No worker node up, a GPU type the autoscaler can launch: accepted (and waited for); one GPU by default."""
-    gpu = C.NodeType("gpu_worker", {"CPU": 1.0, "GPU": 1.0}, 2)
-    waited = offers([], [C.NodeType("cpu_worker", {"CPU": 4.0}, 2), gpu])
+    gpu = A.NodeType("gpu_worker", {"CPU": 1.0, "GPU": 1.0}, 2)
+    waited = offers([], [A.NodeType("cpu_worker", {"CPU": 4.0}, 2), gpu])
     assert C.default_gpus(None) == 1.0 and C.default_gpus(0.25) == 0.25
     C.check_resources(C.Resources(1, 1))
     assert waited == [(C.Resources(1, 1), gpu)]
@@ -61,7 +62,7 @@ def test_a_request_only_a_launchable_type_meets_waits_for_the_autoscaler(offers)
     assert waited[-1][1].name == "cpu_worker"
     with pytest.raises(UserError, match="autoscaler can launch none that has.*largest offers 1 CPU and 1 GPU: node type gpu_worker"):
         C.check_resources(C.Resources(8, 1))
-    offers([], [C.NodeType("cpu_worker", {"CPU": 4.0}, 2)])
+    offers([], [A.NodeType("cpu_worker", {"CPU": 4.0}, 2)])
     assert C.default_gpus(None) == 0.0
     with pytest.raises(UserError, match="ask for no GPU .*--gpus-per-trial 0"):
         C.check_resources(C.Resources(1, 1))
@@ -79,10 +80,10 @@ def test_the_head_config_gives_the_worker_types():
             "off": {"resources": {"CPU": 64}, "max_workers": 0},
         },
     }
-    assert C._worker_types(config) == [C.NodeType("gpu_worker", {"CPU": 8.0, "GPU": 1.0}, 4), C.NodeType("cpu_worker", {"CPU": 2.0}, 8)]
-    assert C._worker_types({"available_node_types": {}}) == []
+    assert A._worker_types(config) == [A.NodeType("gpu_worker", {"CPU": 8.0, "GPU": 1.0}, 4), A.NodeType("cpu_worker", {"CPU": 2.0}, 8)]
+    assert A._worker_types({"available_node_types": {}}) == []
     config["available_node_types"]["gpu_worker"].pop("resources")  # left to the cloud provider to fill in: unknown, never "none"
-    assert C._worker_types(config) is None
+    assert A._worker_types(config) is None
 
 
 def test_a_trial_on_a_node_that_cannot_see_the_results_fails_at_once_in_one_line(tmp_path, mnist_dir):

@@ -139,6 +139,25 @@ def test_a_stale_node_cache_is_rebuilt_from_the_data_uri(tmp_path, mnist_dir, mo
     assert data.load("mnist").test.shape == (10000, 784)
 
 
+def test_a_current_node_cache_is_loaded_once(tmp_path, mnist_dir, monkeypatch):
+    """--data-dir a URI whose copy is already in the node cache: checking that the cache reads is the one load (authors split kept)."""
+    import shutil
+
+    import pipeline.datasource as ds
+    from iwae import data as D
+
+    src = tmp_path / "bucket"
+    src.mkdir()
+    shutil.copy(mnist_dir / D.MNIST_NPZ, src / D.MNIST_NPZ)
+    monkeypatch.setenv("IWAE_CACHE_DIR", str(tmp_path / "cache"))
+    data = ds.DataSource.open(f"file://{src}")
+    data.folder("mnist")  # fills the cache
+    loads = []
+    monkeypatch.setattr(ds, "load_dataset", lambda *a: loads.append(a) or D.load_dataset(*a))
+    assert data.load("mnist", "authors").train.shape == (D.AUTHORS_MNIST_TRAIN, 784)
+    assert [a[2] for a in loads] == ["authors"]
+
+
 def test_whole_file_writes_keep_the_usual_file_mode(tmp_path):
     """A file written whole gets the mode any new file gets (umask), not mkstemp's owner-only 0600."""
     import iwae.files as files

@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
-from pipeline.ledger import ShardLedger, load_final
+from pipeline.ledger import ShardLedger
 from pipeline.ray_backend.cluster import INTERRUPTED, Resources, can_run, check_resources, check_storage, interrupt_guard, work_nodes
 from pipeline.work import scorer
 
@@ -98,13 +98,17 @@ def score_shards(
     writes it whole, so a shard computed twice (a retry of a task whose result was lost) is written
     twice with the same content, never duplicated. When a shard runs out of retries the others
     still finish and are kept, then ``RunFailed`` names it.
+
+    Every run of ``items`` is one the command's run ledger calls done, whose final checkpoint was
+    read whole when the ledger was read (:func:`pipeline.ledger.run_state`: a foreign or damaged one
+    is not done, so ``evaluate`` stops in one line before Ray starts and ``sweep`` trains it again),
+    or one this command has just trained (``bench``: written). It is not read again here; one that
+    fails to load in a task fails that run's shards, which ``RunFailed`` names.
     """
     import ray
 
     if not items:
         return 0
-    for rid in sorted({rid for rid, _ in items}):
-        load_final(ledger.results, rid)  # a damaged or foreign checkpoint fails here, in one line
     check_resources(res)
     check_storage(ledger.results)  # nodes an autoscaler started since the command's own check
     cluster = ray.cluster_resources()

@@ -109,16 +109,9 @@ class LocalCluster:
             time.sleep(0.5)
 
     def alive_cpus(self) -> int:
-        """CPUs of the alive nodes, asked of the GCS from a fresh process (this one stays no driver)."""
-        code = (
-            "import ray._private.ray_constants as rc; rc.ENABLE_RAY_CLUSTER = False\n"
-            "from ray._raylet import GcsClient\n"
-            f"c = GcsClient(address={self.address!r})\n"
-            "print(sum(n.resources_total.get('CPU', 0) for n in c.get_all_node_info().values() if n.state == 0))\n"
-        )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=self.env, timeout=60)
+        """CPUs of the alive nodes; 0 while the GCS does not answer."""
         try:
-            return int(float(out.stdout.strip().splitlines()[-1]))
+            return int(sum(n.get("CPU", 0) for n in alive_nodes(self.address, self.env)))
         except (ValueError, IndexError):
             return 0
 
@@ -165,19 +158,26 @@ class FakeAutoscalingCluster:
             raise RuntimeError("the autoscaling head did not start")
 
     def worker_nodes(self) -> list[dict]:
-        """Total resources of each alive node that offers a CPU or a GPU, asked of the GCS from a fresh process."""
-        code = (
-            "import json, ray._private.ray_constants as rc; rc.ENABLE_RAY_CLUSTER = False\n"
-            "from ray._raylet import GcsClient\n"
-            f"c = GcsClient(address={self.address!r})\n"
-            "print(json.dumps([dict(n.resources_total) for n in c.get_all_node_info().values() if n.state == 0]))\n"
-        )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=self.env, timeout=60)
-        nodes = json.loads(out.stdout.strip().splitlines()[-1])
-        return [n for n in nodes if n.get("CPU", 0) > 0 or n.get("GPU", 0) > 0]
+        """Total resources of each alive node that offers a CPU or a GPU."""
+        return [n for n in alive_nodes(self.address, self.env) if n.get("CPU", 0) > 0 or n.get("GPU", 0) > 0]
 
     def stop(self) -> None:
         _stop_sessions([self.head])
+
+
+def alive_nodes(address: str, env: dict[str, str]) -> list[dict[str, float]]:
+    """Total resources of each alive node in the GCS's node table at ``address``, read once.
+
+    Asked from a fresh process, so that this one never becomes a Ray driver. Raises ValueError or
+    IndexError when the GCS does not answer (nothing printed)."""
+    code = (
+        "import json, ray._private.ray_constants as rc; rc.ENABLE_RAY_CLUSTER = False\n"
+        "from ray._raylet import GcsClient\n"
+        f"c = GcsClient(address={address!r})\n"
+        "print(json.dumps([dict(n.resources_total) for n in c.get_all_node_info().values() if n.state == 0]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def private_mounts() -> str:
