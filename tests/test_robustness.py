@@ -67,3 +67,31 @@ def test_a_cluster_python_without_the_project_is_named_in_one_line(tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and "cannot import typer" in lines[0] and "setup_commands" in lines[0], r.stderr
     ok = subprocess.run([sys.executable, "-m", "pipeline.preflight"], capture_output=True, text=True, cwd=root, timeout=120)
     assert ok.returncode == 0 and not ok.stderr.strip(), ok.stderr
+
+
+def test_a_stalled_evaluation_waits_for_the_autoscaler_when_it_can_launch_a_node(ray_local, monkeypatch):
+    """Shards no live node can run (a GPU asked of this CPU-only Ray, as when spot GPU nodes are
+    taken back mid-evaluation): with a node type the autoscaler can launch that fits, the loop says
+    so once and waits the autoscaler's time (IWAE_AUTOSCALE_TIMEOUT, 3 s here) before one line;
+    without one it gives up after the stall timeout (0.5 s) as before."""
+    import pytest
+
+    from pipeline.errors import RunFailed
+    from pipeline.ray_backend import autoscaler, cluster, tasks
+
+    monkeypatch.setattr(tasks, "check_resources", lambda res: None)  # the up-front check would refuse or wait first
+    monkeypatch.setattr(tasks, "check_storage", lambda results: None)
+
+    class Ledger:
+        results = None
+
+    gpu_type = autoscaler.NodeType("gpu", {"CPU": 1.0, "GPU": 1.0}, 2)
+    monkeypatch.setattr(autoscaler, "AUTOSCALE_TIMEOUT_S", 3.0)
+    for types, expect in (([gpu_type], "the autoscaler started none in 3 s"), ([], "for 0.5 s; 0 of 1 shards")):
+        monkeypatch.setattr(autoscaler, "launchable_types", lambda types=types: types)
+        lines: list[str] = []
+        with pytest.raises(RunFailed) as e:
+            tasks.score_shards(Ledger(), None, [("run", 0)], cluster.Resources(1, 1), notice=lines.append, stall_timeout=0.5, max_retries=0)
+        assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
+        waiting = [line for line in lines if "waiting up to 3 s for the autoscaler to launch one" in line]
+        assert len(waiting) == (1 if types else 0), lines

@@ -10,7 +10,8 @@ from typing import Any
 from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
 from pipeline.ledger import ShardLedger
-from pipeline.ray_backend.cluster import INTERRUPTED, Resources, can_run, check_resources, check_storage, interrupt_guard, work_nodes
+from pipeline.ray_backend import autoscaler
+from pipeline.ray_backend.cluster import INTERRUPTED, Resources, can_run, check_resources, check_storage, fits, interrupt_guard, work_nodes
 from pipeline.work import scorer
 
 
@@ -74,6 +75,22 @@ def _outcome(ref: Any, ledger: ShardLedger, item: tuple[str, int], max_retries: 
         return f"{type(e).__name__} writing it: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
+def _stalled(res: Resources, seconds: float, stall_timeout: float, relaunch: bool, kept: str) -> None:
+    """Give up on an evaluation no live node can run: after ``stall_timeout`` seconds, or, when the
+    autoscaler can launch a node that fits (``relaunch``: spot nodes taken back, say), after its own
+    wait (``IWAE_AUTOSCALE_TIMEOUT``), since a cloud node takes minutes to start."""
+    from pipeline.ray_backend import autoscaler
+
+    limit = max(stall_timeout, autoscaler.AUTOSCALE_TIMEOUT_S)
+    if relaunch and seconds > limit:
+        raise RunFailed(
+            f"evaluation stalled: no node left can run a shard ({res}) and the autoscaler started none in {limit:g} s; {kept}; "
+            "see `ray status` on the head (cloud quota, instance type), then run the same command again"
+        )
+    if not relaunch and seconds > stall_timeout:
+        raise RunFailed(f"evaluation stalled: no node left can run a shard ({res}) for {stall_timeout:g} s; {kept}; add nodes and run the same command again")
+
+
 def score_shards(
     ledger: ShardLedger,
     data: DataSource,
@@ -125,6 +142,7 @@ def score_shards(
     retried: collections.Counter[tuple[str, int]] = collections.Counter()
     rows = done = 0
     alive = {n["NodeID"] for n in work_nodes()}
+    relaunch: bool | None = None  # whether a node type the autoscaler can launch fits res (read when first needed)
     t0 = last_progress = time.perf_counter()
     with interrupt_guard():  # Ctrl-C: cancel what is in flight; written shards stay
         try:
@@ -159,10 +177,12 @@ def score_shards(
                     else:
                         failed[item] = why
                 if pending and not ready and time.perf_counter() - last_progress > stall_timeout and not can_run(res):
-                    raise RunFailed(
-                        f"evaluation stalled: no node left can run a shard ({res.cpus:g} CPU, {res.gpus:g} GPU) for {stall_timeout:.0f} s; "
-                        f"{done} of {len(items)} shards are written and kept; add nodes and run the same command again"
-                    )
+                    if relaunch is None:  # asked once, when it first matters: can the autoscaler replace the nodes lost?
+                        relaunch = any(fits(res, t.resources) for t in autoscaler.launchable_types() or [])
+                        if relaunch and notice:
+                            wait = f"{autoscaler.AUTOSCALE_TIMEOUT_S:.0f} s"
+                            notice(f"no node left can run a shard ({res}); waiting up to {wait} for the autoscaler to launch one")
+                    _stalled(res, time.perf_counter() - last_progress, stall_timeout, relaunch, f"{done} of {len(items)} shards are written and kept")
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
