@@ -95,3 +95,18 @@ def test_a_stalled_evaluation_waits_for_the_autoscaler_when_it_can_launch_a_node
         assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
         waiting = [line for line in lines if "waiting up to 3 s for the autoscaler to launch one" in line]
         assert len(waiting) == (1 if types else 0), lines
+
+
+def test_shards_in_flight_count_the_nodes_the_autoscaler_can_add():
+    """A cluster with one 1-GPU worker up and a GPU type the autoscaler can launch 4 of keeps 5 GPU
+    shards running (so the autoscaler sees demand for the other 4), not 1; a fixed cluster keeps what
+    its nodes run; never more than the shards, never fewer than 1."""
+    from pipeline.ray_backend import autoscaler, cluster, tasks
+
+    gpu = cluster.Resources(1, 1)
+    gpu_type = autoscaler.NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 4)
+    up = {"CPU": 9.0, "GPU": 1.0}  # a 0-GPU head's CPUs beside one worker
+    assert tasks.shards_at_once(gpu, up, [gpu_type], 100) == 5
+    assert tasks.shards_at_once(gpu, up, [], 100) == 1
+    assert tasks.shards_at_once(cluster.Resources(2, 0), up, [gpu_type], 100) == 4 + 4 * 4
+    assert tasks.shards_at_once(gpu, up, [gpu_type], 3) == 3 and tasks.shards_at_once(gpu, {}, [], 3) == 1

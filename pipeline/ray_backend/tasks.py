@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pipeline.datasource import DataSource
@@ -75,6 +75,23 @@ def _outcome(ref: Any, ledger: ShardLedger, item: tuple[str, int], max_retries: 
         return f"{type(e).__name__} writing it: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
+def _per_node(res: Resources, offer: Mapping[str, float]) -> int:
+    """How many tasks of ``res`` one offer (a node, a node type or the whole cluster) runs at once."""
+    by_cpu = int(offer.get("CPU", 0) // res.cpus) if res.cpus else 1 << 30
+    by_gpu = int(offer.get("GPU", 0) // res.gpus) if res.gpus else by_cpu
+    return min(by_cpu, by_gpu)
+
+
+def shards_at_once(res: Resources, cluster: Mapping[str, float], types: Sequence[Any], n_items: int) -> int:
+    """Shards kept running (twice as many in flight): what the live cluster runs at once, plus what the
+    node types the autoscaler can launch would run at their ``max_workers``, so that the demand it sees
+    is large enough to scale up (sized by the live nodes alone, a cluster that starts with one GPU
+    worker would never get a second); at least 1, at most the shards."""
+    live = _per_node(res, cluster)
+    more = sum(t.max_workers * _per_node(res, t.resources) for t in types)
+    return max(1, min(n_items, live + more))
+
+
 def _stalled(res: Resources, seconds: float, stall_timeout: float, relaunch: bool, kept: str) -> None:
     """Give up on an evaluation no live node can run: after ``stall_timeout`` seconds, or, when the
     autoscaler can launch a node that fits (``relaunch``: spot nodes taken back, say), after its own
@@ -128,11 +145,8 @@ def score_shards(
         return 0
     check_resources(res)
     check_storage(ledger.results)  # nodes an autoscaler started since the command's own check
-    cluster = ray.cluster_resources()
     if workers is None:
-        by_cpu = int(cluster.get("CPU", 1) // max(res.cpus, 1e-9)) if res.cpus else len(items)
-        by_gpu = int(cluster.get("GPU", 0) // res.gpus) if res.gpus else by_cpu
-        workers = max(1, min(len(items), by_cpu, by_gpu))
+        workers = shards_at_once(res, ray.cluster_resources(), autoscaler.launchable_types() or [], len(items))
     # max_calls=0: keep GPU workers alive between tasks too (Ray's default for GPU tasks is 1 call)
     task = ray.remote(max_calls=0)(_score).options(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=max_retries, retry_exceptions=False)
     threads = max(1, int(res.cpus))
