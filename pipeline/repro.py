@@ -269,7 +269,7 @@ def _ais_speed(dev: torch.device, ds: Any, quick: bool, echo: Callable[[str], No
     """AIS cost per image per temperature (bench's figure) here, and on this machine's CPU when here is a GPU."""
     out: dict[str, Any] = {"device": ais_cost(dev, ds, quick, 0.0, images=(100 if dev.type == "cuda" else None))}
     if dev.type == "cuda":
-        out["cpu"] = ais_cost(torch.device("cpu"), ds, quick, 0.0)
+        out["cpu"] = ais_cost(torch.device("cpu"), ds, quick, 0.0, images=100)  # the same batch as the GPU's
         out["cpu_threads"] = torch.get_num_threads()
         out["speedup"] = out["cpu"]["ais_s_per_image_per_temperature"] / out["device"]["ais_s_per_image_per_temperature"]
     per = {k: f"{1e3 * v['ais_s_per_image_per_temperature']:.2f} ms" for k, v in out.items() if isinstance(v, dict)}
