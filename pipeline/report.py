@@ -712,17 +712,19 @@ def _active(r: Any) -> int:
 
 def _ais_by_image(ais: pd.DataFrame, run_ids: list[str]) -> tuple[Callable[[str], pd.Series], tuple[Any, ...], int] | None:
     """One AIS setting that scored every run of ``run_ids`` (the most images shared, then the largest T):
-    a run's AIS log p(x) by image id under it, the setting, and the images shared."""
+    a run's AIS log p(x) by image id under it, on exactly the images every run shares (so a seed with
+    more images does not enter the pooled gain on its own), the setting, and the number of images."""
     by_run = [ais[ais.run_id == rid] for rid in run_ids]
     settings = set.intersection(*(set(map(tuple, a[AIS_SETTING].values.tolist())) for a in by_run)) if by_run else set()
     if not settings:
         return None
 
-    def shared(st: tuple[Any, ...]) -> int:
-        return len(functools.reduce(lambda ix, a: ix.intersection(_at(a, st).index), by_run[1:], _at(by_run[0], st).index))
+    def shared(st: tuple[Any, ...]) -> pd.Index:
+        return functools.reduce(lambda ix, a: ix.intersection(_at(a, st).index), by_run[1:], _at(by_run[0], st).index)
 
-    best = max(settings, key=lambda st: (shared(st), st))
-    return (lambda rid: _at(ais[ais.run_id == rid], best)), best, shared(best)
+    best = max(settings, key=lambda st: (len(shared(st)), st))
+    images = shared(best)
+    return (lambda rid: _at(ais[ais.run_id == rid], best).reindex(images)), best, len(images)
 
 
 def findings(summary: pd.DataFrame, ev: pd.DataFrame, ais: pd.DataFrame | None = None) -> str:

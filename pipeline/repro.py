@@ -136,8 +136,22 @@ def run_repro(
         f"repro: a step of the pack of {size} takes {1e3 * step_s:.2f} ms, an epoch of all {members} runs {epoch_s:.1f} s; "
         f"evaluation about {eval_s:.0f} s; training {stages} stage(s) = {epochs} of the paper's 3,280 epochs"
     )
-    timed: dict[str, Any] = {k: saved[k] for k in ("train_seconds", "eval_seconds", "ais_seconds", "ais_evaluations") if k in saved}
-    fig.update(timed)  # a phase this call finds done keeps the time of the call that last worked on it
+    # what a later call must match to keep this call's figures: the runs and the images they are scored on
+    fig["config"] = {
+        "stages": stages,
+        "seeds": seeds,
+        "two_layer": two_layer,
+        "train_subset": train_subset,
+        "test_images": test_images,
+        "train_images": train_images,
+        "ais_images": ais_images,
+        "bdmc_images": bdmc_images,
+        "ais_steps": ais_steps,
+    }
+    if saved.get("config") == fig["config"]:  # a phase this call finds done keeps the time of the call that last worked on it
+        fig.update({k: saved[k] for k in ("train_seconds", "eval_seconds", "ais_seconds", "ais_evaluations") if k in saved})
+    else:
+        saved = {}  # another cut or other images: nothing of the earlier call's figures describes these runs
     _write_json(results, {**saved, **fig})
 
     t_train = time.monotonic()
@@ -165,7 +179,7 @@ def run_repro(
             _write_json(results, {**saved, **fig})
 
         before = {(e["method"], e["setting"], e["images"]): e for e in fig.get("ais_evaluations", [])}
-        fig["ais_evaluations"] = run_ais(results, data, run_ids, dev, ais_images, bdmc_images, ais_steps, echo, before, save_ais)
+        fig["ais_evaluations"] = run_ais(results, data, run_ids, ais_images, bdmc_images, ais_steps, echo, before, save_ais)
         fig["ais_seconds"] = sum(e["seconds"] for e in fig["ais_evaluations"])
         fig["ais"] = ais_vs_l5000(results, cfgs, ais_steps)
     fig["runs"], fig["gains"] = table1_k50(results, cfgs)
@@ -187,17 +201,18 @@ def run_repro(
     return fig
 
 
-def _ais_shards(dev: torch.device, n: int) -> int:
-    """AIS shards for ``n`` images: one per 10 on a CPU (as `evaluate` cuts them); on a GPU one per 100,
-    since a batch costs about the same there whatever its size (the steps are sequential)."""
-    return max(1, n // (100 if dev.type == "cuda" else 10))
+def _ais_shards(n: int) -> int:
+    """AIS shards for ``n`` images: one per 100. On a GPU a batch costs about the same whatever its size
+    (the steps are sequential), and in this process shards run one after another anyway; the count
+    does not depend on the device, so a call cut off on a GPU resumes on a CPU (the shard count is
+    part of the evaluation's identity)."""
+    return max(1, n // 100)
 
 
 def run_ais(
     results: Results,
     data: DataSource,
     run_ids: list[str],
-    dev: torch.device,
     ais_images: int,
     bdmc_images: int,
     steps: int,
@@ -213,10 +228,10 @@ def run_ais(
     plans = []
     if ais_images:
         check = min(20, ais_images)
-        plans.append(AISPlan(AISConfig(steps=steps), ais_images, _ais_shards(dev, ais_images)))
-        plans.append(AISPlan(AISConfig(steps=max(1, steps // 2)), check, _ais_shards(dev, check)))
+        plans.append(AISPlan(AISConfig(steps=steps), ais_images, _ais_shards(ais_images)))
+        plans.append(AISPlan(AISConfig(steps=max(1, steps // 2)), check, _ais_shards(check)))
     if bdmc_images:
-        plans.append(AISPlan(AISConfig(steps=steps), bdmc_images, _ais_shards(dev, bdmc_images), method="bdmc"))
+        plans.append(AISPlan(AISConfig(steps=steps), bdmc_images, _ais_shards(bdmc_images), method="bdmc"))
     out: list[dict[str, Any]] = []
     for plan in plans:
         t0 = time.monotonic()
@@ -239,15 +254,23 @@ def ais_vs_l5000(results: Results, cfgs: list[RunConfig], steps: int) -> dict[st
     ev = results.read("eval")
     ais, bdmc = results.read("ais"), results.read("bdmc")
     out: dict[str, dict[str, Any]] = {}
+    main = AISConfig(steps=steps)  # the setting run_ais scores all images with
+
+    def at(df: pd.DataFrame, run_id: str) -> pd.DataFrame:
+        if not len(df):
+            return df
+        pick = (df.ais_steps == main.steps) & (df.ais_chains == main.chains) & (df.ais_leapfrog == main.leapfrog) & (df.ais_seed == main.seed)
+        return df[pick & (df.run_id == run_id)]
+
     for c in cfgs:
-        a = ais[(ais.run_id == c.run_id) & (ais.ais_steps == steps)] if len(ais) else ais
+        a = at(ais, c.run_id)
         if not len(a):
             continue
         a = a.drop_duplicates("image_id").set_index("image_id")
         e = ev[(ev.run_id == c.run_id) & (ev.eval_k == 5000) & (ev.eval_seed == a.eval_seed.iloc[0])].drop_duplicates("image_id").set_index("image_id")
         both = a.index.intersection(e.index)
         d = a.log_px_ais.reindex(both) - e.log_px.reindex(both)
-        b = bdmc[(bdmc.run_id == c.run_id) & (bdmc.ais_steps == steps)] if len(bdmc) else bdmc
+        b = at(bdmc, c.run_id)
         gap = b.log_px_upper - b.log_px_ais if len(b) else pd.Series(dtype=float)
         out[c.run_id] = {
             "label": f"{c.flat()['objective'].upper()} {len(c.model.latent)}-layer seed {c.seed}",

@@ -70,7 +70,7 @@ def test_repro_on_a_tiny_budget_trains_evaluates_and_resumes(mnist_dir, tmp_path
     """`repro` on CPU with a tiny budget and a cut test set: the k=50 pairs (one layer, and two with
     --two-layer) trained for the stages that fit, scored with k=5000, AIS (with its T/2 check) and BDMC,
     reported, the paired gains and L_5000 against AIS in repro.json; a re-run keeps its stage count,
-    trains and scores nothing, and keeps the first call's timings."""
+    trains and scores nothing, and keeps the first call's timings, which a call with other settings drops."""
     res = tmp_path / "rp"
     argv = ["repro", "--minutes", "1", "--seed", "0", "--train-subset", "200", "--test-images", "20", "--train-images", "10"]
     argv += ["--two-layer", "--ais-images", "3", "--bdmc-images", "2", "--ais-steps", "4", "--results", str(res), "--data-dir", str(mnist_dir)]
@@ -93,3 +93,7 @@ def test_repro_on_a_tiny_budget_trains_evaluates_and_resumes(mnist_dir, tmp_path
     again = json.loads((res / "repro.json").read_text())
     assert again["stages"] == fig["stages"] and pd.read_parquet(res / "tables" / "runs").train_seconds.tolist() == runs.train_seconds.tolist()
     assert [again[k] for k in ("train_seconds", "eval_seconds", "ais_evaluations")] == [fig[k] for k in ("train_seconds", "eval_seconds", "ais_evaluations")]
+    other = [*argv[: argv.index("--bdmc-images") + 1], "0", *argv[argv.index("--bdmc-images") + 2 :]]
+    assert main(other) == 0  # another call on the same runs: the first call's timings do not describe it
+    third = json.loads((res / "repro.json").read_text())
+    assert third["config"]["bdmc_images"] == 0 and len(third["ais_evaluations"]) == 2 and third["train_seconds"] != fig["train_seconds"]

@@ -157,6 +157,12 @@ def test_claim_one_is_also_judged_by_ais_where_every_run_has_it():
     assert not any("by AIS" in r for r in findings(summary, ev).splitlines())
     partial = ais[ais.run_id != "iwae1"]  # a run of the cell without AIS: no AIS verdict for the cell
     assert not any("by AIS" in r for r in findings(summary, ev, partial).splitlines())
+    # seed 0 also has AIS on images 30-49, where its IWAE is 10 nats better: those images are not shared, so they do not count
+    more = ev[(ev.image_id >= 30) & ev.run_id.isin(["vae0", "iwae0"])]
+    more = more.assign(log_px_ais=more.log_px + more.run_id.map({"vae0": 0.5, "iwae0": 12.0}), ais_steps=500, ais_chains=16)
+    more = more.assign(ais_leapfrog=10, ais_seed=0, accept=0.7, seconds=1.0)
+    rows = {r.split("|")[1].strip(): r.split("|")[2].strip() for r in findings(summary, ev, pd.concat([ais, more])).splitlines()[2:]}
+    assert 0.8 < float(rows[cell + ", by AIS (T=500, 30 images)"].split()[0]) < 1.2, rows
 
 
 def test_ais_convergence_table_pairs_each_t_with_the_next():

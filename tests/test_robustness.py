@@ -74,6 +74,8 @@ def test_a_stalled_evaluation_waits_for_the_autoscaler_when_it_can_launch_a_node
     taken back mid-evaluation): with a node type the autoscaler can launch that fits, the loop says
     so once and waits the autoscaler's time (IWAE_AUTOSCALE_TIMEOUT, 3 s here) before one line;
     without one it gives up after the stall timeout (0.5 s) as before."""
+    import time
+
     import pytest
 
     from pipeline.errors import RunFailed
@@ -90,17 +92,20 @@ def test_a_stalled_evaluation_waits_for_the_autoscaler_when_it_can_launch_a_node
     for types, expect in (([gpu_type], "the autoscaler started none in 3 s"), ([], "for 0.5 s; 0 of 1 shards")):
         monkeypatch.setattr(autoscaler, "launchable_types", lambda types=types: types)
         lines: list[str] = []
+        t0 = time.monotonic()
         with pytest.raises(RunFailed) as e:
             tasks.score_shards(Ledger(), None, [("run", 0)], cluster.Resources(1, 1), notice=lines.append, stall_timeout=0.5, max_retries=0)
+        assert time.monotonic() - t0 >= (3.0 if types else 0.5)  # it did wait that long
         assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
-        waiting = [line for line in lines if "waiting up to 3 s for the autoscaler to launch one" in line]
+        waiting = [line for line in lines if "waiting for the autoscaler to launch one, up to 3 s from the last shard written" in line]
         assert len(waiting) == (1 if types else 0), lines
 
 
 def test_shards_in_flight_count_the_nodes_the_autoscaler_can_add():
     """A cluster with one 1-GPU worker up and a GPU type the autoscaler can launch 4 of keeps 5 GPU
     shards running (so the autoscaler sees demand for the other 4), not 1; a fixed cluster keeps what
-    its nodes run; never more than the shards, never fewer than 1."""
+    its nodes run; CPU shards do not count GPU types; an unlimited type (-1) counts up to the shards;
+    never more than the shards, never fewer than 1."""
     from pipeline.ray_backend import autoscaler, cluster, tasks
 
     gpu = cluster.Resources(1, 1)
@@ -108,5 +113,8 @@ def test_shards_in_flight_count_the_nodes_the_autoscaler_can_add():
     up = {"CPU": 9.0, "GPU": 1.0}  # a 0-GPU head's CPUs beside one worker
     assert tasks.shards_at_once(gpu, up, [gpu_type], 100) == 5
     assert tasks.shards_at_once(gpu, up, [], 100) == 1
-    assert tasks.shards_at_once(cluster.Resources(2, 0), up, [gpu_type], 100) == 4 + 4 * 4
+    cpu_type = autoscaler.NodeType("cpu", {"CPU": 4.0}, 2)
+    assert tasks.shards_at_once(cluster.Resources(2, 0), up, [gpu_type, cpu_type], 100) == 4 + 2 * 2
+    unlimited = autoscaler.NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, -1)
+    assert tasks.shards_at_once(gpu, up, [unlimited], 100) == 100 and tasks.shards_at_once(gpu, {}, [unlimited], 7) == 7
     assert tasks.shards_at_once(gpu, up, [gpu_type], 3) == 3 and tasks.shards_at_once(gpu, {}, [], 3) == 1

@@ -84,11 +84,18 @@ def _per_node(res: Resources, offer: Mapping[str, float]) -> int:
 
 def shards_at_once(res: Resources, cluster: Mapping[str, float], types: Sequence[Any], n_items: int) -> int:
     """Shards kept running (twice as many in flight): what the live cluster runs at once, plus what the
-    node types the autoscaler can launch would run at their ``max_workers``, so that the demand it sees
-    is large enough to scale up (sized by the live nodes alone, a cluster that starts with one GPU
-    worker would never get a second); at least 1, at most the shards."""
+    node types the autoscaler can launch would run at their ``max_workers`` (a negative count, Ray's
+    "unlimited" in a cluster config, as many as there are shards), so that the demand it sees is large
+    enough to scale up (sized by the live nodes alone, a cluster that starts with one GPU worker would
+    never get a second). A request with no GPU does not count GPU types: CPU shards must not make the
+    autoscaler launch GPU nodes. At least 1, at most the shards."""
     live = _per_node(res, cluster)
-    more = sum(t.max_workers * _per_node(res, t.resources) for t in types)
+    more = 0
+    for t in types:
+        if res.gpus == 0 and t.resources.get("GPU", 0) > 0:
+            continue
+        per = _per_node(res, t.resources)
+        more += n_items if t.max_workers < 0 and per > 0 else max(t.max_workers, 0) * per
     return max(1, min(n_items, live + more))
 
 
@@ -96,8 +103,6 @@ def _stalled(res: Resources, seconds: float, stall_timeout: float, relaunch: boo
     """Give up on an evaluation no live node can run: after ``stall_timeout`` seconds, or, when the
     autoscaler can launch a node that fits (``relaunch``: spot nodes taken back, say), after its own
     wait (``IWAE_AUTOSCALE_TIMEOUT``), since a cloud node takes minutes to start."""
-    from pipeline.ray_backend import autoscaler
-
     limit = max(stall_timeout, autoscaler.AUTOSCALE_TIMEOUT_S)
     if relaunch and seconds > limit:
         raise RunFailed(
@@ -194,8 +199,8 @@ def score_shards(
                     if relaunch is None:  # asked once, when it first matters: can the autoscaler replace the nodes lost?
                         relaunch = any(fits(res, t.resources) for t in autoscaler.launchable_types() or [])
                         if relaunch and notice:
-                            wait = f"{autoscaler.AUTOSCALE_TIMEOUT_S:.0f} s"
-                            notice(f"no node left can run a shard ({res}); waiting up to {wait} for the autoscaler to launch one")
+                            wait = f"{max(stall_timeout, autoscaler.AUTOSCALE_TIMEOUT_S):g} s"
+                            notice(f"no node left can run a shard ({res}); waiting for the autoscaler to launch one, up to {wait} from the last shard written")
                     _stalled(res, time.perf_counter() - last_progress, stall_timeout, relaunch, f"{done} of {len(items)} shards are written and kept")
         finally:
             for ref in pending:
