@@ -18,6 +18,7 @@ start with ``_`` or ``.``.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -82,6 +83,35 @@ def _with_env_endpoint(uri: str) -> str:
     query.setdefault("endpoint_override", ep.netloc)
     query.setdefault("scheme", ep.scheme or "https")
     return urlunparse(url._replace(query=urlencode(query)))
+
+
+def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
+    """PUT ``bucket/key`` (``path``) only if no object is there: True when written, False when one
+    was, None when the server does not implement conditional writes. The client takes the
+    location's ``endpoint_override``/``scheme``/``region``/``anonymous`` and the node's own credentials,
+    as pyarrow's does."""
+    import s3fs
+
+    query = dict(parse_qsl(urlparse(_with_env_endpoint(location)).query))
+    client: dict[str, str] = {}
+    if "endpoint_override" in query:
+        client["endpoint_url"] = f"{query.get('scheme', 'https')}://{query['endpoint_override']}"
+    if "region" in query:
+        client["region_name"] = query["region"]
+    fs = s3fs.S3FileSystem(anon=query.get("anonymous", "").lower() == "true", client_kwargs=client)
+    bucket, _, key = path.partition("/")
+    try:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except FileExistsError:  # 412 Precondition Failed on If-None-Match: another writer's object is there
+        return False
+    except OSError as e:  # s3fs's translation of the server's error; its botocore error is the cause
+        code = (getattr(e.__cause__, "response", None) or {}).get("Error", {}).get("Code")
+        if code in ("PreconditionFailed", "412"):  # a server that names no Condition
+            return False
+        if code in ("NotImplemented", "501") or e.errno == errno.ENOSYS:  # no conditional writes here
+            return None
+        raise
+    return True
 
 
 @dataclass(frozen=True)
@@ -176,13 +206,20 @@ class Store:
             f.write(data)  # one call with the whole payload: nothing to complete half-way
 
     def create(self, key: str, data: bytes) -> bool:
-        """Write ``key`` only where there is none; returns whether this call wrote it. Exclusive on a
-        local disk (a hard link, :func:`iwae.files.create_atomic`); on an object store, which
-        pyarrow gives no conditional PUT, it checks and then writes: callers read the object back."""
+        """Write ``key`` only where there is none; returns whether this call wrote it.
+
+        Exclusive on a local disk (a hard link, :func:`iwae.files.create_atomic`) and on S3, through
+        S3's conditional PUT (``If-None-Match: *``; AWS since 2024, MinIO, moto), which pyarrow does
+        not expose, so it goes through s3fs. Other object stores (or an S3 server that answers the
+        header with 501) check and then write: there callers read the object back."""
         if self.is_local:
             return create_atomic(self.path(key), data)
-        if self.exists(key):
+        if self.exists(key):  # the common case in one HEAD; also all a server that ignores the header gets
             return False
+        if urlparse(self.location).scheme == "s3":
+            written = _s3_put_if_absent(self.location, self.path(key), data)
+            if written is not None:
+                return written
         self.write_bytes(key, data)
         return True
 

@@ -165,3 +165,23 @@ def test_whole_file_writes_keep_the_usual_file_mode(tmp_path):
     files.write_atomic(tmp_path / "a" / "f.parquet", b"x")
     (tmp_path / "plain").write_bytes(b"x")
     assert (tmp_path / "a" / "f.parquet").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o666 & ~files._UMASK
+
+
+def test_create_on_s3_is_exclusive_even_when_both_writers_saw_no_object(monkeypatch):
+    """Two writers that both looked before either wrote (the race a check-then-put loses): on S3 the
+    conditional PUT lets exactly one win, the other gets False, and the object holds the winner's
+    bytes. A server without conditional writes (501) falls back to check-then-put."""
+    from pipeline import storage
+    from tests.cluster.fixture import S3Server
+
+    s3 = S3Server()
+    try:
+        store = Store.open(s3.uri("cas"))
+        monkeypatch.setattr(Store, "exists", lambda self, key: False)  # both saw nothing
+        assert store.create("_eval.json", b"first") is True
+        assert store.create("_eval.json", b"second") is False
+        assert store.read_bytes("_eval.json") == b"first"
+        monkeypatch.setattr(storage, "_s3_put_if_absent", lambda location, path, data: None)
+        assert store.create("_other.json", b"x") is True and store.read_bytes("_other.json") == b"x"
+    finally:
+        s3.stop()
