@@ -1,6 +1,6 @@
 # make demo: set up .venv, fetch MNIST, run the demo sweep on a local Ray, print the report.
 # make test: set up, then ruff, mypy and every test (slow ones included).
-# make repro: the committed reproduction (docs/reproduction.md), with a two-layer k=50 pair and AIS/BDMC on 100/50 images
+# make repro: the committed reproduction (docs/reproduction.md), with the two-layer k=50 VAE and IWAE (seeds 0, 1) and AIS/BDMC on 100/50 images
 # per Table 1 run (AIS again at half the temperatures on 20, the convergence check): some 3 hours on 2 cores, resumable.
 PYTHON ?= python3
 VENV   ?= .venv
