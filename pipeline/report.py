@@ -545,37 +545,65 @@ def _l5000(ev: pd.DataFrame, run_id: str, eval_seed: float | None = None) -> pd.
     return e.drop_duplicates("image_id").set_index("image_id")
 
 
+def _setting_rows(df: pd.DataFrame, run_id: str, setting: tuple[Any, ...]) -> pd.DataFrame:
+    """A run's rows at one AIS setting (T, chains, leapfrog, seed)."""
+    return df[np.logical_and.reduce([df.run_id == run_id, *(df[c] == x for c, x in zip(AIS_SETTING, setting))])]
+
+
+def ais_vs_lk(ev: pd.DataFrame, ais: pd.DataFrame, bdmc: pd.DataFrame, run_id: str, setting: tuple[Any, ...]) -> dict[str, Any]:
+    """One run at one AIS setting, on the test images that AIS and the largest-k L_k (with the
+    binarisation seed AIS used) both scored, paired per image: the NLL from L_k, its jackknife and
+    AIS; ``gap`` = AIS - L_k (positive: L_k understates log p(x)) and what the jackknife predicted of
+    it; BDMC's upper - lower gap on images simulated from the model. NaN where there is nothing."""
+    a = _setting_rows(ais, run_id, setting).drop_duplicates("image_id").set_index("image_id")
+    e = _l5000(ev, run_id, a.eval_seed.iloc[0] if len(a) else None)
+    both = a.index.intersection(e.index)
+    lk, jk, la = e.log_px.reindex(both), e.log_px_jk.reindex(both), a.log_px_ais.reindex(both)
+    d, j = (la - lk).dropna(), (jk - lk).dropna()
+    b = _setting_rows(bdmc, run_id, setting)
+    bgap = b.log_px_upper - b.log_px_ais
+    return {
+        "images": len(both),
+        "k": int(e.eval_k.iloc[0]) if len(e) else 0,
+        "nll_lk": float(-lk.mean()) if len(both) else math.nan,
+        "nll_jk": float(-jk.mean()) if len(both) else math.nan,
+        "nll_ais": float(-la.mean()) if len(both) else math.nan,
+        "gap": float(d.mean()) if len(d) else math.nan,
+        "gap_se": _se(d),
+        "jackknife": float(j.mean()) if len(j) else math.nan,
+        "bdmc_gap": float(bgap.mean()) if len(b) else math.nan,
+        "bdmc_gap_se": _se(bgap),
+        "bdmc_images": len(b),
+        "accept": float(a.accept.mean() if len(a) else b.accept.mean()) if len(a) or len(b) else math.nan,
+        "seconds_per_image": float(a.seconds.mean() if len(a) else b.seconds.mean()) if len(a) or len(b) else math.nan,
+    }
+
+
 def ais_table(summary: pd.DataFrame, ev: pd.DataFrame, ais: pd.DataFrame, bdmc: pd.DataFrame) -> str | None:
-    """Per run and AIS setting, on the same test images: L_k, its jackknife, AIS (iwae.ais), how far
-    L_k is below AIS (paired) against what the jackknife predicted, and BDMC's gap on simulated data."""
+    """Per run and AIS setting, on the same test images (:func:`ais_vs_lk`): L_k, its jackknife, AIS
+    (iwae.ais), how far L_k is below AIS (paired) against what the jackknife predicted, and BDMC's
+    gap on simulated data."""
     if ais.empty and bdmc.empty:
         return None
     names = {str(r.run_id): _name(r) for r in summary.itertuples()}
     keys = sorted(set(map(tuple, ais[["run_id", *AIS_SETTING]].values.tolist())) | set(map(tuple, bdmc[["run_id", *AIS_SETTING]].values.tolist())))
     rows = []
-    for rid, t, c, lf, seed in keys:
-        pick = (ais.run_id == rid) & (ais.ais_steps == t) & (ais.ais_chains == c) & (ais.ais_leapfrog == lf) & (ais.ais_seed == seed)
-        a = ais[pick].drop_duplicates("image_id").set_index("image_id")
-        e = _l5000(ev, str(rid), a.eval_seed.iloc[0] if len(a) else None)
-        both = a.index.intersection(e.index)
-        d = (a.log_px_ais.reindex(both) - e.log_px.reindex(both)).dropna()  # AIS - L_k, per image
-        jk = (e.log_px_jk.reindex(both) - e.log_px.reindex(both)).dropna()
-        b = bdmc[(bdmc.run_id == rid) & (bdmc.ais_steps == t) & (bdmc.ais_chains == c) & (bdmc.ais_leapfrog == lf) & (bdmc.ais_seed == seed)]
-        gap = b.log_px_upper - b.log_px_ais
-        bgap = f"{_fmt(float(gap.mean()), _se(gap))} ({len(b)})" if len(b) else "-"
-        k = int(e.eval_k.iloc[0]) if len(e) else 0
+    for rid, *setting in keys:
+        r = ais_vs_lk(ev, ais, bdmc, str(rid), tuple(setting))
+        t, c, lf, _ = setting
+        has = r["images"] > 0
         cells = [
             names.get(str(rid), str(rid)),
             f"{t} / {c} / {lf}",
-            str(len(both)),
-            f"{_fmt(-e.log_px.reindex(both).mean())} (k={k})" if len(both) else "-",
-            _fmt(-e.log_px_jk.reindex(both).mean()) if len(both) else "-",
-            _fmt(-a.log_px_ais.reindex(both).mean()) if len(both) else "-",
-            _fmt(float(d.mean()), _se(d)) if len(d) else "-",
-            _fmt(float(jk.mean())) if len(jk) else "-",
-            bgap,
-            f"{a.accept.mean():.2f}" if len(a) else f"{b.accept.mean():.2f}",
-            f"{a.seconds.mean():.2f}" if len(a) else f"{b.seconds.mean():.2f}",
+            str(r["images"]),
+            f"{_fmt(r['nll_lk'])} (k={r['k']})" if has else "-",
+            _fmt(r["nll_jk"]) if has else "-",
+            _fmt(r["nll_ais"]) if has else "-",
+            _fmt(r["gap"], r["gap_se"]) if has else "-",
+            _fmt(r["jackknife"]) if has else "-",
+            f"{_fmt(r['bdmc_gap'], r['bdmc_gap_se'])} ({r['bdmc_images']})" if r["bdmc_images"] else "-",
+            f"{r['accept']:.2f}",
+            f"{r['seconds_per_image']:.2f}",
         ]
         rows.append("| " + " | ".join(cells) + " |")
     head = (

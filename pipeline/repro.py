@@ -42,7 +42,7 @@ from pipeline.bench import ais_cost, bench_packing, device_sync
 from pipeline.datasource import DataSource
 from pipeline.driver import evaluate_here
 from pipeline.ledger import AISPlan, EvalPlan, RunLedger
-from pipeline.report import PAPER_TABLE1, build_report
+from pipeline.report import PAPER_TABLE1, ais_vs_lk, build_report
 from pipeline.results import Results
 from pipeline.work import train_members
 
@@ -94,7 +94,7 @@ def run_repro(
     ds = data.load("mnist")
     x_train = training_images(repro_runs(1, seeds, train_subset)[0], ds, dev)
     saved = _read_json(results)
-    fig: dict[str, Any] = {"device": _device_name(dev), "torch": torch.__version__, "minutes": minutes, "seeds": seeds}
+    fig: dict[str, Any] = {"device": _device_name(dev), "torch": torch.__version__, "minutes": minutes}
     quick = minutes < 5
     members = 2 * len(seeds)  # the one-layer pack; the two-layer pair trains as a pack of its own
     # on a GPU every member trains in one pack, so that pack is among the sizes timed
@@ -194,8 +194,8 @@ def run_repro(
         paper = PAPER_TABLE1[("mnist", 2 if s.endswith("2layer") else 1, 50)]
         echo(f"  IWAE gain, seed {s}: {g['gain']:+.2f} ± {g['se']:.2f} nats (paired); paper {paper[0] - paper[2]:+.2f} after 3,280 epochs")
     for a in fig.get("ais", {}).values():
-        gap = f"AIS - L_5000 {a['gap']:+.2f} ± {a['gap_se']:.2f}; BDMC gap {a['bdmc_gap']:+.3f}"
-        echo(f"  {a['label']}: AIS NLL {a['nll_ais']:.2f}, L_5000 {a['nll_l5000']:.2f} on {a['images']} images: {gap}")
+        gap = f"AIS - L_{a['k']} {a['gap']:+.2f} ± {a['gap_se']:.2f}; BDMC gap {a['bdmc_gap']:+.3f}"
+        echo(f"  {a['label']}: AIS NLL {a['nll_ais']:.2f}, L_{a['k']} {a['nll_lk']:.2f} on {a['images']} images: {gap}")
     ais_part = f", AIS and BDMC {fig['ais_seconds']:.0f} s" if "ais_seconds" in fig else ""
     echo(f"repro: done in {fig['total_seconds']:.0f} s (training {fig['train_seconds']:.0f} s, evaluation {fig['eval_seconds']:.0f} s{ais_part})")
     return fig
@@ -249,42 +249,16 @@ def run_ais(
 
 
 def ais_vs_l5000(results: Results, cfgs: list[RunConfig], steps: int) -> dict[str, dict[str, Any]]:
-    """Per run, on the images AIS at T=``steps`` scored: AIS and L_5000 NLL, AIS - L_5000 (paired,
-    positive: L_5000 understates log p(x)), and the BDMC gap (upper - lower) on simulated images."""
-    ev = results.read("eval")
-    ais, bdmc = results.read("ais"), results.read("bdmc")
-    out: dict[str, dict[str, Any]] = {}
+    """Per run, on the images AIS at T=``steps`` scored (:func:`pipeline.report.ais_vs_lk`, the
+    report's own figures): AIS and L_5000 NLL, AIS - L_5000 (paired, positive: L_5000 understates
+    log p(x)), the jackknife's prediction of it, and the BDMC gap (upper - lower) on simulated images."""
+    ev, ais, bdmc = results.read("eval"), results.read("ais"), results.read("bdmc")
     main = AISConfig(steps=steps)  # the setting run_ais scores all images with
-
-    def at(df: pd.DataFrame, run_id: str) -> pd.DataFrame:
-        if not len(df):
-            return df
-        pick = (df.ais_steps == main.steps) & (df.ais_chains == main.chains) & (df.ais_leapfrog == main.leapfrog) & (df.ais_seed == main.seed)
-        return df[pick & (df.run_id == run_id)]
-
+    out: dict[str, dict[str, Any]] = {}
     for c in cfgs:
-        a = at(ais, c.run_id)
-        if not len(a):
-            continue
-        a = a.drop_duplicates("image_id").set_index("image_id")
-        e = ev[(ev.run_id == c.run_id) & (ev.eval_k == 5000) & (ev.eval_seed == a.eval_seed.iloc[0])].drop_duplicates("image_id").set_index("image_id")
-        both = a.index.intersection(e.index)
-        d = a.log_px_ais.reindex(both) - e.log_px.reindex(both)
-        b = at(bdmc, c.run_id)
-        gap = b.log_px_upper - b.log_px_ais if len(b) else pd.Series(dtype=float)
-        out[c.run_id] = {
-            "label": f"{c.flat()['objective'].upper()} {len(c.model.latent)}-layer seed {c.seed}",
-            "images": len(both),
-            "nll_ais": float(-a.log_px_ais.reindex(both).mean()),
-            "nll_l5000": float(-e.log_px.reindex(both).mean()),
-            "gap": float(d.mean()),
-            "gap_se": float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan,
-            "jackknife": float((e.log_px_jk.reindex(both) - e.log_px.reindex(both)).mean()),
-            "accept": float(a.accept.mean()),
-            "ais_seconds_per_image": float(a.seconds.mean()),
-            "bdmc_gap": float(gap.mean()) if len(gap) else math.nan,
-            "bdmc_images": len(b),
-        }
+        r = ais_vs_lk(ev, ais, bdmc, c.run_id, (main.steps, main.chains, main.leapfrog, main.seed))
+        if r["images"]:
+            out[c.run_id] = {"label": f"{c.flat()['objective'].upper()} {len(c.model.latent)}-layer seed {c.seed}", **r}
     return out
 
 
