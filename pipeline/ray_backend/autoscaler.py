@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import RunFailed, UserError
-from pipeline.ray_backend.cluster import FEWER_CPUS_FIX, Notice, Resources, _hostport
+from pipeline.ray_backend.cluster import FEWER_CPUS_FIX, Notice, Resources, _hostport, fits
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,12 @@ def launchable_types() -> list[NodeType] | None:
         if _TYPES[gcs] is None:
             _TYPES[gcs] = _types_from_head(gcs)
     return _TYPES[gcs]
+
+
+def fitting_types(res: Resources, types: list[NodeType] | None) -> list[NodeType]:
+    """The node types of ``types`` (:func:`launchable_types`) that fit one worker of ``res``, the
+    smallest first (fewest GPUs, then CPUs): the one a request for ``res`` makes the autoscaler launch."""
+    return sorted((t for t in types or [] if fits(res, t.resources)), key=lambda t: (t.resources.get("GPU", 0), t.resources.get("CPU", 0)))
 
 
 def _types_from_cluster_config() -> list[NodeType] | None:

@@ -219,7 +219,8 @@ def check_resources(res: Resources, notice: Notice | None = None) -> None:
     if can_run(res):
         return
     types = autoscaler.launchable_types()
-    if types is not None and not any(fits(res, t.resources) for t in types):
+    fitting = autoscaler.fitting_types(res, types)
+    if types is not None and not fitting:
         offers = sorted(
             [(n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0), "") for n in work_nodes()]
             + [(t.resources.get("GPU", 0), t.resources.get("CPU", 0), f": node type {t.name}") for t in types],
@@ -229,7 +230,6 @@ def check_resources(res: Resources, notice: Notice | None = None) -> None:
         where = "no node has that and the autoscaler can launch none that has" if types else "no node has that"
         fix = NO_GPU_FIX if res.gpus > 0 and not any(g >= res.gpus for g, _, _ in offers) else FEWER_CPUS_FIX
         raise UserError(f"asked for {res} per worker but {where} (the largest offers {largest}); {fix}")
-    fitting = sorted((t for t in types or [] if fits(res, t.resources)), key=lambda t: (t.resources.get("GPU", 0), t.resources.get("CPU", 0)))
     autoscaler._await_node(res, fitting[0] if fitting else None, notice)
 
 

@@ -11,7 +11,7 @@ from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
 from pipeline.ledger import ShardLedger
 from pipeline.ray_backend import autoscaler
-from pipeline.ray_backend.cluster import INTERRUPTED, Resources, can_run, check_resources, check_storage, fits, interrupt_guard, work_nodes
+from pipeline.ray_backend.cluster import INTERRUPTED, Resources, can_run, check_resources, check_storage, interrupt_guard, work_nodes
 from pipeline.work import scorer
 
 
@@ -99,11 +99,16 @@ def shards_at_once(res: Resources, cluster: Mapping[str, float], types: Sequence
     return max(1, min(n_items, live + more))
 
 
+def _relaunch_limit(stall_timeout: float) -> float:
+    """How long an evaluation waits for the autoscaler to replace the nodes it lost."""
+    return max(stall_timeout, autoscaler.AUTOSCALE_TIMEOUT_S)
+
+
 def _stalled(res: Resources, seconds: float, stall_timeout: float, relaunch: bool, kept: str) -> None:
     """Give up on an evaluation no live node can run: after ``stall_timeout`` seconds, or, when the
     autoscaler can launch a node that fits (``relaunch``: spot nodes taken back, say), after its own
     wait (``IWAE_AUTOSCALE_TIMEOUT``), since a cloud node takes minutes to start."""
-    limit = max(stall_timeout, autoscaler.AUTOSCALE_TIMEOUT_S)
+    limit = _relaunch_limit(stall_timeout)
     if relaunch and seconds > limit:
         raise RunFailed(
             f"evaluation stalled: no node left can run a shard ({res}) and the autoscaler started none in {limit:g} s; {kept}; "
@@ -197,9 +202,9 @@ def score_shards(
                         failed[item] = why
                 if pending and not ready and time.perf_counter() - last_progress > stall_timeout and not can_run(res):
                     if relaunch is None:  # asked once, when it first matters: can the autoscaler replace the nodes lost?
-                        relaunch = any(fits(res, t.resources) for t in autoscaler.launchable_types() or [])
+                        relaunch = bool(autoscaler.fitting_types(res, autoscaler.launchable_types()))
                         if relaunch and notice:
-                            wait = f"{max(stall_timeout, autoscaler.AUTOSCALE_TIMEOUT_S):g} s"
+                            wait = f"{_relaunch_limit(stall_timeout):g} s"
                             notice(f"no node left can run a shard ({res}); waiting for the autoscaler to launch one, up to {wait} from the last shard written")
                     _stalled(res, time.perf_counter() - last_progress, stall_timeout, relaunch, f"{done} of {len(items)} shards are written and kept")
         finally:
