@@ -314,7 +314,7 @@ class ShardLedger:
 
     def claim(self, run_id: str) -> None:
         """Record this evaluation's identity for the run before its first shard is written, only where
-        none is recorded (compare-and-set on a local disk and on S3, :meth:`Store.create`), then read it back:
+        none is recorded (compare-and-set on a local disk, S3 and GCS, :meth:`Store.create`), then read it back:
         of two evaluations started at once with other settings the second stops in one line instead
         of writing shards of another layout beside the first."""
         key, new = self.identity_key(run_id), self.plan.identity()

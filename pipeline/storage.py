@@ -114,6 +114,27 @@ def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
     return True
 
 
+def _gcs_put_if_absent(location: str, path: str, data: bytes) -> bool:
+    """Upload ``bucket/key`` (``path``) only if no object is there (GCS's ``ifGenerationMatch=0``, which
+    the server answers with 412 when one is): True when written, False when one was. Through gcsfs,
+    since pyarrow does not expose preconditions. It takes the location's ``endpoint_override`` and
+    ``scheme`` as pyarrow's does, and the node's own credentials (Google's application default
+    credentials), or none for a plain-http endpoint (an emulator), again as pyarrow does. gcsfs's core
+    JSON-API client, the API pyarrow speaks: its default class first asks a gRPC control API whether
+    the bucket is zonal, which an emulator never answers (60 s per call)."""
+    from gcsfs.core import GCSFileSystem
+
+    query = dict(parse_qsl(urlparse(location).query))
+    scheme = query.get("scheme", "https")
+    endpoint = f"{scheme}://{query['endpoint_override']}" if "endpoint_override" in query else None
+    fs = GCSFileSystem(endpoint_url=endpoint, token="anon" if scheme == "http" else None)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:  # 412 Precondition Failed: another writer's object is there
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Store:
     """A folder-like location: ``base`` inside ``fs``; every method takes a ``/``-separated key."""
@@ -208,18 +229,25 @@ class Store:
     def create(self, key: str, data: bytes) -> bool:
         """Write ``key`` only where there is none; returns whether this call wrote it.
 
-        Exclusive on a local disk (a hard link, :func:`iwae.files.create_atomic`) and on S3, through
-        S3's conditional PUT (``If-None-Match: *``; AWS since 2024, MinIO, moto), which pyarrow does
-        not expose, so it goes through s3fs. Other object stores (or an S3 server that answers the
-        header with 501) check and then write: there callers read the object back."""
+        Exclusive on a local disk (a hard link, :func:`iwae.files.create_atomic`), on S3 through S3's
+        conditional PUT (``If-None-Match: *``; AWS since 2024, MinIO, moto) and on GCS through its
+        create-only upload (``ifGenerationMatch=0``). pyarrow exposes neither, so they go through
+        s3fs and gcsfs. Other object stores (or an S3 server that answers the header with 501) check
+        and then write: there callers read the object back."""
         if self.is_local:
             return create_atomic(self.path(key), data)
         if self.exists(key):  # the common case in one HEAD; also all a server that ignores the header gets
             return False
-        if urlparse(self.location).scheme == "s3":
-            written = _s3_put_if_absent(self.location, self.path(key), data)
-            if written is not None:
-                return written
+        scheme = urlparse(self.location).scheme
+        written = (
+            _s3_put_if_absent(self.location, self.path(key), data)
+            if scheme == "s3"
+            else _gcs_put_if_absent(self.location, self.path(key), data)
+            if scheme in ("gs", "gcs")
+            else None
+        )
+        if written is not None:
+            return written
         self.write_bytes(key, data)
         return True
 

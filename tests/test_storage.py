@@ -185,3 +185,70 @@ def test_create_on_s3_is_exclusive_even_when_both_writers_saw_no_object(monkeypa
         assert store.create("_other.json", b"x") is True and store.read_bytes("_other.json") == b"x"
     finally:
         s3.stop()
+
+
+class FakeGCS:
+    """GCS's JSON upload API on loopback, as far as a multipart upload goes, with GCS's one rule that
+    matters here: ``ifGenerationMatch=0`` meets an existing object with 412 (an upload without it
+    overwrites). ``objects``: (bucket, name) -> bytes."""
+
+    def __init__(self) -> None:
+        import json
+        import re
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlparse
+
+        objects: dict[tuple[str, str], bytes] = {}
+        self.objects = objects
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def reply(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                url = urlparse(self.path)
+                m = re.fullmatch(r"/upload/storage/v1/b/([^/]+)/o", url.path)
+                query = parse_qs(url.query)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if not m or query.get("uploadType") != ["multipart"]:
+                    return self.reply(400, {"error": {"code": 400, "message": f"not faked: {self.path}"}})
+                boundary = re.search(r'boundary="?([^";]+)"?', self.headers["Content-Type"]).group(1).encode()
+                parts = [p.split(b"\n\n", 1)[1][:-1] for p in body.split(b"--" + boundary)[1:-1]]  # each part: headers, blank line, content, newline
+                name, data = json.loads(parts[0])["name"], parts[1]
+                key = (m.group(1), name)
+                if query.get("ifGenerationMatch") == ["0"] and key in objects:
+                    return self.reply(412, {"error": {"code": 412, "message": "At least one of the pre-conditions you specified did not hold."}})
+                objects[key] = data
+                self.reply(200, {"kind": "storage#object", "bucket": key[0], "name": name, "size": str(len(data)), "generation": "1"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_create_on_gcs_is_exclusive_even_when_both_writers_saw_no_object(monkeypatch):
+    """The same race on GCS: the create-only upload (``ifGenerationMatch=0``) lets exactly one of two
+    writers that both saw no object win, and the object keeps the winner's bytes. The fake server
+    keeps GCS's rule (412 only under the precondition), so a plain upload would fail this test."""
+    gcs = FakeGCS()
+    try:
+        store = Store.open(f"gs://bkt/res?endpoint_override=127.0.0.1:{gcs.port}&scheme=http")
+        monkeypatch.setattr(Store, "exists", lambda self, key: False)  # both saw nothing
+        assert store.create("_eval.json", b"first") is True
+        assert store.create("_eval.json", b"second") is False
+        assert gcs.objects == {("bkt", "res/_eval.json"): b"first"}
+    finally:
+        gcs.stop()
