@@ -19,6 +19,7 @@ start with ``_`` or ``.``.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import re
 import time
@@ -114,20 +115,24 @@ def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
     return True
 
 
+GCS_SCHEMES = ("gs", "gcs")  # pyarrow's and gcsfs's names for Google Cloud Storage
+
+
 def _gcs_put_if_absent(location: str, path: str, data: bytes) -> bool:
     """Upload ``bucket/key`` (``path``) only if no object is there (GCS's ``ifGenerationMatch=0``, which
     the server answers with 412 when one is): True when written, False when one was. Through gcsfs,
     since pyarrow does not expose preconditions. It takes the location's ``endpoint_override`` and
     ``scheme`` as pyarrow's does, and the node's own credentials (Google's application default
-    credentials), or none for a plain-http endpoint (an emulator), again as pyarrow does. gcsfs's core
+    credentials), or none for a plain-http endpoint (an emulator), again as pyarrow does. A retry
+    after a write whose reply was lost reads False: callers read the object back. gcsfs's core
     JSON-API client, the API pyarrow speaks: its default class first asks a gRPC control API whether
     the bucket is zonal, which an emulator never answers (60 s per call)."""
     from gcsfs.core import GCSFileSystem
 
     query = dict(parse_qsl(urlparse(location).query))
     scheme = query.get("scheme", "https")
-    endpoint = f"{scheme}://{query['endpoint_override']}" if "endpoint_override" in query else None
-    fs = GCSFileSystem(endpoint_url=endpoint, token="anon" if scheme == "http" else None)
+    endpoint = f"{scheme}://{query.get('endpoint_override', 'storage.googleapis.com')}"  # not STORAGE_EMULATOR_HOST, which pyarrow ignores
+    fs = GCSFileSystem(endpoint_url=endpoint, token="anon" if scheme == "http" else "google_default")  # no silent anonymous fallback
     try:
         fs.pipe_file(path, data, mode="create")
     except FileExistsError:  # 412 Precondition Failed: another writer's object is there
@@ -150,6 +155,8 @@ class Store:
             path = Path(loc).expanduser().absolute()
             return cls(str(path), pafs.LocalFileSystem(), path.as_posix())
         refuse_credentials(loc)
+        if urlparse(loc).scheme in GCS_SCHEMES and importlib.util.find_spec("gcsfs") is None:
+            raise UserError(f"{redact(loc)} is on GCS, which needs gcsfs (the exclusive writes of the evaluation identity): pip install 'iwae-pipeline[gcs]'")
         try:
             fs, base = pafs.FileSystem.from_uri(_with_env_endpoint(loc))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
@@ -239,13 +246,11 @@ class Store:
         if self.exists(key):  # the common case in one HEAD; also all a server that ignores the header gets
             return False
         scheme = urlparse(self.location).scheme
-        written = (
-            _s3_put_if_absent(self.location, self.path(key), data)
-            if scheme == "s3"
-            else _gcs_put_if_absent(self.location, self.path(key), data)
-            if scheme in ("gs", "gcs")
-            else None
-        )
+        written: bool | None = None
+        if scheme == "s3":
+            written = _s3_put_if_absent(self.location, self.path(key), data)
+        elif scheme in GCS_SCHEMES:
+            written = _gcs_put_if_absent(self.location, self.path(key), data)
         if written is not None:
             return written
         self.write_bytes(key, data)

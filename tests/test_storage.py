@@ -252,3 +252,16 @@ def test_create_on_gcs_is_exclusive_even_when_both_writers_saw_no_object(monkeyp
         assert gcs.objects == {("bkt", "res/_eval.json"): b"first"}
     finally:
         gcs.stop()
+
+
+def test_a_gcs_location_without_gcsfs_is_refused_in_one_line(monkeypatch):
+    """Without gcsfs a gs:// location would lose its exclusive create; it is refused at open, naming the extra."""
+    import importlib.util
+
+    from pipeline.errors import UserError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gcsfs" else real(name, *a))
+    with pytest.raises(UserError, match=r"needs gcsfs .*pip install 'iwae-pipeline\[gcs\]'") as e:
+        Store.open("gs://bkt/res")
+    assert "\n" not in str(e.value)
