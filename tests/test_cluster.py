@@ -172,3 +172,36 @@ def test_local_results_the_nodes_cannot_see_fail_in_one_line(cluster, s3_data):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "--results s3://" in lines[0], r.stderr[-3000:]
     assert not local.exists()
+
+
+def test_a_node_joining_mid_evaluation_with_a_stale_cache_rebuilds_it_and_scores(cluster, s3, s3_data, mnist_dir):
+    """A worker node joins while an evaluation runs on the one node left, holding an MNIST cache from
+    before the pixel fix (v/256, no format version): the command says it joined, the node rebuilds its
+    cache from --data-dir and scores shards, and every image is scored once. The node's cache is read
+    back through its own mount namespace: still stale means it never loaded the data."""
+    import hashlib
+
+    import numpy as np
+
+    from iwae import data as D
+
+    prefix = "join-eval"
+    cwd = driver_dir(cluster, prefix)
+    r = cli(cluster, "sweep", "demo", "--size", "smoke", "--no-eval", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cluster.kill_worker(0)  # one node left to start the evaluation on
+    stale = cluster.tmp / "stale-mnist.npz"
+    D.atomic_save_npz(stale, {k: np.full((2, 784), 255 / 256, np.float32) for k in ("x_train", "x_valid", "x_test")})
+    cached = Path("cache") / hashlib.sha256(s3_data.encode()).hexdigest()[:12] / D.MNIST_NPZ  # under IWAE_CACHE_DIR, in the node's private folder
+    cluster.set_faults(slow_score=3.0)
+    proc = start(cluster, "evaluate", "demo", "--size", "smoke", "--shards", "4", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
+    assert wait_for(lambda: len(s3.keys(f"{prefix}/tables/eval")) >= 2, timeout=180), "evaluation did not start"  # the identity files
+    cluster.add_worker(setup=f"mkdir -p {cached.parent} && cp {stale} {cached}")
+    node = cluster.workers[-1]
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert "1 node(s) joined" in out, out[-3000:]
+    ev = read_table(s3, prefix, "eval")
+    assert len(ev) == 2 * 20 and not ev.duplicated(["run_id", "image_id"]).any()
+    seen = Path(f"/proc/{node.pid}/root") / cluster.private.relative_to("/") / cached
+    assert seen.read_bytes() == (mnist_dir / "mnist.npz").read_bytes(), "the joined node kept its stale cache (or never scored a shard)"

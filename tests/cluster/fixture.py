@@ -90,10 +90,13 @@ class LocalCluster:
         for _ in range(workers):
             self.add_worker()
 
-    def add_worker(self) -> None:
-        """Start a 1-CPU worker node in its own mount namespace and wait until the cluster counts it."""
+    def add_worker(self, setup: str = "") -> None:
+        """Start a 1-CPU worker node in its own mount namespace and wait until the cluster counts it.
+        ``setup``: shell commands run in the node's private folder before the node starts (to give
+        it a stale data cache, say). The node's own files are under ``/proc/<pid>/root`` + ``private``."""
         before = self.alive_cpus()
-        script = f"mount -t tmpfs iwae-private {self.private} && cd {self.private} && exec {sys.executable} {NODE} worker {self.address} 1"
+        pre = f"{setup} && " if setup else ""
+        script = f"mount -t tmpfs iwae-private {self.private} && cd {self.private} && {pre}exec {sys.executable} {NODE} worker {self.address} 1"
         proc = subprocess.Popen(
             ["unshare", "-m", "sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, start_new_session=True
         )
