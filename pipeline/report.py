@@ -699,6 +699,13 @@ def _verdict(mean: float, se: float, threshold: float = 0.0) -> str:
     return NR
 
 
+def _flip(verdict: str) -> str:
+    """A verdict on "goes up" read as one on "goes down": holds and contradicted swap, and a qualifier
+    such as "(one seed only)" stays."""
+    head, sep, tail = verdict.partition(" (")
+    return {"holds": "contradicted", "contradicted": "holds"}.get(head, head) + sep + tail
+
+
 def _gain(ev: pd.DataFrame, pairs: list[tuple[str, str]], value: Callable[[str], pd.Series] | None = None) -> tuple[str, str]:
     """A gain log p_b - log p_a over seeds: (figure, verdict). Each image's gain is averaged over the
     seeds (they share the test images), its standard error taken over images; with two or more seeds
@@ -798,7 +805,7 @@ def findings(summary: pd.DataFrame, ev: pd.DataFrame, ais: pd.DataFrame | None =
             out.append(f"| {claim} | no swapped run with its control | {NR} |")
             continue
         fig, v_nll = _gain(ev, swaps)
-        v_nll = v_nll if want > 0 else {"holds": "contradicted", "contradicted": "holds"}.get(v_nll.split(" (")[0], v_nll)
+        v_nll = v_nll if want > 0 else _flip(v_nll)
         v_units = _signs(du, want)
         verdict = "holds" if v_nll.startswith("holds") and v_units == "holds" else "contradicted" if "contradicted" in (v_nll[:12], v_units) else NR
         out.append(f"| {claim} | log p {fig}; units {', '.join(f'{d:+d}' for d in du)} | {verdict} (log p: {v_nll}; units: {v_units}) |")

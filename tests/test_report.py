@@ -187,3 +187,11 @@ def test_one_seed_is_named_and_seeds_that_disagree_leave_the_claim_open():
     assert one["(1)"] == "holds (one seed only)", one
     ev = ev.assign(log_px=np.where(ev.run_id == "iwae1", ev.log_px - 2.0, ev.log_px))  # seed 1: IWAE 1 nat worse
     assert _verdicts(summary, ev)["(1)"] == "not resolved at this budget"
+
+
+def test_a_claim_that_log_p_goes_down_keeps_the_one_seed_qualifier():
+    """Claim (3)'s IWAE -> VAE row reads _gain's verdict the other way round: the qualifier survives the flip."""
+    from pipeline.report import NR, _flip
+
+    assert _flip("contradicted (one seed only)") == "holds (one seed only)"
+    assert _flip("holds") == "contradicted" and _flip(NR) == NR
