@@ -545,9 +545,10 @@ def _l5000(ev: pd.DataFrame, run_id: str, eval_seed: float | None = None) -> pd.
     return e.drop_duplicates("image_id").set_index("image_id")
 
 
-def _setting_rows(df: pd.DataFrame, run_id: str, setting: tuple[Any, ...]) -> pd.DataFrame:
-    """A run's rows at one AIS setting (T, chains, leapfrog, seed)."""
-    return df[np.logical_and.reduce([df.run_id == run_id, *(df[c] == x for c, x in zip(AIS_SETTING, setting))])]
+def _setting_rows(df: pd.DataFrame, setting: tuple[Any, ...], run_id: str | None = None) -> pd.DataFrame:
+    """The rows at one AIS setting (T, chains, leapfrog, seed), of one run when ``run_id`` is given."""
+    sel = np.logical_and.reduce([df[c] == x for c, x in zip(AIS_SETTING, setting)])
+    return df[sel & (df.run_id == run_id)] if run_id is not None else df[sel]
 
 
 def ais_vs_lk(ev: pd.DataFrame, ais: pd.DataFrame, bdmc: pd.DataFrame, run_id: str, setting: tuple[Any, ...]) -> dict[str, Any]:
@@ -555,12 +556,12 @@ def ais_vs_lk(ev: pd.DataFrame, ais: pd.DataFrame, bdmc: pd.DataFrame, run_id: s
     binarisation seed AIS used) both scored, paired per image: the NLL from L_k, its jackknife and
     AIS; ``gap`` = AIS - L_k (positive: L_k understates log p(x)) and what the jackknife predicted of
     it; BDMC's upper - lower gap on images simulated from the model. NaN where there is nothing."""
-    a = _setting_rows(ais, run_id, setting).drop_duplicates("image_id").set_index("image_id")
+    a = _setting_rows(ais, setting, run_id).drop_duplicates("image_id").set_index("image_id")
     e = _l5000(ev, run_id, a.eval_seed.iloc[0] if len(a) else None)
     both = a.index.intersection(e.index)
     lk, jk, la = e.log_px.reindex(both), e.log_px_jk.reindex(both), a.log_px_ais.reindex(both)
     d, j = (la - lk).dropna(), (jk - lk).dropna()
-    b = _setting_rows(bdmc, run_id, setting)
+    b = _setting_rows(bdmc, setting, run_id)
     bgap = b.log_px_upper - b.log_px_ais
     return {
         "images": len(both),
@@ -615,8 +616,7 @@ def ais_table(summary: pd.DataFrame, ev: pd.DataFrame, ais: pd.DataFrame, bdmc: 
 
 def _at(df: pd.DataFrame, setting: tuple[Any, ...]) -> pd.Series:
     """One AIS setting's estimates, by image id."""
-    sel = np.logical_and.reduce([df[c] == x for c, x in zip(AIS_SETTING, setting)])
-    return df[sel].drop_duplicates("image_id").set_index("image_id").log_px_ais
+    return _setting_rows(df, setting).drop_duplicates("image_id").set_index("image_id").log_px_ais
 
 
 def ais_convergence_table(summary: pd.DataFrame, ais: pd.DataFrame) -> str | None:

@@ -257,9 +257,10 @@ def ais_vs_l5000(results: Results, cfgs: list[RunConfig], steps: int) -> dict[st
     main = AISConfig(steps=steps)  # the setting run_ais scores all images with
     out: dict[str, dict[str, Any]] = {}
     for c in cfgs:
+        if not (ais.run_id == c.run_id).any():  # a run AIS scored stays, even with no image paired (a seed mismatch shows as 0 images)
+            continue
         r = ais_vs_lk(ev, ais, bdmc, c.run_id, (main.steps, main.chains, main.leapfrog, main.seed))
-        if (ais.run_id == c.run_id).any():  # a run AIS scored stays, even with no image paired (a seed mismatch shows as 0 images)
-            out[c.run_id] = {"label": f"{c.flat()['objective'].upper()} {len(c.model.latent)}-layer seed {c.seed}", **r}
+        out[c.run_id] = {"label": f"{c.flat()['objective'].upper()} {len(c.model.latent)}-layer seed {c.seed}", **r}
     return out
 
 
