@@ -175,6 +175,13 @@ class RunConfig:
         blob = json.dumps(self.to_dict(), sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    @property
+    def cell_id(self) -> str:
+        """The cell the run belongs to (:func:`cell_key` of its :meth:`setting`): the tables compare
+        runs only within a cell, so two runs of one objective kind and seed in one cell would be one
+        run (the same config, the same id)."""
+        return cell_key(self.setting())
+
     def flat(self) -> dict[str, Any]:
         """Flattened config for result rows: scalar columns only."""
         obj = objective_to_dict(self.objective)
@@ -198,8 +205,38 @@ class RunConfig:
             "train_subset": int(self.train_subset or 0),
         }
 
+    def setting(self) -> dict[str, Any]:
+        """Everything that defines the run as scalars: :meth:`flat` and the fields it leaves out
+        (hidden sizes, batch size, a constant schedule, the active-unit images). A report reads runs
+        back from this, and earlier rows (which have only the flat columns) take the defaults."""
+        s = self.schedule
+        return {
+            **self.flat(),
+            "x_dim": self.model.x_dim,
+            "hidden_q": json.dumps(self.model.hidden_q),
+            "hidden_p": json.dumps(self.model.hidden_p),
+            "batch_size": s.batch_size,
+            "constant_epochs": s.epochs or 0,
+            "constant_lr": s.lr or 0.0,
+            "num_active_examples": self.num_active_examples,
+        }
+
     def label(self) -> str:
         o = objective_to_dict(self.objective)
         extra = ",".join(f"{k}={v}" for k, v in o.items() if k != "name")
         est = "" if self.estimator == Estimator.standard else f"/{self.estimator.value}"
         return f"{self.dataset} L{len(self.model.latent)} {o['name'].upper()}({extra}){est}"
+
+
+CELL_FREE = ("run_id", "objective", "seed")  # what varies within a cell: the objective's kind, and the seed
+
+
+def cell_key(setting: dict[str, Any], free: tuple[str, ...] = CELL_FREE) -> str:
+    """A short hash of a run's :meth:`RunConfig.setting` without the ``free`` fields.
+
+    With the default, the one cell key every table pairs runs by: a VAE and an IWAE trained alike
+    (same data, architecture, k, estimator, schedule cut, training subset, starting point) share it,
+    over seeds. The estimators table frees the estimator and the bound as well (matched cost), and
+    Table 2 the bound (a swap beside its control)."""
+    kept = {k: v for k, v in setting.items() if k not in free}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]

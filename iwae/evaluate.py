@@ -66,19 +66,39 @@ def binarize_by_id(x: Tensor, image_ids: Sequence[int], seed: int) -> Tensor:
     return out
 
 
-def _noise(image_ids: Sequence[int], seed: int, block: int, n: int, size: int, dims: Sequence[int]) -> list[Tensor]:
+@dataclass(frozen=True)
+class CommonNoise:
+    """Score a pruned model (:func:`iwae.units.prune`) on the draws of the model it was cut from
+    (common random numbers): the noise is drawn for the original latent sizes ``dims`` and each layer
+    keeps the columns of the units the pruned model kept (``keep``). The difference of the two
+    models' estimates of one image then carries little Monte Carlo noise (paper sec. 5.2's check)."""
+
+    dims: tuple[int, ...]  # the original model's latent sizes
+    keep: tuple[tuple[int, ...], ...]  # per layer, the indices of the units kept
+
+    def __post_init__(self) -> None:
+        if len(self.dims) != len(self.keep) or any(max(k, default=-1) >= d for k, d in zip(self.keep, self.dims)):
+            raise ValueError(f"keep {self.keep} does not fit latent sizes {self.dims}")
+
+
+def _noise(image_ids: Sequence[int], seed: int, block: int, n: int, size: int, dims: Sequence[int], common: CommonNoise | None = None) -> list[Tensor]:
     """Noise of block ``block`` (its first ``n`` of ``size`` samples) for each image: ``[(n, B, D_l)]``.
 
     The whole block is always drawn and then cut: torch's normal sampler takes a different path
-    for short tensors, so drawing only ``n`` rows would change the first samples with k.
+    for short tensors, so drawing only ``n`` rows would change the first samples with k. With
+    ``common`` the noise is that of the original model, cut to the kept units.
     """
-    total = sum(dims)
+    draw = list(common.dims) if common is not None else list(dims)
+    total = sum(draw)
     cols = []
     for i in image_ids:
         g = torch.Generator().manual_seed(image_seed(seed, int(i), _NOISE, block))
         cols.append(torch.randn(size, total, generator=g)[:n])
     e = torch.stack(cols, dim=1)  # (n, B, sum D)
-    return list(torch.split(e, list(dims), dim=-1))
+    layers = list(torch.split(e, draw, dim=-1))
+    if common is None:
+        return layers
+    return [x[..., list(keep)] for x, keep in zip(layers, common.keep)]  # (n, B, D_l kept)
 
 
 def _log_w(model: IWAEModel, x: Tensor, eps: list[Tensor], fold_x: bool = False) -> Tensor:
@@ -117,6 +137,7 @@ def estimate_log_px(
     image_ids: Sequence[int],
     cfg: EvalConfig = EvalConfig(),
     progress: Callable[[int], None] | None = None,
+    common: CommonNoise | None = None,
 ) -> LogPxEstimate:
     """Importance-sampled log p(x) per image, the prefix bounds and how reliable each estimate is.
 
@@ -126,6 +147,7 @@ def estimate_log_px(
         image_ids: the images' ids ``(N,)``; they seed the noise.
         cfg: k, seed, block, memory knob.
         progress: called with the number of images finished after each batch.
+        common: score a pruned model on its original model's draws (:class:`CommonNoise`).
 
     Returns:
         A :class:`LogPxEstimate`: ``log_px`` ``(N,)`` = L_k in nats, ``prefix`` ``(N, P)`` = L_m for
@@ -148,7 +170,7 @@ def estimate_log_px(
         done = 0
         for b in range(math.ceil(cfg.k / cfg.block)):
             n = min(cfg.block, cfg.k - done)
-            eps_block = _noise(ids, cfg.seed, b, n, cfg.block, dims)
+            eps_block = _noise(ids, cfg.seed, b, n, cfg.block, dims, common)
             for s in range(0, n, sub):
                 eps = [e[s : s + sub].to(dev) for e in eps_block]  # (c, B, D_l)
                 try:
@@ -173,10 +195,3 @@ def estimate_log_px(
         if progress is not None:
             progress(len(ids))
     return LogPxEstimate(prefix=prefix, **out)
-
-
-def mean_and_stderr(values: Tensor) -> tuple[float, float]:
-    """Mean and its standard error (sample std / sqrt(N)) over a test set."""
-    v = values.double()
-    n = v.numel()
-    return float(v.mean()), float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from iwae.config import ModelConfig
 from iwae.data import binarize
+from iwae.evaluate import CommonNoise
 from iwae.models import IWAEModel
 
 THRESHOLD = 1e-2
@@ -86,3 +87,10 @@ def prune(model: IWAEModel, masks: list[Tensor]) -> IWAEModel:
         _slice_input(dec, keep[i + 1])
         _slice_output(dec, keep[i])
     return out
+
+
+def common_noise(model: IWAEModel, masks: list[Tensor]) -> CommonNoise:
+    """How :func:`prune`'s model of ``model`` draws ``model``'s noise (common random numbers in
+    :func:`iwae.evaluate.estimate_log_px`): its latent sizes and, per layer, the units kept."""
+    keep = tuple(tuple(int(i) for i in torch.nonzero(m.cpu(), as_tuple=True)[0]) for m in masks)
+    return CommonNoise(dims=tuple(model.cfg.latent), keep=keep)

@@ -249,37 +249,40 @@ def _fake_results(root: Path, model_cfg: ModelConfig, data: Any) -> tuple[Any, s
 
 
 def eval_throughput(data: DataSource, mnist: Any, n_images: int, ray_path: bool, echo: Callable[[str], None]) -> dict[str, Any]:
-    """k=5000 evaluation through the pipeline's shard evaluator: in-process, then as Ray tasks."""
+    """k=5000 evaluation through the pipeline's range scorer: in-process, then as Ray tasks."""
     from iwae.evaluate import EvalConfig
-    from pipeline.ledger import EvalPlan, ShardLedger
-    from pipeline.work import ShardScorer
+    from pipeline.estimates import EvalPlan, Span
+    from pipeline.ledger import EstimateLedger
+    from pipeline.work import Scorer
 
     model_cfg = ModelConfig.paper(1)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:
         res, run_id = _fake_results(Path(tmp) / "local", model_cfg, mnist)
-        plan = EvalPlan(EvalConfig(k=5000), num_images=n_images, shards=2, pruned=False)
-        ev = ShardScorer(ShardLedger(res, plan), data)
+        plan = EvalPlan(EvalConfig(k=5000), num_images=n_images)
+        half = n_images // 2
+        parts = [Span(run_id, 0, half - 1), Span(run_id, half, n_images - 1)]  # two tasks' worth, as the Ray path splits them
+        ev = Scorer(EstimateLedger(res, plan), data)
         ev.images(RunConfig())  # load the data before timing
-        ev.score(run_id, 0)  # load the model and compile (start-up, not measured)
+        ev.score(parts[0])  # load the model and compile (start-up, not measured)
         t0 = time.perf_counter()
-        for s in range(plan.shards):
-            ev.score(run_id, s)
+        for span in parts:
+            ev.score(span)
         t_local = time.perf_counter() - t0
         out["eval_images_per_s"] = n_images / t_local
         out["eval_samples_per_s"] = n_images * 5000 / t_local
         if ray_path:
             from pipeline.driver import ray_session
             from pipeline.ray_backend.cluster import Resources
-            from pipeline.ray_backend.tasks import score_shards
+            from pipeline.ray_backend.tasks import score_ranges
 
             res2, run_id2 = _fake_results(Path(tmp) / "ray", model_cfg, mnist)
             with ray_session(None):
                 cpus = float(os.cpu_count() or 1)
                 timings: dict[str, float] = {}
-                sl = ShardLedger(res2, plan)
-                items = sl.prepare([run_id2])
-                score_shards(sl, data, items, Resources(cpus=cpus / plan.shards, gpus=0.0), workers=plan.shards, timings=timings)
+                sl = EstimateLedger(res2, plan)
+                items = [Span(run_id2, 0, half - 1), Span(run_id2, half, n_images - 1)]
+                score_ranges(sl, data, items, Resources(cpus=cpus / len(items), gpus=0.0), workers=len(items), timings=timings)
                 t_ray = timings["work_seconds"]
             out["eval_ray_images_per_s"] = n_images / t_ray
             out["eval_ray_over_local"] = t_local / t_ray

@@ -276,13 +276,15 @@ def train(
         typer.echo(f"trained {row['run_id']}: final train bound {row['final_train_bound']:.2f}, active units {units}")
     if test_images:
         from pipeline.driver import score_first_images
-        from pipeline.report import run_summary
+        from pipeline.report import load
+        from pipeline.report.stats import se
 
-        score_first_images(res, data, [c.run_id for c in cfgs], eval_k, test_images)
-        summary = run_summary(res).set_index("run_id")
+        estimate = score_first_images(res, data, [c.run_id for c in cfgs], eval_k, test_images)
+        loaded = load(res)  # the one reader: this estimate by name, the first test_images images, each once
         for c in cfgs:
-            s = summary.loc[c.run_id]
-            typer.echo(f"{c.run_id} test NLL (k={eval_k}, {test_images} images): {s.nll:.2f} ± {s.nll_se:.2f} nats; pruned {s.nll_pruned:.2f}")
+            lp = loaded.log_px(c.run_id, estimate)
+            lp = lp[lp.index < test_images]
+            typer.echo(f"{c.run_id} test NLL ({estimate}, {len(lp)} images): {-lp.mean():.2f} ± {se(lp):.2f} nats")
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -316,8 +318,9 @@ def sweep(
     gpus_per_trial: Annotated[float | None, typer.Option(min=0.0, help="GPUs per trial; fractions share a GPU (default: 1 when the cluster has GPUs).")] = None,
     max_failures: Annotated[int, typer.Option(min=0, help="Retries of a failed trial from its last checkpoint.")] = 2,
     evaluate_after: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate (k=5000) after training.")] = True,
-    shards: Annotated[int | None, typer.Option(min=1, help="Evaluation shards per run (default: 1 per 500 images).")] = None,
-    eval_workers: Annotated[int | None, typer.Option(min=1, help="Shards scored at once (default: fill the cluster, nodes it can add included).")] = None,
+    eval_workers: Annotated[
+        int | None, typer.Option(min=1, help="Ranges of images scored at once (default: fill the cluster, nodes it can add included).")
+    ] = None,
     eval_cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluation task.")] = 1.0,
     eval_gpus: Annotated[float | None, typer.Option(min=0.0, help="GPUs per evaluation task (default: 1 when the cluster has GPUs).")] = None,
     compile_step: CompileOpt = Compile.auto,
@@ -361,9 +364,7 @@ def sweep(
             echo=lambda m: typer.echo(m, err=True),
         )
         if evaluate_after:
-            driver.evaluate_job(
-                j, res, data, ledger, shards=shards, test_images=test_images, train_images=train_images, workers=eval_workers, cpus=eval_cpus, gpus=eval_gpus
-            )
+            driver.evaluate_job(j, res, data, ledger, test_images=test_images, train_images=train_images, workers=eval_workers, cpus=eval_cpus, gpus=eval_gpus)
     typer.echo(build_report(res).markdown)
     typer.echo(f"{job}: done in {time.monotonic() - t0:.0f} s; tables in {res.store.uri('tables')}, report in {res.store.uri('report')}")
 
@@ -375,11 +376,10 @@ def evaluate(
     size: Annotated[Size, typer.Option(help="full or smoke.")] = Size.full,
     stages: Annotated[int | None, typer.Option(min=1, max=8)] = None,
     epoch_scale: Annotated[float | None, typer.Option(min=1e-6)] = None,
-    shards: Annotated[int | None, typer.Option(min=1, help="Shards per run (default: 1 per 500 images; ais/bdmc: 1 per 10).")] = None,
-    workers: Annotated[int | None, typer.Option(min=1, help="Shards scored at once (default: fill the cluster, nodes it can add included).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Ranges of images scored at once (default: fill the cluster, nodes it can add included).")] = None,
     cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluation task.")] = 1.0,
     gpus: Annotated[float | None, typer.Option(min=0.0, help="GPUs per evaluation task (default: 1 when the cluster has GPUs).")] = None,
-    retries: Annotated[int, typer.Option("--retries", min=0, help="Times a shard is retried after its worker or node is lost.")] = 3,
+    retries: Annotated[int, typer.Option("--retries", min=0, help="Times a range is retried after its worker or node is lost.")] = 3,
     method: Annotated[
         Method, typer.Option(help="is: importance sampling (k=5000); ais: AIS on the first --images test images; bdmc: AIS bounds on simulated images.")
     ] = Method.is_,
@@ -394,28 +394,35 @@ def evaluate(
     results: ResultsOpt = DEFAULT_RESULTS,
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
-    """Evaluate a job's trained runs, sharded over Ray tasks: k=5000 importance sampling, or AIS/BDMC
-    (--method); shards already written whole are skipped."""
+    """Evaluate a job's trained runs on Ray tasks: k=5000 importance sampling, or AIS/BDMC (--method),
+    in fixed ranges of images; ranges already written whole, by any command, are skipped."""
     from pipeline import driver
 
     j = _job(job, size, stages, epoch_scale, where)
     ais = None
     if method != Method.is_:
         from iwae.ais import AISConfig
-        from pipeline.ledger import AISPlan
+        from pipeline.estimates import AISPlan
 
-        ais = AISPlan(AISConfig(steps=steps, chains=chains, leapfrog=leapfrog), images, shards or max(1, images // 10), method.value, j.eval.seed)
+        ais = AISPlan(AISConfig(steps=steps, chains=chains, leapfrog=leapfrog), images, method.value, j.eval.seed)
     data = _data(data_dir)
     res = _results(results, create=False)  # never creates: it may be read before the cluster answers
     ledger = driver.survey_runs(res, j.runs, notice=lambda m: typer.echo(m, err=True))
     if not any(ledger.done(c.run_id) for c in j.runs):
+        cuts = driver.other_cuts(res, j.runs)
+        if cuts:  # run ids depend on the schedule cut and size: name the options the trained runs have
+            raise UserError(
+                f"no trained runs of {job} in {res} with these options; it holds runs of {job} trained with {' and, separately, '.join(cuts)}"
+                f" (run ids depend on the cut); pass {cuts[0]} to evaluate those, or train these with "
+                f"`{_command('sweep', job, size, stages, epoch_scale, where, results, data_dir)}`"
+            )
         raise UserError(f"no trained runs of {job} in {res}; run `{_command('sweep', job, size, stages, epoch_scale, where, results, data_dir)}` first")
     incomplete = ledger.incomplete(j.runs)
     if incomplete:
         raise UserError(incomplete[0])  # a trained run whose files do not read whole (the first; a sweep redoes them all)
     with driver.ray_session(address):
         driver.check_storage(res)
-        sizes = {"shards": shards, "test_images": test_images, "train_images": train_images}
+        sizes = {"test_images": test_images, "train_images": train_images}
         driver.evaluate_job(j, res, data, ledger, **sizes, workers=workers, cpus=cpus, gpus=gpus, retries=retries, ais=ais)
     table = ais.table if ais else "eval"
     typer.echo(f"evaluated {job} into {res.store.uri(f'tables/{table}')}")
@@ -423,7 +430,10 @@ def evaluate(
 
 @app.command()
 @cli_errors
-def report(results: ResultsOpt = DEFAULT_RESULTS, out: Annotated[Path | None, typer.Option(help="Output folder (default: RESULTS/report).")] = None) -> None:
+def report(
+    results: ResultsOpt = DEFAULT_RESULTS,
+    out: Annotated[str | None, typer.Option(help="Output folder or URI, e.g. s3://BUCKET/PREFIX (default: RESULTS/report).")] = None,
+) -> None:
     """Render Table 1 (ours beside the paper's), all runs, and PNG plots from the Parquet results."""
     from pipeline.report import build_report
 
@@ -598,20 +608,27 @@ def bench(
     quick: Annotated[bool, typer.Option(help="A few seconds per figure (checks that it runs).")] = False,
     pyro: Annotated[bool, typer.Option("--pyro/--no-pyro", help="Time Pyro's RenyiELBO side by side (needs the bench extra).")] = True,
     ray_path: Annotated[bool, typer.Option("--ray/--no-ray", help="Also time the Ray-sharded evaluation.")] = True,
-    out: Annotated[Path | None, typer.Option(help="Also write the figures as Parquet here.")] = None,
+    out: Annotated[str | None, typer.Option(help="Also write the figures as one Parquet file here: a path or a URI (s3://BUCKET/bench.parquet).")] = None,
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
     """Measure training examples/s (ours vs Pyro), k=5000 evaluation throughput vs the matmul roofline, memory."""
     from pipeline.bench import run_bench
+    from pipeline.storage import Store
 
+    where = None
+    if out is not None:
+        folder, _, name = out.rstrip("/").rpartition("/")
+        if not name.endswith(".parquet"):
+            raise UserError(f"--out {out} names a folder; give the Parquet file to write, e.g. {out.rstrip('/')}/bench.parquet")
+        where = (Store.open(folder or "."), name)  # opened before the minutes of timing: a bad location is one line now
     figures = run_bench(quick=quick, pyro=pyro, ray_path=ray_path, data=_data(data_dir), echo=typer.echo)
     typer.echo(json.dumps(figures, sort_keys=True))
-    if out is not None:
+    if where is not None:
         import pyarrow as pa
 
-        from pipeline.storage import Store
-
-        Store.open(out.parent).write_table(out.name, pa.Table.from_pylist([figures]))
+        store, name = where
+        store.write_table(name, pa.Table.from_pylist([figures]))
+        typer.echo(f"figures in {store.uri(name)}")
 
 
 def run() -> None:

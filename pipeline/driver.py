@@ -9,8 +9,8 @@ The CLI parses options, makes the :class:`~pipeline.results.Results` and the
    later step consults that ledger.
 3. :func:`check_storage`: every node can use the results location.
 4. :func:`train_job`: train what the ledger says is not done (Tune trials), returning the new ledger.
-5. :func:`evaluate_job`: per dataset and image set, an :class:`~pipeline.ledger.EvalPlan` sized by the
-   job, the shard ledger's items, scored by Ray tasks or here (the executor is the only difference).
+5. :func:`evaluate_job`: per dataset and image set, the job's estimates (:mod:`pipeline.estimates`),
+   the ranges left of each, scored by Ray tasks or here (the executor is the only difference).
 6. :func:`~pipeline.report.build_report` renders the tables.
 """
 
@@ -25,7 +25,8 @@ from typing import Any
 from iwae.config import RunConfig
 from iwae.evaluate import EvalConfig
 from pipeline.datasource import DataSource
-from pipeline.ledger import AISPlan, EvalPlan, Plan, RunLedger, ShardLedger, repair
+from pipeline.estimates import AISPlan, EvalPlan, Plan
+from pipeline.ledger import EstimateLedger, RunLedger, repair
 from pipeline.results import Results
 
 Echo = Callable[[str], None]
@@ -61,6 +62,30 @@ def survey_runs(results: Results, runs: Sequence[RunConfig], notice: Echo | None
     ledger = RunLedger.read(results, [c.run_id for c in runs] + [c.init_from for c in runs if c.init_from])
     repair(results, ledger.damaged, notice)
     return ledger
+
+
+def other_cuts(results: Results, runs: Sequence[RunConfig]) -> list[str]:
+    """The options under which ``runs`` (a job's selection) *are* trained in ``results``: the same runs at
+    another schedule cut or size, whose ids differ (``--stages 3``, ``--size smoke``). Empty when none."""
+    free = {"run_id", "stages", "epoch_scale", "epochs", "train_subset"}
+
+    def key(flat: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(f"{k}={flat[k]}" for k in sorted(flat) if k not in free)
+
+    wanted = {key(c.flat()) for c in runs}
+    table = results.read("runs")
+    found: dict[str, None] = {}
+    for row in table[table.status == "done"].to_dict("records"):
+        flat = {k: row[k] for k in RunConfig().flat()}
+        if key(flat) not in wanted:
+            continue
+        if int(row["train_subset"]) == 400 and int(row["stages"]) == 2:
+            found["--size smoke"] = None  # jobs.cut's smoke size
+        else:
+            opts = [f"--stages {int(row['stages'])}"] if int(row["stages"]) != 8 else []
+            opts += [f"--epoch-scale {float(row['epoch_scale']):g}"] if float(row["epoch_scale"]) != 1.0 else []
+            found[" ".join(opts) or "no --stages or --epoch-scale (the paper's full schedule)"] = None
+    return list(found)
 
 
 def missing_start(runs: Sequence[RunConfig], ledger: RunLedger) -> bool:
@@ -118,12 +143,15 @@ def train_job(
     return ledger.with_done(trained)
 
 
-def eval_plans(job: Any, dataset: str, shards: int | None, test_images: int | None, train_images: int | None) -> list[EvalPlan]:
-    """The job's evaluation plans on one dataset: a shard per 500 images unless ``shards`` (test only)."""
-    return [
-        EvalPlan(job.eval, num_images=n, shards=(shards if shards and images == "test" else max(1, n // 500)), pruned=pruned, images=images)
-        for images, n, pruned in job.eval_sizes(dataset, test_images, train_images)
-    ]
+def eval_plans(job: Any, dataset: str, test_images: int | None, train_images: int | None) -> list[EvalPlan]:
+    """The job's estimates on one dataset: L_k of the test images, of the pruned models on the same
+    images and draws (when the job asks), and of the first training images (the train-test gap)."""
+    plans = []
+    for images, n, pruned in job.eval_sizes(dataset, test_images, train_images):
+        plans.append(EvalPlan(job.eval, num_images=n, images=images))
+        if pruned:
+            plans.append(EvalPlan(job.eval, num_images=n, images=images, pruned=True))
+    return plans
 
 
 def evaluate_job(
@@ -132,7 +160,6 @@ def evaluate_job(
     data: DataSource,
     ledger: RunLedger,
     *,
-    shards: int | None = None,
     test_images: int | None = None,
     train_images: int | None = None,
     workers: int | None = None,
@@ -143,18 +170,18 @@ def evaluate_job(
 ) -> None:
     """The job's k=5000 evaluation of its done runs on Ray tasks: the test images (and the pruned
     models), then the training images if asked. Each dataset is sized on its own. With ``ais``, that
-    AIS (or BDMC) evaluation instead (:mod:`iwae.ais`), sharded and written the same way."""
+    AIS (or BDMC) evaluation instead (:mod:`iwae.ais`), in ranges and written the same way."""
     from pipeline.ray_backend import cluster, tasks
 
     task = cluster.Resources(cpus, cluster.default_gpus(gpus))
     for dataset in job.datasets():
         run_ids = [c.run_id for c in job.runs if c.dataset == dataset and ledger.done(c.run_id)]
-        plans: list[Plan] = [ais] if ais is not None else list(eval_plans(job, dataset, shards, test_images, train_images))
+        plans: list[Plan] = [ais] if ais is not None else list(eval_plans(job, dataset, test_images, train_images))
         for plan in plans:
-            sl = ShardLedger(results, plan)
-            b = bar(0, f"{job.name} {dataset}: {plan.table} shards", "shard")
+            sl = EstimateLedger(results, plan)
+            b = bar(0, f"{job.name} {dataset}: {plan.table} {plan.estimate}", "range")
 
-            def progress(done: int, total: int, b: Any = b) -> None:  # total: the shards still to do when it started
+            def progress(done: int, total: int, b: Any = b) -> None:  # total: the ranges still to do when it started
                 b.total, b.n = total, done
                 b.refresh()
 
@@ -163,7 +190,7 @@ def evaluate_job(
 
             try:
                 items = sl.prepare(run_ids, notice)
-                tasks.score_shards(sl, data, items, task, workers=workers, progress=progress, notice=notice, max_retries=retries)
+                tasks.score_ranges(sl, data, items, task, workers=workers, progress=progress, notice=notice, max_retries=retries)
             finally:
                 b.close()
 
@@ -172,9 +199,9 @@ def evaluate_here(results: Results, data: DataSource, run_ids: Sequence[str], pl
     """One evaluation plan scored in this process (no Ray): the `train` and `repro` commands. Returns rows."""
     from pipeline.work import score_here
 
-    sl = ShardLedger(results, plan)
+    sl = EstimateLedger(results, plan)
     items = sl.prepare(run_ids, notice)
-    b = bar(len(items), f"{plan.table} {plan.estimate}", "shard") if show else None
+    b = bar(len(items), f"{plan.table} {plan.estimate}", "range") if show else None
     try:
         return score_here(sl, data, items, progress=b.update if b is not None else None)
     finally:
@@ -182,7 +209,9 @@ def evaluate_here(results: Results, data: DataSource, run_ids: Sequence[str], pl
             b.close()
 
 
-def score_first_images(results: Results, data: DataSource, run_ids: Sequence[str], k: int, n: int) -> None:
-    """The `train` command's evaluation: the first ``n`` test images at k, a shard per 100 images
-    (the bar moves, and an interrupt keeps what is done)."""
-    evaluate_here(results, data, run_ids, EvalPlan(EvalConfig(k=k), num_images=n, shards=max(1, n // 100)))
+def score_first_images(results: Results, data: DataSource, run_ids: Sequence[str], k: int, n: int) -> str:
+    """The `train` command's evaluation: the first ``n`` test images at k, in the ranges every other
+    command writes (a sweep of the same runs reuses them). Returns the estimate's name."""
+    plan = EvalPlan(EvalConfig(k=k), num_images=n)
+    evaluate_here(results, data, run_ids, plan)
+    return plan.estimate

@@ -3,9 +3,9 @@
 - :class:`RunLedger`: the state of each run (``absent``, ``failed``, ``incomplete``, ``done``) by the
   one definition of done (:func:`run_state`). The driver reads it when a command starts and every
   later step consults that value; a trial reads its own members' state the same way.
-- :class:`ShardLedger`: the layout of one evaluation (:class:`EvalPlan`) in the store: shard keys,
-  the identity file, which shards are left, whether a written shard reads whole, writing a shard.
-  The local and the Ray evaluation share it and differ only in who scores the shards.
+- :class:`EstimateLedger`: one estimate (:mod:`pipeline.estimates`) of the job's runs in the store:
+  the images written whole, the fixed ranges left, writing a range. The local and the Ray
+  evaluation share it and differ only in who scores the ranges.
 
 Readers here never move a file. What does not read whole is reported as ``damaged`` (key, why), and
 :func:`repair` (run by the driver before any work) moves it to ``_quarantine/``.
@@ -13,21 +13,17 @@ Readers here never move a file. What does not read whole is reported as ``damage
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from iwae import checkpoint
-from iwae.ais import AISConfig
 from iwae.config import RunConfig
-from iwae.evaluate import EvalConfig
 from iwae.train import FINAL
-from pipeline.errors import UserError
+from pipeline.estimates import Plan, Span, check_file, dir_key, spans
 from pipeline.results import SCHEMAS, DamagedFile, Results
 
 Damaged = tuple[str, str]  # (key, why): a file that was read and does not read whole
@@ -132,226 +128,69 @@ def repair(results: Results, damaged: Iterable[Damaged], notice: Callable[[str],
 # ---------------------------------------------------------------------------------------- evaluation
 
 
-class _Shards:
-    """What every evaluation plan shares: the first ``num_images`` images split into ``shards``."""
-
-    num_images: int
-    shards: int
-
-    def shard_ids(self, shard: int) -> np.ndarray:
-        return np.array_split(np.arange(self.num_images), self.shards)[shard]
-
-
-@dataclass(frozen=True)
-class EvalPlan(_Shards):
-    """What an evaluation covers: the first ``num_images`` test (or training) images, in ``shards``.
-
-    ``images="train"`` scores the first training images instead, into the ``eval_train`` table: the
-    train-test gap of the paper's appendix, where the authors ran the same k=5000 estimate on train.
-    """
-
-    config: EvalConfig
-    num_images: int
-    shards: int
-    pruned: bool = True
-    images: str = "test"
-
-    def __post_init__(self) -> None:
-        if self.images not in ("test", "train"):
-            raise ValueError(f"images must be test or train, got {self.images!r}")
-
-    @property
-    def table(self) -> str:
-        return "eval" if self.images == "test" else "eval_train"
-
-    @property
-    def estimate(self) -> str:
-        """The estimator's identity as a folder name: settings that change the numbers."""
-        return f"k{self.config.k}-seed{self.config.seed}-block{self.config.block}"
-
-    def identity(self) -> dict[str, Any]:
-        c = self.config
-        return {"k": c.k, "seed": c.seed, "block": c.block, "num_images": self.num_images, "shards": self.shards, "pruned": self.pruned}
-
-    def matches(self, t: pa.Table) -> bool:
-        """The shard's rows carry this estimator's settings."""
-        d = t.select(["eval_k", "eval_seed"]).to_pydict()
-        return set(d["eval_k"]) == {self.config.k} and set(d["eval_seed"]) == {self.config.seed}
-
-
-@dataclass(frozen=True)
-class AISPlan(_Shards):
-    """An AIS evaluation (:mod:`iwae.ais`): the first ``num_images`` test images, binarised as the
-    k=5000 evaluation binarises them (``binarize_seed``), so both estimates score the same images;
-    or, with ``method="bdmc"``, ``num_images`` images simulated from each model (BDMC bounds)."""
-
-    config: AISConfig
-    num_images: int
-    shards: int
-    method: str = "ais"
-    binarize_seed: int = EvalConfig().seed
-    pruned: bool = False
-    images: str = "test"
-
-    def __post_init__(self) -> None:
-        if self.method not in ("ais", "bdmc"):
-            raise ValueError(f"method must be ais or bdmc, got {self.method!r}")
-
-    @property
-    def table(self) -> str:
-        return self.method
-
-    @property
-    def estimate(self) -> str:
-        c = self.config
-        return f"T{c.steps}-C{c.chains}-L{c.leapfrog}-P{c.pilot_steps}-seed{c.seed}"
-
-    def identity(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "method": self.method,
-            "steps": c.steps,
-            "chains": c.chains,
-            "leapfrog": c.leapfrog,
-            "seed": c.seed,
-            "pilot_steps": c.pilot_steps,
-            "binarize_seed": self.binarize_seed,
-            "num_images": self.num_images,
-            "shards": self.shards,
-            "pruned": False,
-        }
-
-    def matches(self, t: pa.Table) -> bool:
-        d = t.select(["ais_steps", "ais_chains", "ais_leapfrog", "ais_seed"]).to_pydict()
-        c = self.config
-        want = {"ais_steps": c.steps, "ais_chains": c.chains, "ais_leapfrog": c.leapfrog, "ais_seed": c.seed}
-        return all(set(d[k]) == {v} for k, v in want.items())
-
-
-Plan = EvalPlan | AISPlan
-
-
 @dataclass(frozen=True)
 class Survey:
-    """One run's evaluation as found: the shards left, the files to repair, and whether an earlier
-    evaluation of at least these images already stands for this one."""
+    """One run's estimate as found: the ranges left to score and the files to repair."""
 
-    todo: list[int]
+    todo: list[Span]
     damaged: list[Damaged]
-    covered: bool = False
+    covered: int = 0  # images of the plan already written
 
 
 @dataclass(frozen=True)
-class ShardLedger:
-    """The layout of one evaluation plan in a results location (see the module docstring)."""
+class EstimateLedger:
+    """One estimate (:mod:`pipeline.estimates`) of a job's runs in a results location: which of the
+    plan's images are written, the ranges left, and the one writer of a scored range."""
 
     results: Results
     plan: Plan
 
-    def dir_key(self, run_id: str) -> str:
-        return f"tables/{self.plan.table}/{run_id}/{self.plan.estimate}"
-
-    def shard_key(self, run_id: str, shard: int) -> str:
-        return f"{self.dir_key(run_id)}/shard-{shard:05d}-of-{self.plan.shards:05d}.parquet"
-
-    def identity_key(self, run_id: str) -> str:
-        return f"{self.dir_key(run_id)}/_eval.json"
-
-    def problem(self, run_id: str, shard: int, plan: Plan | None = None) -> str | None:
-        """Why a written shard does not count as done (None when it reads whole and matches).
-
-        Done means: its Parquet reads, its row count equals the shard's image count, and its rows
-        carry this evaluation's identity (run, k, seed, images). ``FileNotFoundError`` when there is none.
-        """
-        ledger = self if plan is None else ShardLedger(self.results, plan)
-        try:
-            t = self.results.read_file(ledger.shard_key(run_id, shard), ledger.plan.table)
-        except DamagedFile:
-            return "does not read as Parquet"
-        want = ledger.plan.shard_ids(shard)
-        if t.num_rows != len(want):
-            return f"has {t.num_rows} rows, not {len(want)}"
-        d = t.select(["run_id", "image_id"]).to_pydict()
-        if set(d["run_id"]) != {run_id} or not ledger.plan.matches(t):
-            return "belongs to another evaluation"
-        if sorted(d["image_id"]) != want.tolist():
-            return "holds other images"
-        return None
-
-    def _whole(self, run_id: str, plan: Plan) -> bool:
-        try:
-            return all(self.problem(run_id, s, plan) is None for s in range(plan.shards))
-        except FileNotFoundError:
-            return False
-
     def survey(self, run_id: str) -> Survey:
-        """Read (never move) the run's evaluation: identity, then each shard. ``UserError`` when the
-        run was evaluated with other settings that do not cover this plan."""
-        new = self.plan.identity()
-        try:
-            old = json.loads(self.results.store.read_bytes(self.identity_key(run_id)))
-        except (FileNotFoundError, ValueError):
-            old = None  # none yet, or damaged: written again by claim (the shards are checked one by one)
-        if old is not None and old != new:
-            n_old = int(old.get("shards", 0))
-            old_plan = replace(self.plan, num_images=int(old.get("num_images", 0)), shards=n_old, pruned=bool(old.get("pruned")))
-            covers = old_plan.num_images >= self.plan.num_images and (old_plan.pruned or not self.plan.pruned)
-            if covers and self._whole(run_id, old_plan):  # a run shared by two jobs is scored once
-                return Survey([], [], covered=True)
-            diff = ", ".join(f"{k}={old.get(k)}" for k in new if old.get(k) != new[k])
-            raise UserError(f"run {run_id} was evaluated with {diff}; use the same options, or a new --results location")
-        todo, damaged = [], []
-        for s in range(self.plan.shards):
+        """Read (never move) the run's files of this estimate: the images they hold whole, the files
+        that do not read whole (to repair), and the rest of the plan's images as ranges to score."""
+        covered: set[int] = set()
+        damaged: list[Damaged] = []
+        for key in self.results.store.list(dir_key(self.plan, run_id), ".parquet"):
             try:
-                why = self.problem(run_id, s)
+                why, ids = check_file(self.results, key, run_id, self.plan)
             except FileNotFoundError:
-                todo.append(s)
-                continue
+                continue  # moved aside by another command since the listing
             if why is not None:
-                damaged.append((self.shard_key(run_id, s), f"{why} (shard {s} of run {run_id})"))
-                todo.append(s)
-        return Survey(todo, damaged)
+                damaged.append((key, f"{why} (run {run_id}, {self.plan.estimate})"))
+            covered |= ids
+        wanted = range(self.plan.num_images)
+        missing = [i for i in wanted if i not in covered]
+        return Survey(spans(run_id, missing, self.plan.range_size), damaged, self.plan.num_images - len(missing))
 
-    def claim(self, run_id: str) -> None:
-        """Record this evaluation's identity for the run before its first shard is written, only where
-        none is recorded (compare-and-set on a local disk, S3 and GCS, :meth:`Store.create`), then read it back:
-        of two evaluations started at once with other settings the second stops in one line instead
-        of writing shards of another layout beside the first."""
-        key, new = self.identity_key(run_id), self.plan.identity()
-        try:
-            old = json.loads(self.results.store.read_bytes(key))
-        except FileNotFoundError:
-            old = None
-        except ValueError:
-            old = None  # damaged: written again
-        if old is None:
-            store = self.results.store
-            if not store.create(key, json.dumps(new, sort_keys=True).encode()):  # another command was first
-                try:
-                    old = json.loads(store.read_bytes(key))
-                except ValueError:  # a damaged identity: ours replaces it
-                    store.write_bytes(key, json.dumps(new, sort_keys=True).encode())
-            old = json.loads(store.read_bytes(key))
-        if old != new:
-            diff = ", ".join(f"{k}={old.get(k)}" for k in new if old.get(k) != new[k])
-            raise UserError(f"run {run_id} is being evaluated with {diff} by another command; use the same options, or wait for it to finish")
-
-    def prepare(self, run_ids: Sequence[str], notice: Callable[[str], None] | None = None) -> list[tuple[str, int]]:
-        """The driver's step before scoring: survey each run, repair what is damaged, claim the
-        evaluation; returns the (run, shard) items left, in order."""
-        items = []
+    def prepare(self, run_ids: Sequence[str], notice: Callable[[str], None] | None = None) -> list[Span]:
+        """The driver's step before scoring: survey each run, repair what is damaged; the ranges left."""
+        items: list[Span] = []
         for rid in run_ids:
             sv = self.survey(rid)
             repair(self.results, sv.damaged, notice)
-            if not sv.covered:
-                self.claim(rid)
-            items += [(rid, s) for s in sv.todo]
+            items += sv.todo
         return items
 
-    def write(self, run_id: str, shard: int, table: pa.Table) -> int:
-        """The one writer: check a scored shard and write it whole. Returns the rows written."""
-        want = self.plan.shard_ids(shard)
-        if table.num_rows != len(want) or sorted(table.column("image_id").to_pylist()) != want.tolist():
-            raise RuntimeError(f"shard {shard} of run {run_id} came back with {table.num_rows} rows, expected {len(want)}")
-        self.results.store.write_table(self.shard_key(run_id, shard), table.cast(SCHEMAS[self.plan.table]))
+    def rows(self, run_id: str, ids: Sequence[int]) -> pa.Table | None:
+        """This estimate's rows of ``ids`` from the files written whole, or None unless all are there."""
+        want = {int(i) for i in ids}
+        got: dict[int, dict[str, Any]] = {}
+        for key in self.results.store.list(dir_key(self.plan, run_id), ".parquet"):
+            try:
+                why, have = check_file(self.results, key, run_id, self.plan)
+            except FileNotFoundError:
+                continue
+            if why is None and have & want:
+                t = self.results.read_file(key, self.plan.table)
+                for row in t.to_pylist():
+                    got.setdefault(int(row["image_id"]), row)
+        if set(got) < want:
+            return None
+        return pa.Table.from_pylist([got[i] for i in sorted(want)], schema=SCHEMAS[self.plan.table])
+
+    def write(self, span: Span, table: pa.Table) -> int:
+        """The one writer: check a scored range and write it whole under its name. Returns the rows."""
+        if table.num_rows != len(span.ids) or sorted(table.column("image_id").to_pylist()) != span.ids.tolist():
+            raise RuntimeError(f"{span} came back with {table.num_rows} rows, expected {len(span.ids)}")
+        self.results.store.write_table(f"{dir_key(self.plan, span.run_id)}/{span.name}", table.cast(SCHEMAS[self.plan.table]))
         return table.num_rows

@@ -41,8 +41,10 @@ from iwae.train import pick_device, training_images
 from pipeline.bench import ais_cost, bench_packing, device_sync
 from pipeline.datasource import DataSource
 from pipeline.driver import evaluate_here
-from pipeline.ledger import AISPlan, EvalPlan, RunLedger
-from pipeline.report import PAPER_TABLE1, ais_vs_lk, build_report
+from pipeline.estimates import HEADLINE, AISPlan, EvalPlan
+from pipeline.ledger import RunLedger
+from pipeline.report import PAPER_TABLE1, ais_vs_lk, build_report, load
+from pipeline.report.stats import paired
 from pipeline.results import Results
 from pipeline.work import train_members
 
@@ -108,7 +110,7 @@ def run_repro(
     steps_per_epoch = x_train.shape[0] // 20
     epoch_s = step_s * steps_per_epoch * (math.ceil(members / size) + 1.5 * two_layer)  # a two-layer step: ~1.5 one-layer steps
     n_runs = members + 2 * two_layer
-    eval_s = _eval_seconds(dev, n_runs * (test_images + train_images), quick)
+    eval_s = _eval_seconds(dev, n_runs * (2 * test_images + train_images), quick)  # the test images twice: the pruned models too
     if ais_images or bdmc_images:
         fig["ais_speed"] = _ais_speed(dev, ds, quick, echo)
         eval_s += n_runs * _ais_seconds(fig["ais_speed"]["device"], ais_images, bdmc_images, ais_steps)
@@ -165,10 +167,8 @@ def run_repro(
     t_eval = time.monotonic()
     run_ids = [c.run_id for c in cfgs]
     scored = 0
-    for images, n in (("test", test_images), ("train", train_images)):
-        if n:
-            plan = EvalPlan(EvalConfig(k=5000), num_images=n, shards=max(1, n // 500), images=images)
-            scored += evaluate_here(results, data, run_ids, plan, show=False)
+    for plan in repro_plans(test_images, train_images):  # as a sweep scores them: the pruned models on test images only
+        scored += evaluate_here(results, data, run_ids, plan, show=False)
     if scored or "eval_seconds" not in fig:
         fig["eval_seconds"] = time.monotonic() - t_eval
         _write_json(results, {**saved, **fig})
@@ -201,12 +201,12 @@ def run_repro(
     return fig
 
 
-def _ais_shards(n: int) -> int:
-    """AIS shards for ``n`` images: one per 100. On a GPU a batch costs about the same whatever its size
-    (the steps are sequential), and in this process shards run one after another anyway; the count
-    does not depend on the device, so a call cut off on a GPU resumes on a CPU (the shard count is
-    part of the evaluation's identity)."""
-    return max(1, n // 100)
+def repro_plans(test_images: int, train_images: int) -> list[EvalPlan]:
+    """The k=5000 estimates ``repro`` scores, those a sweep scores: the test images, the pruned models
+    on the same test images and draws, and the first training images (the train-test gap)."""
+    cfg = EvalConfig(k=5000)
+    plans = [EvalPlan(cfg, test_images), EvalPlan(cfg, test_images, pruned=True)] if test_images else []
+    return plans + ([EvalPlan(cfg, train_images, images="train")] if train_images else [])
 
 
 def run_ais(
@@ -228,10 +228,10 @@ def run_ais(
     plans = []
     if ais_images:
         check = min(20, ais_images)
-        plans.append(AISPlan(AISConfig(steps=steps), ais_images, _ais_shards(ais_images)))
-        plans.append(AISPlan(AISConfig(steps=max(1, steps // 2)), check, _ais_shards(check)))
+        plans.append(AISPlan(AISConfig(steps=steps), ais_images))
+        plans.append(AISPlan(AISConfig(steps=max(1, steps // 2)), check))
     if bdmc_images:
-        plans.append(AISPlan(AISConfig(steps=steps), bdmc_images, _ais_shards(bdmc_images), method="bdmc"))
+        plans.append(AISPlan(AISConfig(steps=steps), bdmc_images, method="bdmc"))
     out: list[dict[str, Any]] = []
     for plan in plans:
         t0 = time.monotonic()
@@ -250,16 +250,16 @@ def run_ais(
 
 def ais_vs_l5000(results: Results, cfgs: list[RunConfig], steps: int) -> dict[str, dict[str, Any]]:
     """Per run, on the images AIS at T=``steps`` scored (:func:`pipeline.report.ais_vs_lk`, the
-    report's own figures, against the largest k scored: 5000, the only k ``repro`` scores): AIS and
-    L_5000 NLL, AIS - L_5000 (paired, positive: L_5000 understates log p(x)), the jackknife's
-    prediction of it, and the BDMC gap (upper - lower) on simulated images."""
-    ev, ais, bdmc = results.read("eval"), results.read("ais"), results.read("bdmc")
-    main = AISConfig(steps=steps)  # the setting run_ais scores all images with
+    report's own figures, against the run's L_5000): AIS and L_5000 NLL, AIS - L_5000 (paired,
+    positive: L_5000 understates log p(x)), the jackknife's prediction of it, and the BDMC gap
+    (upper - lower) on simulated images."""
+    loaded = load(results)
+    main = AISPlan(AISConfig(steps=steps), 1).estimate  # the setting run_ais scores all images with
     out: dict[str, dict[str, Any]] = {}
     for c in cfgs:
-        if not (ais.run_id == c.run_id).any():  # a run AIS scored stays, even with no image paired (a seed mismatch shows as 0 images)
+        if not ((loaded.ais.run_id == c.run_id) & (loaded.ais.estimate == main)).any():  # a run AIS scored stays, even with no image paired
             continue
-        r = ais_vs_lk(ev, ais, bdmc, c.run_id, (main.steps, main.chains, main.leapfrog, main.seed))
+        r = ais_vs_lk(loaded, c.run_id, main)
         out[c.run_id] = {"label": f"{c.flat()['objective'].upper()} {len(c.model.latent)}-layer seed {c.seed}", **r}
     return out
 
@@ -289,13 +289,11 @@ def table1_k50(results: Results, cfgs: list[RunConfig]) -> tuple[list[dict[str, 
     """Per run: test NLL, its standard error, active units (per layer); per seed: the paired IWAE gain
     (VAE NLL - IWAE NLL), keyed by the seed for one layer and ``"<seed>-2layer"`` for two."""
     ids = {c.run_id for c in cfgs}
-    runs = results.read("runs")
-    runs = runs[runs.run_id.isin(ids)]
-    ev = results.read("eval")
-    ev = ev[ev.run_id.isin(ids) & (ev.eval_k == 5000)]
+    loaded = load(results)  # the one reader: L_5000 by name, each image once
+    runs = loaded.summary[loaded.summary.run_id.isin(ids)]
     out = []
     for _, r in runs.sort_values(["layers", "seed", "objective"]).iterrows():
-        g = ev[ev.run_id == r.run_id]
+        g = loaded.values(r.run_id, HEADLINE)
         n = len(g)
         out.append(
             {
@@ -316,12 +314,11 @@ def table1_k50(results: Results, cfgs: list[RunConfig]) -> tuple[list[dict[str, 
     gains: dict[str, dict[str, float]] = {}
     for layers, seed in sorted({(len(c.model.latent), c.seed) for c in cfgs}):
         by = {c.flat()["objective"]: c.run_id for c in cfgs if c.seed == seed and len(c.model.latent) == layers}
-        v, i = ev[ev.run_id == by.get("vae")], ev[ev.run_id == by.get("iwae")]
-        both = pd.merge(v[["image_id", "log_px"]], i[["image_id", "log_px"]], on="image_id", suffixes=("_vae", "_iwae"))
-        if len(both) > 1:
-            d = both.log_px_iwae - both.log_px_vae  # IWAE's log-likelihood minus the VAE's, image by image
-            key = str(seed) if layers == 1 else f"{seed}-2layer"
-            gains[key] = {"gain": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(len(d))), "images": len(d)}
+        if "vae" in by and "iwae" in by:
+            g = paired(loaded.log_px(by["vae"], HEADLINE), loaded.log_px(by["iwae"], HEADLINE))  # IWAE's log-likelihood minus the VAE's, image by image
+            if g.n > 1:
+                key = str(seed) if layers == 1 else f"{seed}-2layer"
+                gains[key] = {"gain": g.mean, "se": g.se, "images": g.n}
     return out, gains
 
 

@@ -8,18 +8,18 @@ table, with ``storage_options`` for object stores)::
       _iwae-pipeline.json          marker: this location is ours
       tables/runs/<run_id>.parquet one row per run: config, status, active units, wall time, versions
       tables/train/<run_id>.parquet one row per epoch: the training history
-      tables/eval/<run_id>/<estimate>/shard-00000-of-00004.parquet  one row per test image
-      tables/eval/<run_id>/<estimate>/_eval.json  the evaluation's identity (images, shards)
+      tables/eval/<run_id>/<estimate>/images-00000-00499.parquet  one row per test image, fixed ranges
       tables/eval_train/<run_id>/...  the same for the first training images (the train-test gap)
-      tables/ais/<run_id>/<settings>/shard-*.parquet  AIS log p(x) of the first test images (iwae.ais)
-      tables/bdmc/<run_id>/<settings>/shard-*.parquet  BDMC lower/upper bounds on images simulated from the model
+      tables/ais/<run_id>/<estimate>/images-*.parquet  AIS log p(x) of the first test images (iwae.ais)
+      tables/bdmc/<run_id>/<estimate>/images-*.parquet  BDMC lower/upper bounds on images simulated from the model
       runs/<run_id>/*.pt           checkpoints
       tune/                        Ray Tune's experiment state
       _quarantine/                 damaged files, moved aside (never deleted)
 
-``<estimate>`` names the estimator (``k5000-seed123-block500``): evaluations with other settings
-never share a file. Every write is whole and atomic (see :mod:`pipeline.storage`), so readers never
-see a partial file, and rewriting a file with the same content never duplicates rows.
+``<estimate>`` names the estimator and its settings (``k5000-seed123-block500``), and its files are
+fixed image ranges (:mod:`pipeline.estimates`, which also holds the one reader of estimates). Every
+write is whole and atomic (see :mod:`pipeline.storage`), so readers never see a partial file, and
+rewriting a file with the same content never duplicates rows.
 """
 
 from __future__ import annotations
@@ -67,15 +67,17 @@ EVAL_SCHEMA = pa.schema(
     + [
         pa.field("eval_k", pa.int64()),
         pa.field("eval_seed", pa.int64()),
+        pa.field("eval_block", pa.int64()),  # noise block size (null in earlier layouts: the folder name has it)
+        pa.field("eval_pruned", pa.bool_()),  # the model with its inactive units removed, on the same draws
         pa.field("image_id", pa.int64(), nullable=False),
         pa.field("log_px", pa.float64()),
         *[pa.field(f"l_{p}", pa.float64()) for p in PREFIXES],
-        pa.field("log_px_pruned", pa.float64()),
+        pa.field("log_px_pruned", pa.float64()),  # earlier layouts only (now the estimate <name>-pruned)
         pa.field("ess", pa.float64()),  # Kish effective sample size of the eval_k weights
         pa.field("khat", pa.float64()),  # PSIS Pareto k-hat; > 0.7: this image's estimate is unreliable
         pa.field("mcse", pa.float64()),  # Monte Carlo standard error of log_px (delta method), nats
         pa.field("log_px_jk", pa.float64()),  # first-order jackknife of log_px (Nowozin 2018), nats
-        pa.field("shard", pa.int64()),
+        pa.field("shard", pa.int64()),  # earlier layouts only
     ]
 )
 
@@ -98,6 +100,8 @@ RUNS_SCHEMA = pa.schema(
     CONFIG_FIELDS
     + [
         pa.field("label", pa.string()),
+        pa.field("config", pa.string()),  # the whole run config as JSON (RunConfig.to_dict)
+        pa.field("cell", pa.string()),  # RunConfig.cell_id: the tables compare runs within a cell only
         pa.field("status", pa.string()),  # done | failed
         pa.field("error", pa.string()),
         pa.field("epochs_trained", pa.int64()),
@@ -133,8 +137,8 @@ AIS_SCHEMA = pa.schema(
         pa.field("log_px_upper", pa.float64()),  # bdmc: reverse AIS from the simulated latent, a stochastic upper bound
         pa.field("accept", pa.float64()),  # mean HMC acceptance of the forward chains
         pa.field("ess", pa.float64()),  # Kish ESS of the chains' final weights
-        pa.field("seconds", pa.float64()),  # wall time of the shard, per image
-        pa.field("shard", pa.int64()),
+        pa.field("seconds", pa.float64()),  # wall time of the range, per image
+        pa.field("shard", pa.int64()),  # earlier layouts only
     ]
 )
 
@@ -241,7 +245,10 @@ class Results:
             raise DamagedFile(f"{self.store.uri(key)} is not a valid {name} table ({type(e).__name__})") from None
 
     def read(self, name: str) -> pd.DataFrame:
-        """A whole table as a DataFrame (empty, with the declared columns, when there is nothing yet)."""
+        """A whole table as a DataFrame (empty, with the declared columns, when there is nothing yet).
+        Estimates are read by :func:`pipeline.estimates.read`, which counts each image once."""
+        if name not in ("runs", "train"):
+            raise ValueError(f"read estimates ({name}) through pipeline.estimates.read")
         keys = self.store.list(self.table_key(name), ".parquet")
         if not keys:
             return SCHEMAS[name].empty_table().to_pandas()

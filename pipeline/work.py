@@ -1,20 +1,22 @@
-"""Units of work, free of Ray: train runs, score shards. Tune trials, Ray tasks and the in-process
-commands call these.
+"""Units of work, free of Ray: train runs, score ranges of images. Tune trials, Ray tasks and the
+in-process commands call these.
 
 They call into :mod:`iwae` for the science and read and write through :class:`pipeline.results.Results`
 (a local folder or object storage) and :class:`pipeline.datasource.DataSource`, objects that the
 command made once and that pickle as their locations, so they run the same on any node. They are
-idempotent: a finished run (by :class:`pipeline.ledger.RunLedger`) or a written shard is never
+idempotent: a finished run (by :class:`pipeline.ledger.RunLedger`) or a written range is never
 redone, so retries and re-runs are safe.
 
-Scoring a shard returns its rows (an Arrow table) instead of writing them: one writer, the driver,
-checks each shard and writes it whole (:meth:`pipeline.ledger.ShardLedger.write`), so every image
-lands exactly once whichever worker or node computed it, died or retried.
+Scoring a range returns its rows (an Arrow table) instead of writing them: one writer, the driver,
+checks each range and writes it whole (:meth:`pipeline.ledger.EstimateLedger.write`), and every
+image's numbers are seeded by its id, so an image is counted once whichever worker or node
+computed it, died or retried.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -27,13 +29,14 @@ import torch
 from iwae import checkpoint
 from iwae.config import RunConfig
 from iwae.data import Dataset
-from iwae.evaluate import EvalConfig, binarize_by_id, estimate_log_px
+from iwae.evaluate import CommonNoise, binarize_by_id, estimate_log_px
 from iwae.models import IWAEModel
 from iwae.train import TrainResult, model_from_checkpoint, pick_device, train
-from iwae.units import active_masks, prune, unit_variances
+from iwae.units import active_masks, common_noise, prune, unit_variances
 from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
-from pipeline.ledger import AISPlan, Plan, RunLedger, RunState, ShardLedger, load_final, run_state
+from pipeline.estimates import AISPlan, EvalPlan, Plan, Span
+from pipeline.ledger import EstimateLedger, RunLedger, RunState, load_final, run_state
 from pipeline.results import AIS_SCHEMA, EVAL_SCHEMA, PREFIXES, Results, rows_table, versions
 
 
@@ -164,6 +167,8 @@ def record_run(cfg: RunConfig, results: Results, res: TrainResult, data: Dataset
     row = {
         **cfg.flat(),
         "label": cfg.label(),
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "cell": cfg.cell_id,
         "status": "done",
         "error": "",
         "epochs_trained": len(res.history),
@@ -192,6 +197,8 @@ def mark_failed(results: Results, cfg: RunConfig, error: str) -> bool:
     row = {
         **cfg.flat(),
         "label": cfg.label(),
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "cell": cfg.cell_id,
         "status": "failed",
         "error": error.strip().splitlines()[-1][:500] if error.strip() else "failed",
         "finished_at": _now(),
@@ -204,82 +211,90 @@ def mark_failed(results: Results, cfg: RunConfig, error: str) -> bool:
 # ---------------------------------------------------------------------------------------- evaluation
 
 
-class ShardScorer:
-    """Loads a run's model once (and its pruned version) and scores shards of its images.
+class Scorer:
+    """Loads a run's model once (and its pruned version) and scores ranges of its images.
 
-    One per worker process (see :func:`scorer`): consecutive shards of a run reuse the loaded model.
+    One per worker process (see :func:`scorer`): consecutive ranges of a run reuse the loaded model.
     """
 
-    def __init__(self, ledger: ShardLedger, data: DataSource, device: str | None = None):
-        self.results, self.plan, self.data = ledger.results, ledger.plan, data
+    def __init__(self, ledger: EstimateLedger, data: DataSource, device: str | None = None):
+        self.ledger, self.results, self.plan, self.data = ledger, ledger.results, ledger.plan, data
         self.device = pick_device(device)
         self._run_id: str | None = None
-        self._models: tuple[IWAEModel, IWAEModel | None, RunConfig] | None = None
+        self._loaded: tuple[IWAEModel, RunConfig] | None = None
 
-    def _load(self, run_id: str) -> tuple[IWAEModel, IWAEModel | None, RunConfig]:
-        if self._run_id != run_id or self._models is None:
-            model, cfg = model_from_checkpoint(load_final(self.results, run_id), f"run {run_id}'s final checkpoint", self.device)
-            pruned: IWAEModel | None = None
-            row = self.results.run_row(run_id)
-            if self.plan.pruned and row is not None and row["unit_var_h1"] is not None:
-                variances = [torch.tensor(row["unit_var_h1"])] + ([torch.tensor(row["unit_var_h2"])] if row["unit_var_h2"] is not None else [])
-                masks = active_masks(variances)
-                if all(m.all() for m in masks):
-                    pruned = model  # every unit active: pruning changes nothing, skip the second pass
-                elif all(m.any() for m in masks):
-                    pruned = prune(model, masks)
-            self._run_id, self._models = run_id, (model, pruned, cfg)
-        return self._models
+    def _load(self, run_id: str) -> tuple[IWAEModel, RunConfig]:
+        if self._run_id != run_id or self._loaded is None:
+            self._loaded = model_from_checkpoint(load_final(self.results, run_id), f"run {run_id}'s final checkpoint", self.device)
+            self._run_id = run_id
+        return self._loaded
+
+    def _masks(self, run_id: str) -> list[torch.Tensor] | None:
+        """The run's active units per layer, from its row (None when the row has no unit variances)."""
+        row = self.results.run_row(run_id)
+        if row is None or row["unit_var_h1"] is None:
+            return None
+        variances = [torch.tensor(row["unit_var_h1"])] + ([torch.tensor(row["unit_var_h2"])] if row["unit_var_h2"] is not None else [])
+        return active_masks(variances)
 
     def images(self, cfg: RunConfig) -> np.ndarray:
         """The test set, or the training images the run was trained on (its subset, if any)."""
         ds = self.data.load(cfg.dataset, cfg.split)
         return ds.test if self.plan.images == "test" else ds.train[: cfg.train_subset or None]
 
-    def score(self, run_id: str, shard: int) -> pa.Table:
-        """Score one shard: its rows, one per image, as an Arrow table of its table's schema."""
+    def score(self, span: Span) -> pa.Table:
+        """Score one range: its rows, one per image, as an Arrow table of its table's schema."""
         if isinstance(self.plan, AISPlan):
-            return self._score_ais(run_id, shard, self.plan)
-        model, pruned, cfg = self._load(run_id)
+            return self._score_ais(span, self.plan)
+        model, cfg = self._load(span.run_id)
         images = self.images(cfg)
-        if self.plan.num_images > len(images):
-            raise UserError(f"--{self.plan.images}-images {self.plan.num_images} exceeds the {len(images)} {self.plan.images} images of run {run_id}")
-        ids = self.plan.shard_ids(shard)
         ec = self.plan.config
-        assert isinstance(ec, EvalConfig), "an importance-sampling plan"
-        x = binarize_by_id(torch.as_tensor(images[ids]), ids.tolist(), ec.seed)
-        est = estimate_log_px(model, x, ids.tolist(), ec)
-        pruned_px: torch.Tensor | None
-        if pruned is model:
-            pruned_px = est.log_px  # no inactive unit: the pruned model is this model, the value is equal
-        else:
-            pruned_px = estimate_log_px(pruned, x, ids.tolist(), ec).log_px if pruned is not None else None
-        flat = cfg.flat()
+        if span.last >= len(images):
+            raise UserError(f"--{self.plan.images}-images {self.plan.num_images} exceeds the {len(images)} {self.plan.images} images of run {span.run_id}")
+        ids = span.ids.tolist()
+        common: CommonNoise | None = None
+        if self.plan.pruned:
+            masks = self._masks(span.run_id)
+            if masks is None or not all(m.any() for m in masks):  # no units measured, or a layer with none active: nothing to prune to
+                return self._rows(span, cfg, None)
+            if all(m.all() for m in masks):  # every unit active: the pruned model is this one, on the same draws
+                same = EstimateLedger(self.results, self.plan.unpruned).rows(span.run_id, ids)
+                if same is not None:
+                    return same.set_column(same.schema.get_field_index("eval_pruned"), "eval_pruned", pa.array([True] * same.num_rows))
+            else:
+                common = common_noise(model, masks)
+                model = prune(model, masks)
+        x = binarize_by_id(torch.as_tensor(images[ids]), ids, ec.seed)
+        return self._rows(span, cfg, estimate_log_px(model, x, ids, ec, common=common))
+
+    def _rows(self, span: Span, cfg: RunConfig, est: Any) -> pa.Table:
+        """The range's rows from an estimate (``None``: NaN figures, a pruned model that cannot exist)."""
+        assert isinstance(self.plan, EvalPlan), "an importance-sampling plan"
+        ec, flat = self.plan.config, cfg.flat()
         rows = []
-        for j, image_id in enumerate(ids.tolist()):
-            row = {**flat, "eval_k": ec.k, "eval_seed": ec.seed, "image_id": int(image_id), "shard": shard}
+        for j, image_id in enumerate(span.ids.tolist()):
+            row = {**flat, "eval_k": ec.k, "eval_seed": ec.seed, "eval_block": ec.block, "eval_pruned": self.plan.pruned, "image_id": int(image_id)}
             for col in ("log_px", "ess", "khat", "mcse", "log_px_jk"):
-                row[col] = float(getattr(est, col)[j])
+                row[col] = float(getattr(est, col)[j]) if est is not None else math.nan
             for c, p in enumerate(ec.prefixes):
                 if p in PREFIXES:
-                    row[f"l_{p}"] = float(est.prefix[j, c])
-            row["log_px_pruned"] = float(pruned_px[j]) if pruned_px is not None else None
+                    row[f"l_{p}"] = float(est.prefix[j, c]) if est is not None else math.nan
             rows.append(row)
         return rows_table(rows, EVAL_SCHEMA)
 
-    def _score_ais(self, run_id: str, shard: int, plan: AISPlan) -> pa.Table:
-        """AIS on the shard's test images (binarised as the k=5000 evaluation does), or BDMC on the
-        shard's simulated images (:mod:`iwae.ais`)."""
+    def _score_ais(self, span: Span, plan: AISPlan) -> pa.Table:
+        """AIS on the range's test images (binarised as the k=5000 evaluation does), or BDMC on the
+        range's simulated images (:mod:`iwae.ais`)."""
         from iwae.ais import ais_log_px, bdmc
 
-        model, _, cfg = self._load(run_id)
-        ids = plan.shard_ids(shard).tolist()
+        model, cfg = self._load(span.run_id)
+        ids = span.ids.tolist()
         t0 = time.perf_counter()
         upper: list[float | None]
         if plan.method == "ais":
             images = self.images(cfg)
-            if plan.num_images > len(images):
-                raise UserError(f"--images {plan.num_images} exceeds the {len(images)} test images of run {run_id}")
+            if span.last >= len(images):
+                raise UserError(f"--images {plan.num_images} exceeds the {len(images)} test images of run {span.run_id}")
             x = binarize_by_id(torch.as_tensor(images[ids]), ids, plan.binarize_seed).to(self.device)
             fwd = ais_log_px(model, x, plan.config, ids)
             upper = [None] * len(ids)
@@ -300,31 +315,30 @@ class ShardScorer:
                 "accept": float(fwd.accept[j]),
                 "ess": float(fwd.ess[j]),
                 "seconds": per_image,
-                "shard": shard,
             }
             for j, i in enumerate(ids)
         ]
         return rows_table(rows, AIS_SCHEMA)
 
 
-_SCORERS: dict[tuple[str, str, Plan], ShardScorer] = {}
+_SCORERS: dict[tuple[str, str, Plan], Scorer] = {}
 
 
-def scorer(ledger: ShardLedger, data: DataSource) -> ShardScorer:
-    """This process's scorer for an evaluation (models and data stay loaded between shards)."""
+def scorer(ledger: EstimateLedger, data: DataSource) -> Scorer:
+    """This process's scorer for an estimate (models and data stay loaded between ranges)."""
     key = (ledger.results.location, data.location, ledger.plan)
     if key not in _SCORERS:
         _SCORERS.clear()
-        _SCORERS[key] = ShardScorer(ledger, data)
+        _SCORERS[key] = Scorer(ledger, data)
     return _SCORERS[key]
 
 
-def score_here(ledger: ShardLedger, data: DataSource, items: Sequence[tuple[str, int]], progress: Callable[[int], None] | None = None) -> int:
-    """The in-process executor (no Ray): score each (run, shard) item here and write it. Returns rows."""
-    sc = ShardScorer(ledger, data)
+def score_here(ledger: EstimateLedger, data: DataSource, items: Sequence[Span], progress: Callable[[int], None] | None = None) -> int:
+    """The in-process executor (no Ray): score each range here and write it. Returns rows."""
+    sc = Scorer(ledger, data)
     rows = 0
-    for run_id, shard in items:
-        rows += ledger.write(run_id, shard, sc.score(run_id, shard))
+    for span in items:
+        rows += ledger.write(span, sc.score(span))
         if progress:
             progress(1)
     return rows

@@ -72,6 +72,24 @@ def start(cluster, *args, cwd):
     return subprocess.Popen([CLI, *map(str, args), "--address", cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
 
 
+SMOKE = "k100-seed123-block50"  # the smoke jobs' estimate
+
+
+def read_estimate(s3, prefix, estimate=SMOKE):
+    """One estimate of the run in the bucket through the one reader (each image once)."""
+    from pipeline.estimates import read_estimates
+
+    return read_estimates(s3.uri(prefix), estimate=estimate)
+
+
+def raw_rows(s3, prefix, estimate=SMOKE):
+    """Every row of one estimate's files in the bucket, duplicates included."""
+    import pyarrow as pa
+
+    keys = [k for k in s3.keys(f"{prefix}/tables/eval") if f"/{estimate}/" in k and k.endswith(".parquet")]
+    return pa.concat_tables([pq.read_table(k, filesystem=s3.fs()) for k in keys]).to_pandas()
+
+
 def read_table(s3, prefix, name):
     import pyarrow as pa
 
@@ -96,15 +114,15 @@ def test_smoke_sweep_evaluate_report_on_s3(cluster, s3, s3_data, smoke_on_s3):
     """sweep, evaluate and report with --results s3://... on 3 nodes: exact rows in the bucket, nothing on local disk."""
     runs = read_table(s3, "smoke", "runs")
     assert len(runs) == 2 and set(runs.status) == {"done"} and runs.run_id.is_unique
-    ev = read_table(s3, "smoke", "eval")
-    assert len(ev) == 2 * 20 and not ev.duplicated(["run_id", "image_id"]).any()
+    ev = raw_rows(s3, "smoke")
+    assert len(ev) == 2 * 20 and not ev.duplicated(["run_id", "image_id"]).any() and len(raw_rows(s3, "smoke", SMOKE + "-pruned")) == 40
     assert ev[["ess", "khat", "mcse", "log_px_jk"]].notna().all().all()
     keys = s3.keys("smoke")
     assert sum(k.endswith("/final.pt") for k in keys) == 2
     assert not any("/tune/" in k and k.endswith(".pkl") for k in keys)  # Tune's state (in the bucket while it ran) removed once all runs are done
     r = cli(cluster, "evaluate", "demo", "--size", "smoke", "--results", s3.uri("smoke"), "--data-dir", s3_data, cwd=smoke_on_s3["cwd"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len(read_table(s3, "smoke", "eval")) == 40  # nothing redone, nothing doubled
+    assert len(raw_rows(s3, "smoke")) == 40  # nothing redone, nothing doubled
     rep = subprocess.run(
         [CLI, "report", "--results", s3.uri("smoke")], capture_output=True, text=True, env={**os.environ, **CREDENTIALS}, cwd=smoke_on_s3["cwd"]
     )
@@ -119,11 +137,11 @@ def test_readme_pandas_snippet_reads_results_from_s3(s3, smoke_on_s3):
     text = (ROOT / "README.md").read_text()
     m = re.search(r"<!-- s3-snippet -->\s*```python\n(.*?)```", text, re.S)
     assert m, "README lost its S3 pandas snippet"
-    code = m.group(1).replace("s3://my-bucket/iwae", f"s3://{s3.bucket}/smoke").replace("http://127.0.0.1:9000", f"http://{s3.endpoint}")
+    code = m.group(1).replace('"s3://my-bucket/iwae"', repr(s3.uri("smoke")))
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     ev = scope["ev"]
-    assert len(ev) == 40 and {"log_px", "khat", "ess"} <= set(ev.columns)
+    assert len(ev[ev.estimate == SMOKE]) == 40 and {"log_px", "khat", "ess"} <= set(ev.columns) and len(scope["runs"]) == 2
 
 
 def test_lost_node_mid_training_resumes_on_the_other_from_its_last_epoch(cluster, s3, s3_data):
@@ -146,23 +164,22 @@ def test_lost_node_mid_training_resumes_on_the_other_from_its_last_epoch(cluster
 
 
 def test_lost_node_mid_evaluation_every_image_once(cluster, s3, s3_data, smoke_on_s3):
-    """A worker node killed mid-evaluation: its shards run again on the node left; exit 0 on its own, each image once."""
+    """A worker node killed mid-evaluation: its ranges run again on the node left; exit 0 on its own, each image once."""
     prefix = "lost-eval"
     cwd = driver_dir(cluster, "lost-eval")
     r = cli(cluster, "sweep", "demo", "--size", "smoke", "--no-eval", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
     cluster.set_faults(slow_score=3.0)
-    proc = start(cluster, "evaluate", "demo", "--size", "smoke", "--shards", "4", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
-    assert wait_for(lambda: len(s3.keys(f"{prefix}/tables/eval")) >= 2, timeout=180), "evaluation did not start"  # the identity files
-    time.sleep(2.0)
+    proc = start(cluster, "evaluate", "demo", "--size", "smoke", "--test-images", "1000", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
+    assert wait_for(lambda: len(s3.keys(f"{prefix}/tables/eval")) >= 1, timeout=180), "evaluation did not start"  # its first range written
     t_fault = time.monotonic()
     cluster.kill_worker(0)
     out, _ = proc.communicate(timeout=300)
     print(f"lost node mid-evaluation: exit {proc.returncode} {time.monotonic() - t_fault:.1f} s after the fault")
     assert proc.returncode == 0, out[-4000:]
     assert "lost 1 node" in out
-    ev = read_table(s3, prefix, "eval")
-    assert len(ev) == 2 * 20 and not ev.duplicated(["run_id", "image_id"]).any()
+    ev = raw_rows(s3, prefix)
+    assert len(ev) == 2 * 1000 and not ev.duplicated(["run_id", "image_id"]).any()
 
 
 def test_local_results_the_nodes_cannot_see_fail_in_one_line(cluster, s3_data):
@@ -177,7 +194,7 @@ def test_local_results_the_nodes_cannot_see_fail_in_one_line(cluster, s3_data):
 def test_a_node_joining_mid_evaluation_with_a_stale_cache_rebuilds_it_and_scores(cluster, s3, s3_data, mnist_dir):
     """A worker node joins while an evaluation runs on the one node left, holding an MNIST cache from
     before the pixel fix (v/256, no format version): the command says it joined, the node rebuilds its
-    cache from --data-dir and scores shards, and every image is scored once. The node's cache is read
+    cache from --data-dir and scores ranges, and every image is scored once. The node's cache is read
     back through its own mount namespace: still stale means it never loaded the data."""
     import hashlib
 
@@ -194,14 +211,14 @@ def test_a_node_joining_mid_evaluation_with_a_stale_cache_rebuilds_it_and_scores
     D.atomic_save_npz(stale, {k: np.full((2, 784), 255 / 256, np.float32) for k in ("x_train", "x_valid", "x_test")})
     cached = Path("cache") / hashlib.sha256(s3_data.encode()).hexdigest()[:12] / D.MNIST_NPZ  # under IWAE_CACHE_DIR, in the node's private folder
     cluster.set_faults(slow_score=3.0)
-    proc = start(cluster, "evaluate", "demo", "--size", "smoke", "--shards", "4", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
-    assert wait_for(lambda: len(s3.keys(f"{prefix}/tables/eval")) >= 2, timeout=180), "evaluation did not start"  # the identity files
+    proc = start(cluster, "evaluate", "demo", "--size", "smoke", "--test-images", "1000", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
+    assert wait_for(lambda: len(s3.keys(f"{prefix}/tables/eval")) >= 1, timeout=180), "evaluation did not start"  # its first range written
     cluster.add_worker(setup=f"mkdir -p {cached.parent} && cp {stale} {cached}")
     node = cluster.workers[-1]
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     assert "1 node(s) joined" in out, out[-3000:]
-    ev = read_table(s3, prefix, "eval")
-    assert len(ev) == 2 * 20 and not ev.duplicated(["run_id", "image_id"]).any()
+    ev = raw_rows(s3, prefix)
+    assert len(ev) == 2 * 1000 and not ev.duplicated(["run_id", "image_id"]).any()
     seen = Path(f"/proc/{node.pid}/root") / cluster.private.relative_to("/") / cached
-    assert seen.read_bytes() == (mnist_dir / "mnist.npz").read_bytes(), "the joined node kept its stale cache (or never scored a shard)"
+    assert seen.read_bytes() == (mnist_dir / "mnist.npz").read_bytes(), "the joined node kept its stale cache (or never scored a range)"

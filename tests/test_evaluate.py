@@ -67,6 +67,36 @@ def test_pruning_inactive_units_keeps_log_px():
     assert abs((full - pruned).mean()) < 0.02
 
 
+def test_the_pruned_model_on_common_draws_differs_from_the_model_by_no_monte_carlo_noise():
+    """Units that are exactly inactive (q = prior for them, p ignores them) add nothing to any log-weight,
+    so scored on the original model's draws cut to the kept units (common random numbers) the pruned
+    model's estimate equals the model's per image, while on draws of its own it differs by Monte Carlo
+    noise; keeping every unit on common draws is the model's own estimate, bit for bit."""
+    from iwae.evaluate import CommonNoise
+    from iwae.units import common_noise
+
+    m = tiny_model(x_dim=8, latent=(4,), hidden=8, dtype=torch.float64)
+    with torch.no_grad():
+        for u in (1, 3):  # inactive units, as in the test above
+            m.encoders[0].mu.weight[u] = 0
+            m.encoders[0].mu.bias[u] = 0
+            m.encoders[0].log_sigma.weight[u] = 0
+            m.encoders[0].log_sigma.bias[u] = 0
+            m.decoder_x.body[0].weight[:, u] = 0
+    masks = [torch.tensor([True, False, True, False])]
+    small = prune(m, masks)
+    ids = list(range(30))
+    xb = binarize_by_id(torch.rand(30, 8, dtype=torch.float64), ids, 0)
+    cfg = EvalConfig(k=50, block=25)
+    full = estimate_log_px(m, xb, ids, cfg).log_px
+    own = estimate_log_px(small, xb, ids, cfg).log_px
+    same = estimate_log_px(small, xb, ids, cfg, common=common_noise(m, masks)).log_px
+    assert common_noise(m, masks) == CommonNoise(dims=(4,), keep=((0, 2),))
+    assert (same - full).abs().max() < 1e-5 and (own - full).std() > 1e-3, ((same - full).abs().max(), (own - full).std())
+    everything = CommonNoise(dims=(4,), keep=((0, 1, 2, 3),))
+    assert torch.equal(estimate_log_px(m, xb, ids, cfg, common=everything).log_px, full)
+
+
 def test_pruning_two_layer_model_shapes():
     """Pruning a 2-layer model slices q(h2|h1)'s input and p(h1|h2)'s output consistently."""
     m = tiny_model(x_dim=6, latent=(4, 3), hidden=5, dtype=torch.float32)

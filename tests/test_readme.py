@@ -39,8 +39,9 @@ def test_pandas_snippet_runs_on_the_demo_results(mnist_dir, tmp_path):
     r = subprocess.run([CLI, "sweep", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (code,) = python_blocks("## Results in pandas")
-    assert '"results/demo/tables/runs"' in code
-    code = code.replace('"results/demo/', f'"{tmp_path}/results/demo/')
+    assert '"results/demo/tables/runs"' in code and 'read_estimates("results/demo")' in code
+    code = code.replace('"results/demo', f'"{tmp_path}/results/demo')
+    code = code.replace('/results/demo")', '/results/demo", estimate="k100-seed123-block50")')  # the smoke demo's estimate, not L_5000
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert len(scope["t"]) == 2 and scope["t"]["nll"].notna().all()

@@ -56,10 +56,20 @@ def _tagged(pid):
         return False
 
 
-def assert_each_image_once(results, runs, images):
-    ev = pd.read_parquet(results / "tables" / "eval")
-    assert not ev.duplicated(["run_id", "image_id"]).any()
-    assert len(ev) == runs * images, len(ev)
+SMOKE = "k100-seed123-block50"  # the smoke jobs' estimate
+
+
+def assert_each_image_once(results, runs, images, files_too=True):
+    """The one reader sees ``images`` images of each run once, in the smoke estimate and its pruned
+    twin; with ``files_too``, no image is in two files either (no range was written twice)."""
+    from pipeline.estimates import read_estimates
+
+    for est in (SMOKE, SMOKE + "-pruned"):
+        ev = read_estimates(str(results), estimate=est)
+        assert len(ev) == runs * images and set(ev.groupby("run_id").size()) == {images}, (est, len(ev))
+        if files_too:
+            raw = pd.concat([pd.read_parquet(p) for p in (results / "tables" / "eval").glob(f"*/{est}/*.parquet")])
+            assert not raw.duplicated(["run_id", "image_id"]).any(), est
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +90,7 @@ def copy_results(src, dst):
 
 @pytest.mark.slow
 def test_evaluation_survives_a_killed_worker(trained, tmp_path, mnist_dir):
-    """An evaluation worker SIGKILLed mid-shard: Ray retries its task elsewhere, every image appears exactly once."""
+    """An evaluation worker SIGKILLed mid-range: Ray retries its task elsewhere, every image appears exactly once."""
     results = copy_results(trained, tmp_path / "r")
     proc = start_cli(
         "evaluate",
@@ -91,8 +101,8 @@ def test_evaluation_survives_a_killed_worker(trained, tmp_path, mnist_dir):
         results,
         "--data-dir",
         mnist_dir,
-        "--shards",
-        "4",
+        "--test-images",
+        "2000",
         "--workers",
         "2",
         env=faults(slow_score=2),
@@ -103,7 +113,7 @@ def test_evaluation_survives_a_killed_worker(trained, tmp_path, mnist_dir):
     os.kill(victim, signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    assert_each_image_once(results, runs=2, images=20)
+    assert_each_image_once(results, runs=2, images=2000)
 
 
 @pytest.mark.slow
@@ -179,32 +189,27 @@ def test_trial_that_keeps_failing_is_named_and_reported(tmp_path, mnist_dir):
 def test_two_evaluations_at_once_do_not_double_rows(trained, tmp_path, mnist_dir):
     """Two `evaluate` commands on the same folder at the same time: exactly one row per image."""
     results = copy_results(trained, tmp_path / "r")
-    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--shards", "4")
+    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--test-images", "1000")
     a, b = start_cli(*args), start_cli(*args)
     out_a, _ = a.communicate(timeout=300)
     out_b, _ = b.communicate(timeout=300)
     assert a.returncode == 0 and b.returncode == 0, out_a[-2000:] + out_b[-2000:]
-    assert_each_image_once(results, runs=2, images=20)
+    assert_each_image_once(results, runs=2, images=1000, files_too=False)  # both may write a range: the same rows
 
 
 @pytest.mark.slow
-def test_two_evaluations_with_other_shardings_at_once_count_each_image_once(trained, tmp_path, mnist_dir):
-    """`evaluate --shards 4` and `--shards 2` on one folder at the same time: the evaluation identity is
-    claimed compare-and-set, so the second stops in one line (or finds the first's evaluation stands
-    for it); never two layouts side by side, each image exactly once."""
+def test_two_evaluations_of_other_sizes_at_once_both_finish_and_count_each_image_once(trained, tmp_path, mnist_dir):
+    """`evaluate --test-images 20` and `--test-images 1000` on one folder at the same time, both slowed
+    so that they overlap: there is no layout to conflict over, so both exit 0; the one reader counts
+    each of the 1,000 images once, whichever ranges both wrote."""
     results = copy_results(trained, tmp_path / "r")
     args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
-    slow = faults(slow_claim=8)  # both survey (nothing there yet) before either claims
-    a, b = start_cli(*args, "--shards", "4", env=slow), start_cli(*args, "--shards", "2", env=slow)
+    slow = faults(slow_score=2)  # both survey (nothing there yet) before either writes
+    a, b = start_cli(*args, "--test-images", "20", env=slow), start_cli(*args, "--test-images", "1000", env=slow)
     out_a, _ = a.communicate(timeout=300)
     out_b, _ = b.communicate(timeout=300)
-    assert {a.returncode, b.returncode} <= {0, 2} and 0 in {a.returncode, b.returncode}, out_a[-2000:] + out_b[-2000:]
-    for proc, out in ((a, out_a), (b, out_b)):
-        if proc.returncode == 2:
-            assert "by another command" in out or "was evaluated with" in out, out[-2000:]
-    assert_each_image_once(results, runs=2, images=20)
-    layouts = {p.name.split("-of-")[1] for p in (results / "tables" / "eval").rglob("shard-*.parquet")}
-    assert len(layouts) == 1, layouts
+    assert a.returncode == 0 and b.returncode == 0, out_a[-2000:] + out_b[-2000:]
+    assert_each_image_once(results, runs=2, images=1000, files_too=False)
 
 
 @pytest.mark.slow
@@ -311,11 +316,11 @@ def test_gpu_request_the_cluster_cannot_meet(capsys, ray_local, tmp_path, mnist_
 
 
 @pytest.mark.slow
-def test_shard_out_of_retries_exits_1_in_one_line_and_the_rerun_completes(trained, tmp_path, mnist_dir):
-    """A shard whose worker is killed more often than --retries: exit 1, one line naming run and shard,
-    no traceback, the other shards kept; the same command again completes with exact rows."""
+def test_range_out_of_retries_exits_1_in_one_line_and_the_rerun_completes(trained, tmp_path, mnist_dir):
+    """A range whose worker is killed more often than --retries: exit 1, one line naming run and images,
+    no traceback, the other ranges kept; the same command again completes with exact rows."""
     results = copy_results(trained, tmp_path / "r")
-    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--shards", "4", "--workers", "1")
+    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--test-images", "2000", "--workers", "1")
     proc = start_cli(*args, "--retries", "0", env=faults(slow_score=3))
     assert wait_for(lambda: pids_matching("ray::_score"), timeout=120), "no evaluation task started"
     time.sleep(0.5)
@@ -324,25 +329,26 @@ def test_shard_out_of_retries_exits_1_in_one_line_and_the_rerun_completes(traine
     out, _ = proc.communicate(timeout=300)
     print(f"out of retries: exit {proc.returncode} {time.monotonic() - t_fault:.1f} s after the kill")
     errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
-    assert proc.returncode == 1 and len(errors) == 1 and "shard" in errors[0] and "Traceback" not in out, out[-3000:]
-    assert re.search(r"run [0-9a-f]{12} shard \d", errors[0]), errors[0]
-    written = len(pd.read_parquet(results / "tables" / "eval")) if (results / "tables" / "eval").exists() else 0
-    assert written < 40
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    assert re.search(r"run [0-9a-f]{12} images \d+-\d+", errors[0]), errors[0]
+    from pipeline.estimates import read_estimates
+
+    assert len(read_estimates(str(results), estimate=SMOKE)) < 2 * 2000
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_each_image_once(results, runs=2, images=20)
+    assert_each_image_once(results, runs=2, images=2000)
 
 
 @pytest.mark.slow
-def test_damaged_shards_are_moved_aside_and_redone(trained, tmp_path, mnist_dir):
-    """A truncated shard, a zero-byte shard and another evaluation's shard each fail the whole-read check:
-    each is moved to _quarantine (kept), named in one line, and redone; the rows are exact."""
+def test_damaged_ranges_are_moved_aside_and_redone(trained, tmp_path, mnist_dir):
+    """A truncated range file, a zero-byte one and one holding another run's rows each fail the
+    whole-read check: each is moved to _quarantine (kept), named in one line, and redone; the rows are exact."""
     results = copy_results(trained, tmp_path / "r")
-    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--shards", "4")
+    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--test-images", "1500")
     assert run_cli(*args).returncode == 0
-    shards = sorted((results / "tables" / "eval").rglob("shard-*.parquet"))
-    a = [p for p in shards if p.parts[-3] == shards[0].parts[-3]]
-    b = [p for p in shards if p.parts[-3] != shards[0].parts[-3]]
+    files = sorted((results / "tables" / "eval").glob(f"*/{SMOKE}/images-*.parquet"))
+    a = [p for p in files if p.parts[-3] == files[0].parts[-3]]
+    b = [p for p in files if p.parts[-3] != files[0].parts[-3]]
     a[0].write_bytes(a[0].read_bytes()[: a[0].stat().st_size // 2])  # truncated
     a[1].write_bytes(b"")  # zero bytes
     a[2].write_bytes(b[2].read_bytes())  # another run's rows: another evaluation's identity
@@ -350,8 +356,8 @@ def test_damaged_shards_are_moved_aside_and_redone(trained, tmp_path, mnist_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     moved = [ln for ln in r.stderr.splitlines() if "moved to" in ln]
     assert len(moved) == 3 and all(str(results) in ln for ln in moved), r.stderr[-3000:]
-    assert len(list((results / "_quarantine").rglob("shard-*"))) == 3
-    assert_each_image_once(results, runs=2, images=20)
+    assert len(list((results / "_quarantine").rglob("images-*"))) == 3
+    assert_each_image_once(results, runs=2, images=1500)
 
 
 def test_report_names_the_file_it_cannot_read(capsys, trained, tmp_path):

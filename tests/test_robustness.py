@@ -2,6 +2,8 @@
 
 import pickle
 
+from pipeline.estimates import Span
+
 
 def test_tune_state_saved_before_the_ray_backend_split_unpickles():
     """Tune's tuner.pkl of a sweep interrupted under the old layout refers to names in
@@ -13,12 +15,12 @@ def test_tune_state_saved_before_the_ray_backend_split_unpickles():
 
 
 class _Ledger:
-    """A shard ledger whose write fails as a store blip would, or succeeds."""
+    """An estimate ledger whose write fails as a store blip would, or succeeds."""
 
     def __init__(self, error: Exception | None = None):
         self.error = error
 
-    def write(self, run_id, shard, table):
+    def write(self, span, table):
         if self.error is not None:
             raise self.error
         return 7
@@ -41,12 +43,12 @@ def test_every_ray_error_and_a_failed_shard_write_is_a_reason_never_a_traceback(
 
     for error in (rex.OutOfMemoryError("task was killed: node low on memory"), rex.RuntimeEnvSetupError("pip failed")):
         monkeypatch.setattr(ray, "get", raising(error))
-        why = tasks._outcome(object(), _Ledger(), ("run", 0), 3)
+        why = tasks._outcome(object(), _Ledger(), Span("run", 0, 0), 3)
         assert isinstance(why, str) and type(error).__name__ in why, why
     monkeypatch.setattr(ray, "get", lambda ref: "table")
-    why = tasks._outcome(object(), _Ledger(OSError("connection reset")), ("run", 0), 3)
+    why = tasks._outcome(object(), _Ledger(OSError("connection reset")), Span("run", 0, 0), 3)
     assert isinstance(why, str) and why.startswith(tasks._TRANSIENT) and "connection reset" in why, why
-    assert tasks._outcome(object(), _Ledger(), ("run", 0), 3) == 7
+    assert tasks._outcome(object(), _Ledger(), Span("run", 0, 0), 3) == 7
 
 
 def test_a_cluster_python_without_the_project_is_named_in_one_line(tmp_path):
@@ -94,7 +96,7 @@ def test_a_stalled_evaluation_waits_for_the_autoscaler_when_it_can_launch_a_node
         lines: list[str] = []
         t0 = time.monotonic()
         with pytest.raises(RunFailed) as e:
-            tasks.score_shards(Ledger(), None, [("run", 0)], cluster.Resources(1, 1), notice=lines.append, stall_timeout=0.5, max_retries=0)
+            tasks.score_ranges(Ledger(), None, [Span("run", 0, 0)], cluster.Resources(1, 1), notice=lines.append, stall_timeout=0.5, max_retries=0)
         assert time.monotonic() - t0 >= (3.0 if types else 0.5)  # it did wait that long
         assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
         waiting = [line for line in lines if "waiting for the autoscaler to launch one, up to 3 s from the last shard written" in line]

@@ -1,4 +1,4 @@
-"""Ray tasks: the sharded evaluation's executor (the shard ledger decides what to score)."""
+"""Ray tasks: the evaluation's executor (the estimate ledger decides which ranges to score)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,20 @@ from typing import Any
 
 from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
-from pipeline.ledger import ShardLedger
+from pipeline.estimates import Span
+from pipeline.ledger import EstimateLedger
 from pipeline.ray_backend import autoscaler
 from pipeline.ray_backend.cluster import INTERRUPTED, Resources, can_run, check_resources, check_storage, interrupt_guard, work_nodes
 from pipeline.work import scorer
 
 
-def _score(ledger: ShardLedger, data: DataSource, run_id: str, shard: int, threads: int) -> Any:
-    """A Ray task: score one shard on whichever node Ray picks, with this process's cached model."""
+def _score(ledger: EstimateLedger, data: DataSource, span: Span, threads: int) -> Any:
+    """A Ray task: score one range on whichever node Ray picks, with this process's cached model."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    return scorer(ledger, data).score(run_id, shard)
+    return scorer(ledger, data).score(span)
 
 
 def _system_errors() -> tuple[type[BaseException], ...]:
@@ -44,7 +45,7 @@ def _system_errors() -> tuple[type[BaseException], ...]:
 _TRANSIENT = "OSError"
 
 
-def _outcome(ref: Any, ledger: ShardLedger, item: tuple[str, int], max_retries: int) -> int | str:
+def _outcome(ref: Any, ledger: EstimateLedger, item: Span, max_retries: int) -> int | str:
     """A finished task's shard written (its row count), or why not in one line. Every Ray error
     (a lost worker or node after Ray's own retries, out of memory, a runtime environment that would
     not set up, a full object store) and an ``OSError`` (reading or writing the store) is a reason,
@@ -53,7 +54,6 @@ def _outcome(ref: Any, ledger: ShardLedger, item: tuple[str, int], max_retries: 
     import ray
     from ray.exceptions import RayError, RayTaskError
 
-    run_id, shard = item
     try:
         table = ray.get(ref)
     except RayTaskError as e:
@@ -68,7 +68,7 @@ def _outcome(ref: Any, ledger: ShardLedger, item: tuple[str, int], max_retries: 
     except RayError as e:
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
     try:
-        return ledger.write(run_id, shard, table)
+        return ledger.write(item, table)
     except OSError as e:
         return f"OSError writing it: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
     except Exception as e:  # noqa: BLE001  # a shard that does not check out (rows, schema): named, never a traceback
@@ -118,10 +118,10 @@ def _stalled(res: Resources, seconds: float, stall_timeout: float, relaunch: boo
         raise RunFailed(f"evaluation stalled: no node left can run a shard ({res}) for {stall_timeout:g} s; {kept}; add nodes and run the same command again")
 
 
-def score_shards(
-    ledger: ShardLedger,
+def score_ranges(
+    ledger: EstimateLedger,
     data: DataSource,
-    items: Sequence[tuple[str, int]],
+    items: Sequence[Span],
     res: Resources,
     *,
     workers: int | None = None,
@@ -161,9 +161,9 @@ def score_shards(
     task = ray.remote(max_calls=0)(_score).options(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=max_retries, retry_exceptions=False)
     threads = max(1, int(res.cpus))
     queue = collections.deque(sorted(items))  # consecutive shards of a run: a worker reloads only when the run changes
-    pending: dict[Any, tuple[str, int]] = {}
-    failed: dict[tuple[str, int], str] = {}
-    retried: collections.Counter[tuple[str, int]] = collections.Counter()
+    pending: dict[Any, Span] = {}
+    failed: dict[Span, str] = {}
+    retried: collections.Counter[Span] = collections.Counter()
     rows = done = 0
     alive = {n["NodeID"] for n in work_nodes()}
     relaunch: bool | None = None  # whether a node type the autoscaler can launch fits res (read when first needed)
@@ -175,7 +175,7 @@ def score_shards(
                     raise KeyboardInterrupt
                 while queue and len(pending) < 2 * workers:  # bounded in flight; Ray schedules them where resources are
                     item = queue.popleft()
-                    pending[task.remote(ledger, data, item[0], item[1], threads)] = item
+                    pending[task.remote(ledger, data, item, threads)] = item
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
                 now_alive = {n["NodeID"] for n in work_nodes()}
                 if notice and alive - now_alive:
@@ -213,7 +213,7 @@ def score_shards(
     if timings is not None:
         timings["work_seconds"] = time.perf_counter() - t0
     if failed:
-        (rid, shard), why = next(iter(sorted(failed.items())))
-        more = f" and {len(failed) - 1} more shard(s)" if len(failed) > 1 else ""
-        raise RunFailed(f"evaluation of run {rid} shard {shard}{more} failed ({why}); the {done} shards written are kept; run the same command again to finish")
+        span, why = next(iter(sorted(failed.items())))
+        more = f" and {len(failed) - 1} more range(s)" if len(failed) > 1 else ""
+        raise RunFailed(f"evaluation of {span}{more} failed ({why}); the {done} ranges written are kept; run the same command again to finish")
     return rows

@@ -9,10 +9,8 @@ long before the test (the nodes of a multi-node cluster), from the JSON file nam
 - ``nan_epoch`` (``IWAE_TEST_NAN_EPOCH=e``): the parameters turn NaN before epoch e (0-based) is
   trained, so every step of that epoch is non-finite; with ``once_file`` (``IWAE_TEST_ONCE_FILE``)
   only the first process that gets there does (the file records that it fired).
-- ``slow_score`` (``IWAE_TEST_SLOW_SCORE=s``): scoring a shard sleeps s seconds first.
+- ``slow_score`` (``IWAE_TEST_SLOW_SCORE=s``): scoring a range of images sleeps s seconds first.
 - ``slow_epoch`` (``IWAE_TEST_SLOW_EPOCH=s``): each epoch sleeps s seconds first.
-- ``slow_claim`` (``IWAE_TEST_SLOW_CLAIM=s``): claiming an evaluation's identity sleeps s seconds
-  first, so that two commands started together both survey before either claims.
 """
 
 import importlib.abc
@@ -69,32 +67,20 @@ def _patch_train(mod):
 
 
 def _patch_work(mod):
-    original = mod.ShardScorer.score
+    original = mod.Scorer.score
 
-    def score(self, run_id, shard):
+    def score(self, span):
         import time
 
         time.sleep(float(setting("slow_score", 0) or 0))
-        return original(self, run_id, shard)
+        return original(self, span)
 
-    mod.ShardScorer.score = score
-
-
-def _patch_ledger(mod):
-    original = mod.ShardLedger.claim
-
-    def claim(self, run_id):
-        import time
-
-        time.sleep(float(setting("slow_claim", 0) or 0))
-        return original(self, run_id)
-
-    mod.ShardLedger.claim = claim
+    mod.Scorer.score = score
 
 
 PATCHES = {}
 if any(k.startswith("IWAE_TEST_") for k in os.environ):
-    PATCHES = {"iwae.train": _patch_train, "pipeline.work": _patch_work, "pipeline.ledger": _patch_ledger}
+    PATCHES = {"iwae.train": _patch_train, "pipeline.work": _patch_work}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

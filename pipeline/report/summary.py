@@ -1,0 +1,231 @@
+"""Load once: a results location's runs and estimates, read through the one reader, and a summary
+with one row per run. The tables, the findings and the plots read this, never the store.
+
+Each run's row carries its **cell** (:func:`iwae.config.cell_key`: the config without the
+objective's kind and the seed) and its **headline estimate**: L_5000 (``k5000-seed123-block500``)
+by name, or, for a run that has none, the importance-sampling estimate with the most test images
+(named in every table that shows it). Two runs are only ever compared on an estimate both have,
+image by image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from iwae.config import CELL_FREE, ModelConfig, RunConfig, cell_key
+from iwae.diagnostics import KHAT_UNRELIABLE
+from pipeline import estimates
+from pipeline.estimates import HEADLINE, LEGACY_PRUNED
+from pipeline.results import PREFIXES, Results
+
+FAMILY_FREE = (*CELL_FREE, "k", "m", "beta")  # Table 2: a swap and its control differ in the bound
+MATCHED_FREE = (*FAMILY_FREE, "estimator")  # estimators table: any bound and gradient at the same samples per example
+
+
+def _py(v: Any) -> Any:
+    """A Parquet value as plain Python (numpy scalars hash and print as their Python values)."""
+    if isinstance(v, np.generic):
+        return v.item()
+    return None if v is pd.NA else v
+
+
+def setting_of(row: dict[str, Any]) -> dict[str, Any]:
+    """A run's :meth:`RunConfig.setting` from its runs-table row: exact from its ``config`` JSON; an
+    earlier row (flat columns only) takes the defaults for the fields it does not show."""
+    if isinstance(row.get("config"), str) and row["config"]:
+        return RunConfig.from_dict(json.loads(row["config"])).setting()
+    flat = {k: _py(row.get(k)) for k in RunConfig().flat()}
+    paper = ModelConfig.paper(int(flat["layers"] or 1))
+    extra = {
+        "x_dim": 784,
+        "hidden_q": json.dumps(paper.hidden_q),
+        "hidden_p": json.dumps(paper.hidden_p),
+        "batch_size": 20,
+        "constant_epochs": 0,
+        "constant_lr": 0.0,
+        "num_active_examples": 500,
+    }
+    return {**flat, **extra}
+
+
+def setting_label(s: dict[str, Any]) -> str:
+    """What sets a run's setup apart from the paper's, in a few words ("" when nothing does)."""
+    out = []
+    if s["split"] != "paper":
+        out.append(f"split {s['split']}")
+    if s["train_subset"]:
+        out.append(f"first {s['train_subset']:,} training images")
+    if s["authors_code"]:
+        out.append("authors' code")
+    if s["epoch_scale"] != 1.0:
+        out.append(f"epoch scale {s['epoch_scale']:g}")
+    if s["batch_size"] != 20:
+        out.append(f"batch {s['batch_size']}")
+    paper = ModelConfig.paper(int(s["layers"]), int(s["x_dim"]))
+    if (s["hidden_q"], s["hidden_p"]) != (json.dumps(paper.hidden_q), json.dumps(paper.hidden_p)) or s["latent"] != "-".join(map(str, paper.latent)):
+        out.append(f"latent {s['latent']}, hidden {s['hidden_q']}/{s['hidden_p']}")
+    if s["num_active_examples"] != 500:
+        out.append(f"units from {s['num_active_examples']} images")
+    return ", ".join(out)
+
+
+def estimate_label(name: str) -> str:
+    """An estimate's short name in a table: ``L_5000`` for the paper's, else ``L_100 (k100-seed123-block50)``."""
+    if name == HEADLINE:
+        return "L_5000"
+    if name.startswith("k") and "-seed" in name:
+        return f"L_{name[1:].split('-')[0]} ({name})"
+    return name
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a report reads, loaded once (module docstring)."""
+
+    summary: pd.DataFrame  # one row per run
+    ev: pd.DataFrame  # test-image estimates: one row per run, estimate and image
+    ev_train: pd.DataFrame  # the same on training images
+    ais: pd.DataFrame
+    bdmc: pd.DataFrame
+    train: pd.DataFrame  # training history, one row per epoch
+    notes: tuple[str, ...] = ()  # one-line notices (a cell holding two runs of one kind and seed)
+
+    def values(self, run_id: str, estimate: str, table: str = "eval") -> pd.DataFrame:
+        """One run's rows of one estimate, indexed by image id."""
+        df = {"eval": self.ev, "eval_train": self.ev_train, "ais": self.ais, "bdmc": self.bdmc}[table]
+        return df[(df.run_id == run_id) & (df.estimate == estimate)].set_index("image_id")
+
+    def log_px(self, run_id: str, estimate: str | None = None) -> pd.Series:
+        """A run's per-image log p(x) under ``estimate`` (default: its headline), by image id."""
+        est = estimate or self.headline_of(run_id)
+        return self.values(run_id, est).log_px if est else pd.Series(dtype=float)
+
+    def headline_of(self, run_id: str) -> str:
+        row = self.summary[self.summary.run_id == run_id]
+        return str(row.estimate.iloc[0]) if len(row) and isinstance(row.estimate.iloc[0], str) else ""
+
+    def estimates_of(self, run_id: str) -> dict[str, int]:
+        """A run's unpruned test-image L_k estimates and how many images each has."""
+        e = self.ev[(self.ev.run_id == run_id) & ~self.ev.estimate.str.contains("-pruned")]
+        return {str(k): int(v) for k, v in e.groupby("estimate").size().items()}
+
+    def common_estimate(self, run_ids: Iterable[str]) -> str:
+        """The L_k estimate the runs are compared on: L_5000 where all have it, else the estimate all
+        have with the most images ("" when they share none)."""
+        ids = list(run_ids)
+        have = [self.estimates_of(r) for r in ids]
+        shared = set.intersection(*(set(h) for h in have)) if have else set()
+        if not shared:
+            return ""
+        if HEADLINE in shared:
+            return HEADLINE
+        return max(shared, key=lambda e: (min(h[e] for h in have), e))
+
+    def pruned_of(self, run_id: str, estimate: str) -> tuple[str, pd.Series]:
+        """The run's pruned-model estimate beside ``estimate``: ``(how, log p(x) by image)`` where how
+        is "same draws" (common random numbers) or "own draws" (an earlier layout's column)."""
+        for suffix, how in (("-pruned", "same draws"), (LEGACY_PRUNED, "own draws")):
+            v = self.values(run_id, estimate + suffix).log_px
+            if v.notna().any():
+                return how, v
+        return "", pd.Series(dtype=float)
+
+
+def _headline(counts: dict[str, int]) -> str:
+    if not counts:
+        return ""
+    return HEADLINE if HEADLINE in counts else max(counts, key=lambda e: (counts[e], e))
+
+
+def _figures(g: pd.DataFrame) -> dict[str, Any]:
+    """A run's figures under one estimate: images, NLL and its standard error, reliability, prefixes."""
+    n = len(g)
+    lp = g["log_px"]
+    row: dict[str, Any] = {
+        "eval_k": int(g["eval_k"].iloc[0]),
+        "eval_seed": int(g["eval_seed"].iloc[0]),
+        "test_images": n,
+        "nll": -float(lp.mean()),
+        "nll_se": float(lp.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+    }
+    row["nll_jk"] = -float(g["log_px_jk"].mean()) if g["log_px_jk"].notna().all() else math.nan
+    row["ess_median"] = float(g["ess"].median()) if g["ess"].notna().all() else math.nan
+    row["khat_high"] = float((g["khat"] > KHAT_UNRELIABLE).mean()) if g["khat"].notna().any() else math.nan
+    row["mcse_mean"] = float(g["mcse"].mean()) if g["mcse"].notna().all() else math.nan
+    for p in PREFIXES:
+        row[f"nll_l{p}"] = -float(g[f"l_{p}"].mean()) if g[f"l_{p}"].notna().all() else math.nan
+    return row
+
+
+def _units(a: object, b: object) -> str:
+    if a is None or pd.isna(a):  # type: ignore[call-overload]
+        return "-"
+    return f"{int(a)}" if b is None or pd.isna(b) else f"{int(a)}+{int(b)}"  # type: ignore[call-overload]
+
+
+def load(results: Results) -> Loaded:
+    """Read the runs, their histories and every estimate once, and summarise each run."""
+    runs = results.read("runs")
+    ev, ev_train = estimates.read(results, "eval"), estimates.read(results, "eval_train")
+    ais, bdmc = estimates.read(results, "ais"), estimates.read(results, "bdmc")
+    train = results.read("train")
+    rows = []
+    for r in runs.to_dict("records"):
+        s = setting_of(r)
+        row = {**r, "cell": cell_key(s), "family": cell_key(s, FAMILY_FREE), "matched": cell_key(s, MATCHED_FREE), "setting": setting_label(s)}
+        row["samples"] = int(s["k"]) * int(s["m"])
+        mine = ev[(ev.run_id == r["run_id"]) & ~ev.estimate.str.contains("-pruned")]
+        est = _headline({str(k): int(v) for k, v in mine.groupby("estimate").size().items()})
+        row["estimate"] = est
+        if est:
+            row.update(_figures(mine[mine.estimate == est]))
+            unpruned = mine[mine.estimate == est].set_index("image_id").log_px
+            for suffix in ("-pruned", LEGACY_PRUNED):
+                p = ev[(ev.run_id == r["run_id"]) & (ev.estimate == est + suffix)].set_index("image_id").log_px.dropna()
+                if len(p):
+                    both = p.index.intersection(unpruned.index)
+                    row["nll_pruned"] = -float(p.reindex(both).mean())
+                    break
+            tr = ev_train[(ev_train.run_id == r["run_id"]) & (ev_train.estimate == est)]
+            if len(tr):
+                f = _figures(tr)
+                row.update({"train_images": f["test_images"], "train_nll": f["nll"], "train_nll_se": f["nll_se"]})
+        row["active"] = _units(r.get("active_h1"), r.get("active_h2"))
+        rows.append(row)
+    columns = ["estimate", "eval_k", "eval_seed", "test_images", "nll", "nll_se", "nll_jk", "ess_median", "khat_high", "mcse_mean", "nll_pruned"]
+    columns += [f"nll_l{p}" for p in PREFIXES] + ["train_images", "train_nll", "train_nll_se"]
+    order = list(dict.fromkeys([*runs.columns, "cell", "family", "matched", "setting", "samples", "active", *columns]))
+    summary = pd.DataFrame(rows, columns=order)
+    summary["estimate"] = summary["estimate"].fillna("")
+    summary["test_images"] = summary["test_images"].fillna(0).astype(int)
+    summary["train_images"] = summary["train_images"].fillna(0).astype(int)
+    summary = summary.sort_values(["dataset", "layers", "k", "objective", "estimator", "epochs", "seed", "run_id"]).reset_index(drop=True)
+    return Loaded(summary, ev, ev_train, ais, bdmc, train, tuple(_crowded(summary)))
+
+
+def _crowded(summary: pd.DataFrame) -> list[str]:
+    """Cells that hold two runs of one objective kind and seed (two configs that the runs table
+    reads alike: rows from before the cell was stored, say): named, and left out of every pairing."""
+    notes = []
+    done = summary[summary.status == "done"]
+    for (cell, obj, seed), g in done.groupby(["cell", "objective", "seed"]):
+        if len(g) > 1:
+            notes.append(
+                f"cell {cell} holds {len(g)} runs of {str(obj).upper()} seed {seed} ({', '.join(sorted(g.run_id))}): "
+                "their rows do not tell them apart, so no table pairs them"
+            )
+    return notes
+
+
+def crowded_cells(loaded: Loaded) -> set[tuple[str, str, int]]:
+    """(cell, objective, seed) of the crowded cells (:func:`_crowded`)."""
+    done = loaded.summary[loaded.summary.status == "done"]
+    sizes = done.groupby(["cell", "objective", "seed"]).size()
+    return {(str(c), str(o), int(s)) for (c, o, s), n in sizes.items() if n > 1}

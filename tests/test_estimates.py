@@ -1,0 +1,86 @@
+"""Estimates keyed by what they measure, in fixed image ranges: more images means more ranges, any
+command reuses what is written, and the one reader counts each image once."""
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from iwae.config import RunConfig, ScheduleConfig
+from iwae.evaluate import EvalConfig
+from pipeline.datasource import DataSource
+from pipeline.driver import evaluate_here
+from pipeline.estimates import EvalPlan, Span, read_estimates, spans
+from pipeline.ledger import EstimateLedger
+from pipeline.results import Results
+from pipeline.work import train_in_process
+
+
+def test_ranges_are_contiguous_and_never_straddle_a_fixed_range():
+    """Missing images become ranges cut at gaps and at every multiple of the range size."""
+    missing = [*range(20, 500), *range(500, 1000), 1203, 1204, 1500]
+    assert spans("r", missing, 500) == [Span("r", 20, 499), Span("r", 500, 999), Span("r", 1203, 1204), Span("r", 1500, 1500)]
+    assert spans("r", range(0, 1001), 500) == [Span("r", 0, 499), Span("r", 500, 999), Span("r", 1000, 1000)]
+    assert spans("r", [], 500) == []
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir):
+    """One tiny MNIST run (200 training images, 1 epoch), trained in this process."""
+    res = Results.open(str(tmp_path_factory.mktemp("est") / "res"))
+    data = DataSource.open(str(mnist_dir))
+    cfg = RunConfig(objective={"name": "vae", "k": 1}, schedule=ScheduleConfig(stages=1), train_subset=200)
+    train_in_process([cfg], res, data, pack_limit=1)
+    return res, data, cfg.run_id
+
+
+def _files(res: Results, plan: EvalPlan, run_id: str) -> dict[str, int]:
+    folder = Path(res.store.path(f"tables/{plan.table}/{run_id}/{plan.estimate}"))
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_more_images_scores_only_the_new_ranges_and_readers_count_each_image_once(trained, tmp_path):
+    """20 images (as `train` scores them), then 500, then 1,000: each command scores only the ranges
+    not yet written, a file once written is never rewritten, and the reader sees 1,000 images once
+    each. A stray copy of a range under an old layout's name is neither counted twice nor redone; a
+    file holding other images than its name says is moved aside and its range scored again."""
+    res, data, run_id = trained
+    cfg = EvalConfig(k=20, block=10)
+    for n in (20, 500):
+        evaluate_here(res, data, [run_id], EvalPlan(cfg, n), show=False)
+    before = _files(res, EvalPlan(cfg, 1), run_id)
+    assert list(before) == ["images-00000-00019.parquet", "images-00020-00499.parquet"]
+    sl = EstimateLedger(res, EvalPlan(cfg, 1000))
+    assert sl.prepare([run_id]) == [Span(run_id, 500, 999)]  # only the new range is left
+    assert evaluate_here(res, data, [run_id], EvalPlan(cfg, 1000), show=False) == 500
+    after = _files(res, EvalPlan(cfg, 1), run_id)
+    assert {k: after[k] for k in before} == before and "images-00500-00999.parquet" in after
+    ev = read_estimates(res.location, estimate=EvalPlan(cfg, 1).estimate)
+    assert len(ev) == 1000 and ev.image_id.is_unique and set(ev.image_id) == set(range(1000))
+    folder = Path(res.store.path(f"tables/eval/{run_id}/{EvalPlan(cfg, 1).estimate}"))
+    shutil.copy(folder / "images-00020-00499.parquet", folder / "shard-00000-of-00002.parquet")  # an earlier layout's name
+    assert len(read_estimates(res.location, estimate=EvalPlan(cfg, 1).estimate)) == 1000
+    assert sl.prepare([run_id]) == []
+    (folder / "images-00500-00999.parquet").rename(folder / "images-00500-00998.parquet")  # its name no longer says what it holds
+    notes: list[str] = []
+    assert sl.prepare([run_id], notes.append) == [Span(run_id, 500, 999)]
+    assert "holds other images than its name says" in notes[0] and (Path(res.location) / "_quarantine").exists()
+    evaluate_here(res, data, [run_id], EvalPlan(cfg, 1000), show=False)
+    again = read_estimates(res.location, estimate=EvalPlan(cfg, 1).estimate).set_index("image_id").sort_index()
+    pd.testing.assert_series_equal(again.log_px, ev.set_index("image_id").sort_index().log_px)  # seeded by image id: the same numbers
+
+
+def test_the_pruned_model_is_its_own_estimate_on_the_same_draws(trained):
+    """The pruned model's estimate lives beside the model's under its own name, on the same images; a
+    second command asking for it scores nothing."""
+    res, data, run_id = trained
+    cfg = EvalConfig(k=20, block=10)
+    evaluate_here(res, data, [run_id], EvalPlan(cfg, 40), show=False)
+    assert evaluate_here(res, data, [run_id], EvalPlan(cfg, 40, pruned=True), show=False) == 40
+    assert evaluate_here(res, data, [run_id], EvalPlan(cfg, 40, pruned=True), show=False) == 0
+    both = read_estimates(res.location, estimate=None)
+    model = both[both.estimate == "k20-seed123-block10"].set_index("image_id").log_px.sort_index()
+    pruned = both[both.estimate == "k20-seed123-block10-pruned"].set_index("image_id").log_px.sort_index()
+    assert len(pruned) == 40 and pruned.index.equals(model.index[:40]) and both[both.estimate.str.endswith("-pruned")].eval_pruned.all()
+    assert (pruned - model[:40]).abs().max() < 5  # the same images and draws: close, whatever the units
