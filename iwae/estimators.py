@@ -39,21 +39,24 @@ def bound_and_surrogate(
     objective: Objective,
     estimator: str = "standard",
     generator: torch.Generator | None = None,
+    eps: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-example bound ``(B,)`` (detached) and a surrogate ``(B,)`` whose gradient is the estimator.
 
-    ``x`` is ``(B, X)`` binary. The caller does ``loss = -surrogate.mean()`` (or ``.sum()``).
+    ``x`` is ``(B, X)`` binary. The noise is drawn from ``generator``, or given as ``eps``
+    (``[(K, B, D_l)]``, the draws a training step makes first). The caller does
+    ``loss = -surrogate.mean()`` (or ``.sum()``).
     """
     k = objective.num_samples
     if uses_fast_path(objective, estimator):
         # Fast path: autograd of the bound itself is the standard estimator.
-        log_w = model.log_weights(x, k, generator)  # (K, B)
+        log_w = model.log_weights(x, k, generator, eps=eps)  # (K, B)
         bound = objective.bound(log_w)
         return bound.detach(), bound
     if estimator not in ("standard", "stl", "dreg"):
         raise ValueError(f"unknown estimator {estimator!r}; choose standard, stl or dreg")
 
-    post = model.sample_q(x, k, generator)
+    post = model.sample_q(x, k, generator, eps=eps)
     dreg = estimator == "dreg"
     if isinstance(objective, PIWAE):
         return _piwae(model, x, objective, post, estimator)

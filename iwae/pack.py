@@ -1,22 +1,25 @@
-"""Packed training: G runs of one shape train as one model (the paper's schedule, sec. 5.1, per run).
+"""The training loop (Burda et al. 2016, sec. 5.1): G runs of one shape as one pack, and a run alone
+as a pack of one, on every device.
 
 At the paper's batch of 20 a training step is launch-bound on a GPU: dozens of tiny kernels around a
-few tens of microseconds of arithmetic. A pack stacks the parameters of G runs that share the
-architecture, the number of samples K, the estimator, the batch size, the schedule and the data
-along a leading G axis, maps the one model over them with ``torch.func.vmap`` (batched matmuls) and
-updates them with one Adam over the stacked tensors (:class:`PackedAdam`).
+few tens of microseconds of arithmetic. A pack holds the parameters of G runs that share the
+architecture, the number of samples K, the estimator, the batch size, the schedule and the data in
+one flat ``(G, P)`` buffer with a view per layer, maps the one model over them with
+``torch.func.vmap`` (batched matmuls; a pack of one calls the model directly), and updates the
+buffer with Adam per member (:class:`FlatAdam`, torch's fused kernel).
 
 Each member keeps what makes it its own run:
 
 - its random streams: initialisation (``torch.manual_seed(seed)``), then its own generator draws the
-  data order, the binarisation and the noise in the solo run's order;
-- its own objective (VAE, IWAE, MIWAE, CIWAE of the same K: the bound is taken per member);
+  data order, the binarisation and the noise, in that order, every step;
+- its own objective (VAE, IWAE, MIWAE, CIWAE of the same K: the bound is taken per member), and its
+  gradient estimator (STL, DReG, PIWAE's: a run of those trains as a pack of one);
 - its own Adam step count, learning rate (members may resume at different epochs) and skip of a
   non-finite step;
-- its checkpoints, in the solo format (``latest.pt``, ``stage-XX.pt``, ``final.pt``), written through
-  its own :class:`~iwae.train.TrainState`, so a pack resumes members trained solo or in another pack.
+- its checkpoints (``latest.pt``, ``stage-XX.pt``, ``final.pt``, :mod:`iwae.state`), so a pack resumes
+  members trained alone or in another pack.
 
-So member g trains as its solo run does, equal to float tolerance (``tests/test_pack.py``).
+So member g trains as it would alone, equal to float tolerance (``tests/test_pack.py``).
 
 On a GPU the whole step (gather and binarisation, forward, backward, Adam, the epoch's running
 sums) is captured once as a CUDA graph and replayed; only the members' random draws run outside
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import statistics
 import time
 import warnings
@@ -34,21 +38,22 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim import adam as torch_adam
 
 from iwae import checkpoint
 from iwae.config import RunConfig
 from iwae.data import Dataset
-from iwae.estimators import uses_fast_path
+from iwae.estimators import bound_and_surrogate, uses_fast_path
 from iwae.models import IWAEModel
-from iwae.train import FINAL, NonFiniteError, TrainResult, TrainState, pick_device, save_checkpoints, stage_of_epoch, start_state, training_images
+from iwae.state import FINAL, NonFiniteError, Notice, TrainResult, TrainState, pick_device, save_checkpoints, stage_of_epoch, start_state, training_images
 
 
 def pack_key(cfg: RunConfig) -> str | None:
-    """Runs with equal keys can train in one pack; ``None``: the run trains solo.
+    """Runs with equal keys can train in one pack; ``None``: the run trains as a pack of one.
 
     A pack shares everything but the objective's kind (same K), the seed and the starting point.
-    Estimators whose gradient is not autograd of the bound (STL, DReG, PIWAE) train solo.
+    Estimators whose gradient is not autograd of the bound (STL, DReG, PIWAE) train alone.
     """
     if not uses_fast_path(cfg.objective, cfg.estimator.value):
         return None
@@ -73,66 +78,99 @@ def group_packs(cfgs: Sequence[RunConfig], max_size: int) -> list[list[RunConfig
     return out
 
 
-class PackedAdam:
-    """Adam (Kingma & Ba 2015) over stacked ``(G, ...)`` parameters; each member has its own step.
+class FlatAdam:
+    """Adam (Kingma & Ba 2015) over a flat ``(G, P)`` parameter buffer, each member with its own step
+    count, learning rate and skip of a non-finite step.
 
-    The arithmetic of ``torch.optim.Adam`` (bias-corrected, eps added to the corrected sqrt(v)), with
-    a per-member step count, learning rate and mask: a member whose step is not finite keeps its
-    parameters, moments and step count, as fused Adam's ``found_inf`` does for a solo run. Only
-    tensor operations, no host reads, so the update can be captured in a CUDA graph.
+    Per member one call of torch's fused Adam (``torch.optim.adam.adam(fused=True)``) on its row of
+    the buffer: the arithmetic of ``torch.optim.Adam`` (bias-corrected, eps added to the corrected
+    sqrt(v)), in one kernel; ``found_inf`` skips the member's step on the device (its parameters,
+    moments and step count stay), so nothing is read back to the host and the update can be
+    captured in a CUDA graph.
     """
 
-    def __init__(self, exp_avg: list[Tensor], exp_avg_sq: list[Tensor], step: Tensor, betas: tuple[float, float], eps: float):
-        self.exp_avg, self.exp_avg_sq, self.step_count = exp_avg, exp_avg_sq, step  # step_count (G,) float
+    def __init__(self, exp_avg: Tensor, exp_avg_sq: Tensor, steps: list[Tensor], betas: tuple[float, float], eps: float):
+        self.exp_avg, self.exp_avg_sq, self.steps = exp_avg, exp_avg_sq, steps  # (G, P), (G, P), G scalars
         self.beta1, self.beta2 = betas
         self.eps = eps
 
     @torch.no_grad()
-    def step(self, params: list[Tensor], grads: list[Tensor], lr: Tensor, ok: Tensor) -> None:
-        """One update. ``lr`` ``(G,)``; ``ok`` ``(G,)`` bool: which members take their step."""
-        okf = ok.to(self.step_count.dtype)
-        self.step_count.add_(okf)
-        t = self.step_count.clamp_min(1.0)  # a member that never stepped is masked out below anyway
-        bc1 = 1.0 - torch.pow(self.beta1, t)  # (G,)
-        bc2_sqrt = (1.0 - torch.pow(self.beta2, t)).sqrt()
-        step_size = lr / bc1  # (G,)
-        for p, g, m, v in zip(params, grads, self.exp_avg, self.exp_avg_sq):
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            okb = ok.view(shape)
-            g = torch.where(okb, g, torch.zeros_like(g))  # a skipped member's NaN never reaches its moments
-            m.copy_(torch.where(okb, m.lerp(g, 1.0 - self.beta1), m))
-            v.copy_(torch.where(okb, v * self.beta2 + (1.0 - self.beta2) * g * g, v))
-            denom = v.sqrt() / bc2_sqrt.view(shape) + self.eps
-            p.sub_(torch.where(okb, step_size.view(shape) * m / denom, torch.zeros_like(p)))
+    def step(self, flat: Tensor, grad: Tensor, lr: Tensor, skip: Tensor) -> None:
+        """One update of ``flat`` ``(G, P)`` from ``grad`` ``(G, P)``. ``lr`` ``(G,)``; ``skip`` ``(G,)``
+        float, 1 where a member's step is not finite."""
+        for g in range(flat.shape[0]):
+            torch_adam.adam(
+                [flat[g]],
+                [grad[g]],
+                [self.exp_avg[g]],
+                [self.exp_avg_sq[g]],
+                [],
+                [self.steps[g]],
+                fused=True,
+                found_inf=skip[g],
+                amsgrad=False,
+                beta1=self.beta1,
+                beta2=self.beta2,
+                lr=lr[g],
+                weight_decay=0.0,
+                eps=self.eps,
+                maximize=False,
+            )
+
+
+class _Surrogate(nn.Module):
+    """A run's (bound, surrogate) for given noise, for estimators whose gradient is not autograd of
+    the bound (:func:`iwae.estimators.bound_and_surrogate`): what a pack of one calls through
+    ``torch.func.functional_call`` with the member's views of the flat buffer."""
+
+    def __init__(self, model: IWAEModel, objective: Any, estimator: str):
+        super().__init__()
+        self.model, self.objective, self.estimator = model, objective, estimator
+
+    def forward(self, x: Tensor, eps: list[Tensor]) -> tuple[Tensor, Tensor]:
+        return bound_and_surrogate(self.model, x, self.objective, self.estimator, eps=eps)
 
 
 class Pack:
-    """G unfinished :class:`~iwae.train.TrainState` s trained as one; see the module docstring."""
+    """G unfinished :class:`~iwae.state.TrainState` s trained as one; see the module docstring.
 
-    def __init__(self, states: list[TrainState], x_train: Tensor, graph: bool = True):
+    ``compile_step``: ``torch.compile`` the bound of a pack of one (the standard estimator): +20% to
+    +50% examples/s on a CPU for long runs (bench), after ~30 s of compilation.
+    """
+
+    def __init__(self, states: list[TrainState], x_train: Tensor, graph: bool = True, compile_step: bool = False):
         keys = {pack_key(s.cfg) for s in states}
-        if None in keys or len(keys) != 1:
+        if len(states) > 1 and (None in keys or len(keys) != 1):
             raise ValueError("a pack needs runs of one shape (same data, model, K, estimator and schedule); see iwae.pack.pack_key")
         self.states, self.x_train = states, x_train
         cfg = states[0].cfg
         self.G, dev, dt = len(states), x_train.device, x_train.dtype
         self.objectives = [s.cfg.objective for s in states]
+        self.fast = uses_fast_path(cfg.objective, cfg.estimator.value)
         self.summed = cfg.schedule.authors_code  # the authors' code sums the minibatch gradient
-        self.names = [n for n, _ in states[0].model.named_parameters()]
-        members = [dict(s.model.named_parameters()) for s in states]
-        self.params = {n: torch.stack([m[n].detach() for m in members]).requires_grad_() for n in self.names}  # (G, ...)
-        group = states[0].opt.param_groups[0]
-        m, v = [], []
-        for n in self.names:
-            st = [s.opt.state.get(mem[n], {}) for s, mem in zip(states, members)]
-            m.append(torch.stack([x["exp_avg"] if x else torch.zeros_like(mem[n]) for x, mem in zip(st, members)]).detach().clone())
-            v.append(torch.stack([x["exp_avg_sq"] if x else torch.zeros_like(mem[n]) for x, mem in zip(st, members)]).detach().clone())
+        named = [dict(s.model.named_parameters()) for s in states]
+        self.names = list(named[0])
+        self.shapes = [tuple(named[0][n].shape) for n in self.names]
+        self.sizes = [math.prod(sh) for sh in self.shapes]
+        self.flat = torch.stack([torch.cat([m[n].detach().reshape(-1) for n in self.names]) for m in named]).requires_grad_()  # (G, P)
+        moments = []
+        for key in ("exp_avg", "exp_avg_sq"):
+            rows = []
+            for s, m in zip(states, named):
+                st = [s.opt.state.get(m[n], {}) for n in self.names]
+                rows.append(torch.cat([(x[key] if x else torch.zeros_like(m[n])).detach().reshape(-1) for x, n in zip(st, self.names)]))
+            moments.append(torch.stack(rows).to(dev, dt))  # (G, P)
         # torch's Adam counts steps per tensor, but every tensor of a run takes every step: the first one's count is the run's
-        first = [s.opt.state.get(mem[self.names[0]], {}) for s, mem in zip(states, members)]
-        steps = torch.tensor([float(x["step"]) if x else 0.0 for x in first], device=dev, dtype=dt)
-        self.adam = PackedAdam(m, v, steps, tuple(group["betas"]), float(group["eps"]))
+        first = [s.opt.state.get(m[self.names[0]], {}) for s, m in zip(states, named)]
+        steps = [torch.tensor(float(x["step"]) if x else 0.0, device=dev, dtype=torch.float32) for x in first]
+        group = states[0].opt.param_groups[0]
+        self.adam = FlatAdam(moments[0], moments[1], steps, tuple(group["betas"]), float(group["eps"]))
         self.template = copy.deepcopy(states[0].model).to("meta")  # the code of the model; weights come from the pack
         self._log_w = torch.func.vmap(self._member_log_w)
+        self._surrogate = _Surrogate(self.template, cfg.objective, cfg.estimator.value)
+        self._bound: Any = self._fast_bound
+        if compile_step and self.fast and self.G == 1:
+            self._bound = torch.compile(self._fast_bound, dynamic=False)
         bs, k = cfg.schedule.batch_size, cfg.objective.num_samples
         # static inputs of one step (a CUDA graph reads them from fixed addresses)
         self.idx = torch.zeros((self.G, bs), dtype=torch.long, device=dev)
@@ -150,10 +188,10 @@ class Pack:
                 warnings.warn(f"CUDA graph capture of the training step failed ({self.graph_error}); training eagerly", stacklevel=2)
 
     @classmethod
-    def fresh(cls, cfgs: Sequence[RunConfig], x_train: Tensor, graph: bool = True) -> Pack:
+    def fresh(cls, cfgs: Sequence[RunConfig], x_train: Tensor, graph: bool = True, compile_step: bool = False) -> Pack:
         """A pack of freshly initialised runs ``cfgs`` on ``x_train`` (timings and probes: no checkpoints)."""
         data = Dataset("probe", x_train.cpu().numpy(), x_train[:1].cpu().numpy())  # the output bias comes from these images
-        return cls([start_state(c, data, x_train.device, None, None)[0] for c in cfgs], x_train, graph=graph)
+        return cls([start_state(c, data, x_train.device, None, None)[0] for c in cfgs], x_train, graph=graph, compile_step=compile_step)
 
     def examples_per_s(self, steps: int, repeats: int = 1) -> float:
         """Training examples/s summed over the members: the median of ``repeats`` timings of ``steps``
@@ -171,34 +209,55 @@ class Pack:
             times.append(time.perf_counter() - t0)
         return self.G * steps * self.idx.shape[1] / statistics.median(times)
 
+    def params(self) -> dict[str, Tensor]:
+        """Each layer's parameters as a view of the flat buffer: ``{name: (G, *shape)}``."""
+        return {n: t.view(self.G, *sh) for n, sh, t in zip(self.names, self.shapes, torch.split(self.flat, self.sizes, dim=1))}
+
     def _member_log_w(self, params: dict[str, Tensor], x: Tensor, eps: list[Tensor]) -> Tensor:
         return torch.func.functional_call(self.template, params, (x, eps))  # (B, X) -> (K, B)
 
-    def _zero_grads(self) -> None:
-        for p in self.params.values():
-            p.grad = None
+    def _fast_bound(self, params: dict[str, Tensor], x: Tensor, eps: list[Tensor]) -> Tensor:
+        """One run's per-example bound ``(B,)``: autograd of it is the standard estimator."""
+        return self.objectives[0].bound(self._member_log_w(params, x, eps))
 
     def _step(self) -> None:
         """Everything of one step after the random draws: no host reads (graph-capturable)."""
-        G = self.G
         x = (self.u < self.x_train[self.idx]).to(self.u.dtype)  # (G, B, X): dynamic binarisation, as iwae.data.binarize
-        log_w = self._log_w(self.params, x, self.eps)  # (G, K, B)
-        bound = torch.stack([obj.bound(log_w[g]) for g, obj in enumerate(self.objectives)])  # (G, B)
-        per = bound.sum(1) if self.summed else bound.mean(1)  # (G,): each member's own loss is -per[g]
+        params = self.params()
+        if self.G == 1:  # a run alone: the model called directly, with any estimator
+            one = {n: p[0] for n, p in params.items()}
+            eps = [e[0] for e in self.eps]
+            if self.fast:
+                try:
+                    b = self._bound(one, x[0], eps)  # (B,)
+                except Exception as e:  # a compiler missing on this machine must not stop training
+                    if self._bound == self._fast_bound:
+                        raise
+                    warnings.warn(f"torch.compile failed ({type(e).__name__}); training eagerly", stacklevel=2)
+                    self._bound = self._fast_bound
+                    b = self._bound(one, x[0], eps)
+                bound = surrogate = b[None]  # (1, B)
+            else:
+                b, s = torch.func.functional_call(self._surrogate, {f"model.{n}": p for n, p in one.items()}, (x[0], eps))
+                bound, surrogate = b[None], s[None]  # (1, B)
+        else:
+            log_w = self._log_w(params, x, self.eps)  # (G, K, B)
+            bound = surrogate = torch.stack([obj.bound(log_w[g]) for g, obj in enumerate(self.objectives)])  # (G, B)
+        per = surrogate.sum(1) if self.summed else surrogate.mean(1)  # (G,): each member's own loss is -per[g]
         (-per).sum().backward()  # members share no parameter: each gets the gradient of its own loss
-        params = [self.params[n] for n in self.names]
-        grads = [p.grad for p in params]
-        gnorm = torch.stack([g.reshape(G, -1).square().sum(1) for g in grads]).sum(0).sqrt()  # type: ignore[union-attr]  # (G,)
+        grad = self.flat.grad  # (G, P)
+        assert grad is not None
+        gnorm = grad.square().sum(1).sqrt()  # (G,)
         ok = torch.isfinite(gnorm) & torch.isfinite(per)
-        self.adam.step(params, grads, self.lr, ok)  # type: ignore[arg-type]
         okf = ok.to(per.dtype)
+        self.adam.step(self.flat, grad, self.lr, 1.0 - okf)
         with torch.no_grad():
             self.skipped.add_(1.0 - okf)
             self.gnorm_sum.add_(torch.nan_to_num(gnorm, nan=0.0, posinf=0.0) * okf)
             self.bound_sum.add_(torch.nan_to_num(bound.detach().sum(1), nan=0.0, neginf=0.0) * okf)
 
     def _state_tensors(self) -> list[Tensor]:
-        return [*self.params.values(), *self.adam.exp_avg, *self.adam.exp_avg_sq, self.adam.step_count, self.bound_sum, self.skipped, self.gnorm_sum]
+        return [self.flat, self.adam.exp_avg, self.adam.exp_avg_sq, *self.adam.steps, self.bound_sum, self.skipped, self.gnorm_sum]
 
     def _capture(self) -> Any:
         """Capture :meth:`_step` as a CUDA graph (torch docs, "whole network capture"); the warm-up
@@ -209,10 +268,10 @@ class Pack:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):
-                    self._zero_grads()
+                    self.flat.grad = None
                     self._step()
             torch.cuda.current_stream().wait_stream(side)
-            self._zero_grads()
+            self.flat.grad = None
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._step()
@@ -230,14 +289,14 @@ class Pack:
         for step in range(first, first + count):
             b = step % per_epoch
             self.idx.copy_(orders[:, b * bs : (b + 1) * bs])
-            for g, s in enumerate(self.states):  # each member's own stream, in the solo order: binarisation, then noise
+            for g, s in enumerate(self.states):  # each member's own stream: binarisation, then noise
                 torch.rand(self.u[g].shape, generator=s.gen, out=self.u[g])
                 for e in self.eps:
                     torch.randn(e[g].shape, generator=s.gen, out=e[g])
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self._zero_grads()
+                self.flat.grad = None
                 self._step()
 
     def epoch_orders(self) -> Tensor:
@@ -248,9 +307,10 @@ class Pack:
         )
 
     def train_epoch(self, max_skip_fraction: float = 0.01) -> list[dict[str, Any] | NonFiniteError]:
-        """One epoch of every member; its metrics row (as :func:`iwae.train.train_epoch`'s) or the
-        :class:`NonFiniteError` of a member that diverged (its epoch count is not advanced and the
-        caller drops it without saving; its last checkpoint stays the one to retry from).
+        """One epoch of every member: its metrics row, or the :class:`NonFiniteError` of a member that
+        diverged (more than ``max_skip_fraction`` of its steps were non-finite and skipped; its epoch
+        count is not advanced and the caller drops it without saving, so its last checkpoint stays
+        the one to retry from).
 
         ``seconds`` is the pack's wall time for the epoch, the same for every member: what each run
         waited, not its share of the device (divide by the pack's size for that)."""
@@ -292,18 +352,20 @@ class Pack:
 
     @torch.no_grad()
     def _write_back(self) -> None:
-        """Copy each member's slice into its own model and Adam (what its checkpoints save)."""
-        steps, lrs = self.adam.step_count.tolist(), self.lr.tolist()
+        """Copy each member's row into its own model and Adam (what its checkpoints save)."""
+        lrs = self.lr.tolist()
         for g, s in enumerate(self.states):
             named = dict(s.model.named_parameters())
-            for i, n in enumerate(self.names):
+            step = float(self.adam.steps[g])
+            for n, a, b in zip(self.names, torch.split(self.adam.exp_avg[g], self.sizes), torch.split(self.adam.exp_avg_sq[g], self.sizes)):
                 p = named[n]
-                p.copy_(self.params[n][g])
                 s.opt.state[p] = {
-                    "step": torch.tensor(steps[g], dtype=torch.float32, device=p.device),
-                    "exp_avg": self.adam.exp_avg[i][g].clone(),
-                    "exp_avg_sq": self.adam.exp_avg_sq[i][g].clone(),
+                    "step": torch.tensor(step, dtype=torch.float32),
+                    "exp_avg": a.view(p.shape).clone(),
+                    "exp_avg_sq": b.view(p.shape).clone(),
                 }
+            for n, view in self.params().items():
+                named[n].copy_(view[g])
             for group in s.opt.param_groups:
                 group["lr"] = lrs[g]
 
@@ -318,32 +380,49 @@ def train_pack(
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
     max_skip_fraction: float = 0.01,
     graph: bool = True,
+    compile_step: bool | str = "auto",
     progress: bool = False,
+    notice: Notice | None = None,
 ) -> list[TrainResult | NonFiniteError]:
-    """Train the runs ``cfgs`` (one :func:`pack_key`) as one pack; resume each from its own sink.
+    """The training loop: the runs ``cfgs`` (one :func:`pack_key`, or one run) as one pack, each
+    resumed from its own sink.
 
     Args:
         cfgs: the members; ``sinks[g]`` holds member g's checkpoints (``None``: in memory only).
-        inits: per member, a checkpoint to start from (Table 2's objective swap), as in ``train``.
+        inits: per member, a checkpoint to start from (Table 2's objective swap): model and Adam state.
         on_epoch: called with ``(member index, metrics row)`` after each member's epoch.
+        max_skip_fraction: more non-finite steps than this in an epoch stops a member (NonFiniteError).
         graph: on a GPU, replay the step as a CUDA graph (eager fallback if capture fails).
+        compile_step: ``torch.compile`` the bound of a run alone (standard estimator). ``"auto"``: on
+            a CPU, runs of at least 500k training examples, where the ~30 s of compilation is repaid;
+            a failure falls back to eager with a warning.
+        progress: a progress bar (epochs, the bounds).
+        notice: where one-line notices go (a run resumed from another device's checkpoint).
 
-    Returns, per member, its :class:`~iwae.train.TrainResult`, or the :class:`NonFiniteError` that
+    Returns, per member, its :class:`~iwae.state.TrainResult`, or the :class:`NonFiniteError` that
     stopped it (the other members go on). Members already finished are returned as they are.
+
+    Training flushes subnormal floats to zero for the process (``torch.set_flush_denormal``): IWAE's
+    normalised weights softmax(log_w) underflow into that range for the worst of K=50 samples, and
+    the backward pass multiplies them through the decoder; x86 pays a microcode assist per such
+    operation (k=50 steps 1.6-1.9x slower on 2 cores, bench), with no visible change in the bound.
     """
-    torch.set_flush_denormal(True)  # see iwae.train.train: subnormal IWAE weights in the backward slow x86 ~2x
+    torch.set_flush_denormal(True)
     dev = pick_device(device)
     inits = list(inits) if inits is not None else [None] * len(cfgs)
-    started = [start_state(c, data, dev, s, i) for c, s, i in zip(cfgs, sinks, inits)]
+    started = [start_state(c, data, dev, s, i, notice) for c, s, i in zip(cfgs, sinks, inits)]
     states = [st for st, _ in started]
     x_train = training_images(cfgs[0], data, dev)
     total = cfgs[0].schedule.total_epochs
+    if compile_step == "auto":
+        compile_step = dev.type == "cpu" and len(cfgs) == 1 and (total - states[0].epoch) * x_train.shape[0] >= 500_000
     errors: dict[int, NonFiniteError] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=min(s.epoch for s in states), desc=f"pack of {len(cfgs)}", unit="epoch", dynamic_ncols=True)
+        desc = cfgs[0].label() if len(cfgs) == 1 else f"pack of {len(cfgs)}"
+        bar = tqdm(total=total, initial=min(s.epoch for s in states), desc=desc, unit="epoch", dynamic_ncols=True)
     for s in states:
         s.model.train()
     active: list[int] = []
@@ -353,7 +432,7 @@ def train_pack(
         if not todo:
             break
         if todo != active:  # a member finished or failed: the pack is rebuilt from the others
-            active, pack = todo, Pack([states[g] for g in todo], x_train, graph=graph)
+            active, pack = todo, Pack([states[g] for g in todo], x_train, graph=graph, compile_step=bool(compile_step))
         assert pack is not None
         rows = pack.train_epoch(max_skip_fraction)
         for g, row in zip(active, rows):

@@ -37,7 +37,7 @@ from iwae.config import ModelConfig, RunConfig, ScheduleConfig
 from iwae.data import binarize
 from iwae.models import IWAEModel
 from iwae.pack import Pack
-from iwae.train import make_optimizer, pick_device
+from iwae.state import pick_device
 from pipeline.datasource import DataSource
 
 
@@ -89,30 +89,11 @@ def decoder_flops(cfg: ModelConfig) -> int:
 def train_throughput(
     model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: torch.device, steps: int, repeats: int, compiled: bool = False, warm: int | None = None
 ) -> float:
-    """Our training step (the code `train` runs, eager or compiled): examples/s at batch 20."""
-    from iwae.train import _StepBound
-
-    cfg = RunConfig(model=model_cfg, objective=IWAE(k=k))
-    torch.manual_seed(0)
-    model = IWAEModel(model_cfg).to(dev)
-    opt = make_optimizer(model, cfg)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    obj = IWAE(k=k)
-    x_all = data.to(dev)
-    step_bound = _StepBound(model, obj, "standard", compiled)
-
-    def step(i: int) -> None:
-        xb = binarize(x_all[(i * 20) % (len(x_all) - 20) :][:20], gen)
-        _, surrogate = step_bound(xb, gen)
-        loss = -surrogate.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for i in range(max(5, steps // 5) if warm is None else warm):
-        step(i)
-    t = median_time(lambda: _repeat(step, steps), repeats, device_sync(dev))
-    return steps * 20 / t
+    """Our training step for one run (the code `train` runs: a pack of one, eager or compiled):
+    examples/s at batch 20."""
+    pack = Pack.fresh([RunConfig(model=model_cfg, objective=IWAE(k=k))], data.to(dev), graph=dev.type == "cuda", compile_step=compiled)
+    pack.run_steps(pack.epoch_orders(), 0, max(5, steps // 5) if warm is None else warm)
+    return pack.examples_per_s(steps, repeats)
 
 
 def warm_pack(model_cfg: ModelConfig, k: int, size: int, x: torch.Tensor, dev: torch.device, graph: bool, warm_steps: int) -> Pack:
@@ -174,7 +155,7 @@ def pack_parity(x: torch.Tensor, dev: torch.device, k: int, steps: int) -> dict[
     def trained(members: list[RunConfig], graph: bool) -> list[dict[str, torch.Tensor]]:
         pack = Pack.fresh(members, x.to(dev), graph=graph)
         pack.run_steps(pack.epoch_orders(), 0, steps)
-        return [{n: p[g].detach() for n, p in pack.params.items()} for g in range(pack.G)]
+        return [{n: p[g].detach() for n, p in pack.params().items()} for g in range(pack.G)]
 
     def diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
         return max(float((a[n] - b[n]).abs().max()) for n in a)
@@ -237,14 +218,13 @@ def pyro_throughput(model_cfg: ModelConfig, k: int, data: torch.Tensor, dev: tor
 def _fake_results(root: Path, model_cfg: ModelConfig, data: Any) -> tuple[Any, str]:
     """A results folder holding one (untrained) run, for timing evaluation only."""
     from iwae import checkpoint
-    from iwae.train import FINAL, _checkpoint_payload, build_model, make_optimizer
+    from iwae.state import FINAL, start_state
     from pipeline.results import Results
 
     cfg = RunConfig(model=model_cfg, objective=IWAE(k=5), schedule=ScheduleConfig(stages=1))
     res = Results.open(str(root))
-    model = build_model(cfg, data, torch.device("cpu"))
-    payload = _checkpoint_payload(cfg, model, make_optimizer(model, cfg), torch.Generator(), 1, [], 0.0)
-    res.store.write_bytes(f"{res.checkpoint_key(cfg.run_id)}/{FINAL}", checkpoint.to_bytes(payload))
+    state, _ = start_state(cfg, data, torch.device("cpu"), None, None)
+    res.store.write_bytes(f"{res.checkpoint_key(cfg.run_id)}/{FINAL}", checkpoint.to_bytes(state.payload(1)))
     return res, cfg.run_id
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from iwae import checkpoint
 from iwae.config import RunConfig
-from iwae.train import FINAL
+from iwae.state import FINAL
 from pipeline.estimates import Plan, Span, check_file, dir_key, spans
 from pipeline.results import SCHEMAS, DamagedFile, Results
 

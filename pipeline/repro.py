@@ -37,7 +37,7 @@ from iwae.bounds import IWAE, VAE
 from iwae.config import ModelConfig, RunConfig, ScheduleConfig
 from iwae.evaluate import EvalConfig
 from iwae.pack import group_packs
-from iwae.train import pick_device, training_images
+from iwae.state import pick_device, training_images
 from pipeline.bench import ais_cost, bench_packing, device_sync
 from pipeline.datasource import DataSource
 from pipeline.driver import evaluate_here
@@ -159,7 +159,7 @@ def run_repro(
     t_train = time.monotonic()
     todo = RunLedger.read(results, [c.run_id for c in cfgs]).todo(cfgs)
     for pack in group_packs(cfgs, size):  # a pack of one too: the loop whose step time was measured
-        train_members(pack, results, data, packed=True, dataset=ds, progress=True)
+        train_members(pack, results, data, dataset=ds, progress=True)
     if todo or "train_seconds" not in fig:
         fig["train_seconds"] = time.monotonic() - t_train
         _write_json(results, {**saved, **fig})  # each phase's figures are kept as it ends: a killed call loses only its own phase

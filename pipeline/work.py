@@ -31,7 +31,8 @@ from iwae.config import RunConfig
 from iwae.data import Dataset
 from iwae.evaluate import CommonNoise, binarize_by_id, estimate_log_px
 from iwae.models import IWAEModel
-from iwae.train import TrainResult, model_from_checkpoint, pick_device, train
+from iwae.pack import train_pack
+from iwae.state import TrainResult, model_from_checkpoint, pick_device
 from iwae.units import active_masks, common_noise, prune, unit_variances
 from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
@@ -84,18 +85,18 @@ def train_members(
     results: Results,
     data: DataSource,
     *,
-    packed: bool | None = None,
     on_epoch: Callable[[RunConfig, dict[str, Any]], None] | None = None,
     dataset: Dataset | None = None,
     compile_step: bool | str = "auto",
     progress: bool = False,
+    notice: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train the runs of ``cfgs`` that are not done yet (runs of one :func:`iwae.pack.pack_key`: a Tune
-    trial, or a pack of ``train``), write each run's rows, and return every run's row in order.
+    """Train the runs of ``cfgs`` that are not done yet (runs of one :func:`iwae.pack.pack_key`, or one
+    run: a task of the executor, or a pack of ``train``) as one pack (:func:`iwae.pack.train_pack`,
+    the one training loop), write each run's rows, and return every run's row in order.
 
-    One run trains alone (its own loop, compiled where that pays) unless ``packed``; several train as
-    one pack (:func:`iwae.pack.train_pack`), with the pack's run ids in their ``pack`` column. A member
-    that diverged gets a ``failed`` row (the others are kept) and :class:`RunFailed` names it at the end.
+    A pack of several runs names them in each run's ``pack`` column. A member that diverged gets a
+    ``failed`` row (the others are kept) and :class:`RunFailed` names it at the end, in one line.
     """
     ledger = RunLedger.read(results, [c.run_id for c in cfgs])  # a retried trial finds what it finished
     rows = {c.run_id: dict(ledger.row(c.run_id) or {}) for c in cfgs if ledger.done(c.run_id)}
@@ -104,30 +105,22 @@ def train_members(
         return [rows[c.run_id] for c in cfgs]
     ds = dataset or data.load(todo[0].dataset, todo[0].split)
     dev = pick_device()
-    if len(cfgs) == 1 and not packed:
-        cfg = todo[0]
-        hook = (lambda row: on_epoch(cfg, row)) if on_epoch is not None else None
-        init = init_checkpoint(results, cfg)
-        out: list[TrainResult | Exception] = [
-            train(cfg, ds, StoreCheckpoints(results, cfg.run_id), device=dev, init=init, on_epoch=hook, compile_step=compile_step, progress=progress)
-        ]
-    else:
-        from iwae.pack import train_pack
-
-        inits = [init_checkpoint(results, c) for c in todo]
-        sinks: list[checkpoint.Checkpoints | None] = [StoreCheckpoints(results, c.run_id) for c in todo]
-        pack_hook = (lambda g, row: on_epoch(todo[g], row)) if on_epoch is not None else None
-        out = list(train_pack(todo, ds, sinks, device=dev, inits=inits, on_epoch=pack_hook, progress=progress))
+    inits = [init_checkpoint(results, c) for c in todo]
+    sinks: list[checkpoint.Checkpoints | None] = [StoreCheckpoints(results, c.run_id) for c in todo]
+    pack_hook = (lambda g, row: on_epoch(todo[g], row)) if on_epoch is not None else None
+    out = train_pack(todo, ds, sinks, device=dev, inits=inits, on_epoch=pack_hook, compile_step=compile_step, progress=progress, notice=notice)
     pack = "+".join(c.run_id for c in todo) if len(todo) > 1 else ""
     failed = []
     for c, r in zip(todo, out):
-        if isinstance(r, Exception):
+        if isinstance(r, TrainResult):
+            rows[c.run_id] = record_run(c, results, r, ds, dev, pack)
+        else:
             mark_failed(results, c, str(r))
             failed.append(f"{c.run_id} ({r})")
-        else:
-            rows[c.run_id] = record_run(c, results, r, ds, dev, pack)
     if failed:
-        raise RunFailed(f"{len(failed)} of {len(todo)} packed runs failed: {'; '.join(failed)}; the others are kept, run the same command again to retry")
+        kept = "; the others are kept" if len(todo) > 1 else ""
+        why = f"{len(failed)} of {len(todo)} runs failed: {'; '.join(failed)}{kept}"
+        raise RunFailed(f"{why}; their last checkpoints are kept, run the same command again to retry")
     return [rows[c.run_id] for c in cfgs]
 
 
@@ -143,7 +136,7 @@ def train_in_process(
     """Train ``cfgs`` in this process, in packs of one key: at most ``pack_limit`` runs each, or, with
     ``None``, as many as :func:`iwae.pack.auto_pack_size` finds worth it on this device. Rows in order."""
     from iwae.pack import auto_pack_size, group_packs
-    from iwae.train import training_images
+    from iwae.state import training_images
 
     dev = pick_device()
     rows: dict[str, dict[str, Any]] = {}

@@ -1,4 +1,5 @@
-"""Packed training: member g of a pack trains as its solo run does (iwae.pack)."""
+"""The one training loop (iwae.pack): a run alone is a pack of one, equal to the loop written out by
+hand; member g of a pack trains as it does alone; Adam on the flat buffer is torch's, per member."""
 
 import pytest
 import torch
@@ -6,8 +7,11 @@ import torch
 from iwae import checkpoint
 from iwae.config import ModelConfig, RunConfig, ScheduleConfig
 from iwae.data import synthetic
-from iwae.pack import Pack, PackedAdam, group_packs, pack_key, train_pack
-from iwae.train import FINAL, _StepBound, start_state, train, train_epoch
+from iwae.data import binarize
+from iwae.estimators import bound_and_surrogate
+from iwae.pack import FlatAdam, Pack, group_packs, pack_key, train_pack
+from iwae.state import FINAL, start_state
+from iwae.train import train
 
 SMALL = ModelConfig(x_dim=784, latent=(4,), hidden_q=((16,),), hidden_p=((16,),))
 TWO = ModelConfig(x_dim=784, latent=(4, 3), hidden_q=((16,), (8,)), hidden_p=((16,), (8,)))
@@ -23,36 +27,76 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_packed_adam_equals_torch_adam():
-    """PackedAdam with one member follows torch.optim.Adam step for step (the pack's optimiser is Adam)."""
+def test_flat_adam_equals_torch_adam_per_member_with_its_own_steps_and_skips():
+    """Two members on one flat buffer, one of them 3 steps ahead (resumed at another epoch) and with
+    another lr: each follows its own torch.optim.Adam step for step; a member whose step is skipped
+    (non-finite) keeps its parameters, moments and step count while the other steps."""
     torch.manual_seed(0)
-    p_ref = torch.randn(5, 3, requires_grad=True)
-    ref = torch.optim.Adam([p_ref], lr=1e-3, betas=(0.9, 0.999), eps=1e-4)
-    p = p_ref.detach().clone()[None]  # (1, 5, 3)
-    adam = PackedAdam([torch.zeros_like(p)], [torch.zeros_like(p)], torch.zeros(1), (0.9, 0.999), 1e-4)
-    for _ in range(5):
-        g = torch.randn(5, 3)
-        p_ref.grad = g.clone()
-        ref.step()
-        adam.step([p], [g[None]], torch.tensor([1e-3]), torch.tensor([True]))
-    torch.testing.assert_close(p[0], p_ref.detach(), rtol=1e-6, atol=1e-7)
+    refs = [torch.randn(7, requires_grad=True) for _ in range(2)]
+    opts = [torch.optim.Adam([r], lr=lr, betas=(0.9, 0.999), eps=1e-4) for r, lr in zip(refs, (1e-3, 3e-3))]
+    for _ in range(3):  # member 0 is 3 steps ahead
+        refs[0].grad = torch.randn(7)
+        opts[0].step()
+    flat = torch.stack([r.detach().clone() for r in refs])  # (2, 7)
+    m = torch.stack([opts[0].state[refs[0]]["exp_avg"], torch.zeros(7)])
+    v = torch.stack([opts[0].state[refs[0]]["exp_avg_sq"], torch.zeros(7)])
+    adam = FlatAdam(m, v, [torch.tensor(3.0), torch.tensor(0.0)], (0.9, 0.999), 1e-4)
+    lr = torch.tensor([1e-3, 3e-3])
+    for step in range(5):
+        g = torch.randn(2, 7)
+        skip = torch.tensor([1.0, 0.0]) if step == 2 else torch.zeros(2)  # member 0's third step here is non-finite
+        if step == 2:
+            g[0] = float("nan")
+            kept = flat[0].clone(), adam.exp_avg[0].clone(), float(adam.steps[0])
+        else:
+            refs[0].grad = g[0].clone()
+            opts[0].step()
+        refs[1].grad = g[1].clone()
+        opts[1].step()
+        adam.step(flat, g, lr, skip)
+        if step == 2:
+            assert torch.equal(flat[0], kept[0]) and torch.equal(adam.exp_avg[0], kept[1]) and float(adam.steps[0]) == kept[2]
+    for r, o, row, steps in zip(refs, opts, flat, adam.steps):
+        torch.testing.assert_close(row, r.detach(), rtol=1e-6, atol=1e-7)
+        assert float(steps) == float(o.state[r]["step"])
+    assert [float(s) for s in adam.steps] == [7.0, 5.0]
 
 
-def test_packed_adam_skips_a_non_finite_member_only():
-    """A member with a NaN gradient keeps its parameters, moments and step; the other member steps."""
-    p = torch.ones(2, 3)
-    adam = PackedAdam([torch.zeros_like(p)], [torch.zeros_like(p)], torch.zeros(2), (0.9, 0.999), 1e-4)
-    g = torch.stack([torch.full((3,), float("nan")), torch.ones(3)])
-    adam.step([p], [g], torch.tensor([1e-3, 1e-3]), torch.tensor([False, True]))
-    assert torch.equal(p[0], torch.ones(3)) and torch.all(p[1] < 1)
-    assert adam.step_count.tolist() == [0.0, 1.0] and torch.equal(adam.exp_avg[0][0], torch.zeros(3))
+def _reference_epoch(c, data, steps):
+    """A run's first ``steps`` steps written out by hand: its generator draws the data order, then per
+    step the binarisation and the noise; Adam is torch.optim.Adam. The training loop must equal this."""
+    state = start_state(c, data, torch.device("cpu"), None, None)[0]
+    model, gen, bs = state.model, state.gen, c.schedule.batch_size
+    x_train = torch.as_tensor(data.train[: c.train_subset])
+    order = torch.randperm(x_train.shape[0], generator=gen)
+    opt = torch.optim.Adam(model.parameters(), lr=c.schedule.plan()[0][1], betas=(0.9, 0.999), eps=1e-4)
+    for i in range(steps):
+        x = binarize(x_train[order[i * bs : (i + 1) * bs]], gen)
+        eps = [torch.randn((c.objective.num_samples, bs, d), generator=gen) for d in c.model.latent]
+        _, surrogate = bound_and_surrogate(model, x, c.objective, c.estimator.value, eps=eps)
+        opt.zero_grad()
+        (-surrogate.mean()).backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("estimator", ["standard", "dreg"])
+def test_a_run_alone_equals_the_loop_written_out_by_hand(estimator):
+    """A pack of one (the one training loop) takes exactly the steps of the loop written out by hand:
+    same draws in the same order, same gradient (standard, or DReG through its surrogate), same Adam."""
+    data = synthetic(n_train=200, n_test=10)
+    c = cfg(estimator=estimator, train_subset=100)
+    state = start_state(c, data, torch.device("cpu"), None, None)[0]
+    Pack([state], torch.as_tensor(data.train[:100])).train_epoch()  # 100 images: 5 steps
+    ref = _reference_epoch(c, data, 5)
+    for (n, p), q in zip(ref.named_parameters(), state.model.parameters()):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6, msg=n)
 
 
 def _one_step_solo(c, data):
-    """The solo run's first training step, through iwae.train's own epoch loop cut to one batch."""
+    """The run's first training step alone: a pack of one, cut to one batch."""
     state, _ = start_state(c, data, torch.device("cpu"), None, None)
-    x = torch.as_tensor(data.train[: c.schedule.batch_size])  # one batch: train_epoch runs one step
-    train_epoch(state, x, _StepBound(state.model, c.objective, c.estimator, False))
+    Pack([state], torch.as_tensor(data.train[: c.schedule.batch_size])).train_epoch()  # one batch: one step
     return state
 
 

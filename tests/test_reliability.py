@@ -419,6 +419,21 @@ def test_hints_repeat_the_users_own_options(capsys, tmp_path, mnist_dir):
     assert "--size smoke" in line and f"--results {tmp_path / 'r'}" in line and f"--data-dir {mnist_dir}" in line
 
 
+def test_evaluate_without_the_cut_names_the_cut_the_location_holds(capsys, tmp_path):
+    """The README's `sweep paper_table1 --stages 3`, then `evaluate paper_table1` without --stages: run
+    ids depend on the cut, so the one line names --stages 3 (what the location holds) instead of
+    suggesting a sweep of the 3,280-epoch schedule as the only way on."""
+    import jobs
+    from pipeline.results import Results
+    from tests.fakes import add_run
+
+    res = Results.open(str(tmp_path / "r"))
+    for cfg in jobs.build("paper_table1", stages=3).runs[:4]:
+        add_run(res, cfg)
+    line = one_line_error(capsys, ["evaluate", "paper_table1", "--results", tmp_path / "r"], "trained with --stages 3")
+    assert "pass --stages 3 to evaluate those" in line, line
+
+
 def test_report_on_an_empty_results_folder_exits_2_with_the_command_that_fills_it(capsys, tmp_path):
     """An empty (but ours) results folder has nothing to report: exit 2 and the sweep that fills it."""
     from pipeline.results import Results

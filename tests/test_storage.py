@@ -265,3 +265,29 @@ def test_a_gcs_location_without_gcsfs_is_refused_in_one_line(monkeypatch):
     with pytest.raises(UserError, match=r"needs gcsfs .*pip install 'iwae-pipeline\[gcs\]'") as e:
         Store.open("gs://bkt/res")
     assert "\n" not in str(e.value)
+
+
+def test_report_out_to_s3_writes_there_and_nothing_local(tmp_path, monkeypatch, capsys):
+    """`report --out s3://...` (both endpoint forms) writes report.md, the plots and summary.parquet into
+    the bucket and nothing on the local disk (a Path option once made a local folder named `s3:`)."""
+    from pipeline.cli import main
+    from pipeline.results import Results
+    from tests.cluster.fixture import S3Server
+    from tests.fakes import add_estimate, add_run, run, seq
+
+    res = Results.open(str(tmp_path / "res"))
+    for obj in ("vae", "iwae"):
+        cfg = run(obj, 5, 0)
+        add_run(res, cfg)
+        add_estimate(res, cfg.run_id, seq([-100.0, -101.0, -99.0]))
+    monkeypatch.chdir(tmp_path)
+    s3 = S3Server()
+    try:
+        for i, uri in enumerate((s3.uri("rep0"), f"s3://{s3.bucket}/rep1?endpoint_override=http://{s3.endpoint}&region=us-east-1")):
+            assert main(["report", "--results", str(tmp_path / "res"), "--out", uri]) == 0, capsys.readouterr().err
+            keys = {k.rsplit("/", 1)[1] for k in s3.keys(f"rep{i}")}
+            assert {"report.md", "summary.parquet", "active_units.png"} <= keys, keys
+    finally:
+        s3.stop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]  # no s3: folder, no report beside the results
+    assert not (tmp_path / "res" / "report").exists()

@@ -105,31 +105,66 @@ def test_foreign_checkpoint_is_refused(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_and_counted(monkeypatch):
-    """A NaN loss step leaves the parameters untouched, is counted, and a poisoned epoch raises."""
-    import iwae.train as T
+    """A NaN step leaves the parameters untouched and is counted; an epoch of them raises NonFiniteError
+    in one line naming the run, and the last checkpoint is kept."""
+    import iwae.pack as P
 
     data = synthetic(n_train=400, n_test=10)
-    model_before = train(cfg(schedule=ScheduleConfig(stages=1)), data).model
-    original = T.train_epoch
+    original = P.Pack.train_epoch
 
-    def poisoned(state, *args, **kwargs):  # every parameter NaN: every step of the epoch is non-finite
+    def poisoned(self, *args, **kwargs):  # every parameter NaN: every step of the epoch is non-finite
         with torch.no_grad():
-            for p in state.model.parameters():
-                p.fill_(float("nan"))
-        return original(state, *args, **kwargs)
+            self.flat.fill_(float("nan"))
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(T, "train_epoch", poisoned)
-    with pytest.raises(NonFiniteError, match="non-finite"):
-        train(cfg(schedule=ScheduleConfig(stages=1)), data)
-    # fused Adam with found_inf leaves parameters unchanged on a skipped step
-    model = model_before
-    opt = torch.optim.Adam(model.parameters(), fused=True)
-    before = [p.detach().clone() for p in model.parameters()]
-    for p in model.parameters():
-        p.grad = torch.full_like(p, float("nan"))
-    opt.found_inf = torch.ones(())
-    opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    monkeypatch.setattr(P.Pack, "train_epoch", poisoned)
+    one_stage = cfg(schedule=ScheduleConfig(stages=1))
+    with pytest.raises(NonFiniteError, match=f"run {one_stage.run_id}: 20 of 20 steps were non-finite in epoch 1"):
+        train(one_stage, data)
+    monkeypatch.undo()
+    state = P.start_state(cfg(), data, torch.device("cpu"), None, None)[0]
+    pack = P.Pack([state], torch.as_tensor(data.train[:400]))
+    before = pack.flat.detach().clone()
+    pack.u.fill_(0.5)
+    with torch.no_grad():
+        pack.eps[0].fill_(float("nan"))  # one step's noise NaN: its bound and gradient are not finite
+    pack.lr.fill_(1e-3)
+    pack.idx.copy_(torch.arange(20)[None])
+    pack.flat.grad = None
+    pack._step()
+    assert torch.equal(pack.flat.detach(), before) and pack.skipped.tolist() == [1.0] and float(pack.adam.steps[0]) == 0.0
+
+
+def test_a_run_moves_between_devices_mid_schedule(tmp_path):
+    """CPU -> another device -> CPU: a checkpoint whose random state is another device's generator's (a
+    CUDA state, seed and offset) resumes here with draws reseeded from (seed, epoch) and one notice,
+    and the run finishes; a checkpoint from this device resumes its stream exactly, without one."""
+    from iwae.state import epoch_seed, restore_rng
+
+    data = synthetic(n_train=400, n_test=10)
+    c = cfg()
+    sink = checkpoint.DirectoryCheckpoints(tmp_path / "r")
+    train(cfg(schedule=ScheduleConfig(stages=1)), data, None)  # another run; the one below trains epoch 1 on this CPU
+    ck = None
+    for name in ("latest.pt",):
+        train(c, data, sink, progress=False)  # all 4 epochs on the CPU
+        ck = checkpoint.load(tmp_path / "r" / name)
+    assert ck is not None and ck["rng_device"] == "cpu"
+    for name in ("final.pt", "latest.pt", "stage-01.pt"):
+        (tmp_path / "r" / name).unlink()  # back to the end of stage 0 (epoch 1)
+    stage0 = checkpoint.load(tmp_path / "r" / "stage-00.pt")
+    moved = {**stage0, "rng": torch.tensor([7] * 8 + [0] * 8, dtype=torch.uint8), "rng_device": "cuda"}  # as a GPU would have saved it
+    (tmp_path / "r" / "stage-00.pt").write_bytes(checkpoint.to_bytes({k: v for k, v in moved.items() if k != "format"}))
+    notes: list[str] = []
+    resumed = train(c, data, sink, progress=False, notice=notes.append)
+    assert resumed.resumed_from_epoch == 1 and [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    assert len(notes) == 1 and "a cuda generator's and this is a cpu" in notes[0] and "epoch 1" in notes[0], notes
+    assert checkpoint.load(tmp_path / "r" / FINAL)["rng_device"] == "cpu"
+    gen = torch.Generator()
+    assert restore_rng(gen, moved, c, 1) and torch.equal(gen.get_state(), torch.Generator().manual_seed(epoch_seed(c.seed, 1)).get_state())
+    assert restore_rng(gen, stage0, c, 1) == "" and torch.equal(gen.get_state(), stage0["rng"])  # same device: the exact stream
+    old = {k: v for k, v in stage0.items() if k != "rng_device"}  # checkpoints from before the device was recorded: told by size
+    assert restore_rng(torch.Generator(), old, c, 1) == ""
 
 
 def test_history_has_per_epoch_metrics():
