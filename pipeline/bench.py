@@ -20,7 +20,6 @@ repeats, medians reported. Figures:
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -252,17 +251,19 @@ def eval_throughput(data: DataSource, mnist: Any, n_images: int, ray_path: bool,
         out["eval_images_per_s"] = n_images / t_local
         out["eval_samples_per_s"] = n_images * 5000 / t_local
         if ray_path:
-            from pipeline.driver import ray_session
-            from pipeline.ray_backend.cluster import Resources
-            from pipeline.ray_backend.tasks import score_ranges
+            from pipeline.driver import _writer, ray_session
+            from pipeline.ray_backend import executor
+            from pipeline.ray_backend.cluster import usable_cpus
+            from pipeline.ray_backend.resources import Resources
+            from pipeline.work import score_range
 
             res2, run_id2 = _fake_results(Path(tmp) / "ray", model_cfg, mnist)
-            with ray_session(None):
-                cpus = float(os.cpu_count() or 1)
+            with ray_session(None) as cluster:
                 timings: dict[str, float] = {}
                 sl = EstimateLedger(res2, plan)
-                items = [Span(run_id2, 0, half - 1), Span(run_id2, half, n_images - 1)]
-                score_ranges(sl, data, items, Resources(cpus=cpus / len(items), gpus=0.0), workers=len(items), timings=timings)
+                units = [executor.Unit(str(s), score_range, (sl, data, s)) for s in (Span(run_id2, 0, half - 1), Span(run_id2, half, n_images - 1))]
+                source = executor.Ready(res2, units, _writer(sl))
+                executor.run(cluster, source, Resources(cpus=usable_cpus() / len(units), gpus=0.0), what="evaluation", workers=len(units), timings=timings)
                 t_ray = timings["work_seconds"]
             out["eval_ray_images_per_s"] = n_images / t_ray
             out["eval_ray_over_local"] = t_local / t_ray

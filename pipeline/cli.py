@@ -316,7 +316,9 @@ def sweep(
     epoch_scale: Annotated[float | None, typer.Option(min=1e-6, help="Scale every stage's epochs.")] = None,
     cpus_per_trial: Annotated[float, typer.Option(min=0.0, help="CPUs per trial.")] = 1.0,
     gpus_per_trial: Annotated[float | None, typer.Option(min=0.0, help="GPUs per trial; fractions share a GPU (default: 1 when the cluster has GPUs).")] = None,
-    max_failures: Annotated[int, typer.Option(min=0, help="Retries of a failed trial from its last checkpoint.")] = 2,
+    retries: Annotated[
+        int, typer.Option("--retries", min=0, help="Times a unit of work is retried after its worker or node is lost (from its last checkpoint).")
+    ] = 3,
     evaluate_after: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate (k=5000) after training.")] = True,
     eval_workers: Annotated[
         int | None, typer.Option(min=1, help="Ranges of images scored at once (default: fill the cluster, nodes it can add included).")
@@ -332,10 +334,13 @@ def sweep(
     results: ResultsOpt = DEFAULT_RESULTS,
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
-    """Train a job's grid on Ray Tune (resumable), evaluate it with Ray tasks, print the report."""
+    """Train a job's grid and evaluate it on Ray tasks (resumable, each run under a lease), print the report."""
     from pipeline import driver
+    from pipeline.ray_backend.resources import check_gpus
     from pipeline.report import build_report
 
+    check_gpus(gpus_per_trial, "--gpus-per-trial")
+    check_gpus(eval_gpus, "--eval-gpus")
     j = _job(job, size, stages, epoch_scale, where)
     pack_limit = _pack_limit(pack)
     data = _data(data_dir)
@@ -343,28 +348,41 @@ def sweep(
         for dataset in j.datasets():
             data.check_here(dataset)
     t0 = time.monotonic()
-    with driver.ray_session(address):
+    with driver.ray_session(address, notice=lambda m: typer.echo(m, err=True)) as cluster:
         res = _results(results)
         ledger = driver.survey_runs(res, j.runs, notice=lambda m: typer.echo(m, err=True))
         if driver.missing_start(j.runs, ledger):
             req = " and ".join(j.requires) or "the runs it starts from"
             raise UserError(f"{job} starts from {req}'s runs; run `{_command('sweep', req, size, stages, epoch_scale, None, results, data_dir)}` first")
-        driver.check_storage(res)
+        driver.check_storage(cluster, res)
         ledger = driver.train_job(
             job,
             j.runs,
             res,
             data,
             ledger,
+            cluster,
             cpus=cpus_per_trial,
             gpus=gpus_per_trial,
             pack=pack_limit,
-            max_failures=max_failures,
+            retries=retries,
             compile_step=_compile_flag(compile_step),
             echo=lambda m: typer.echo(m, err=True),
         )
         if evaluate_after:
-            driver.evaluate_job(j, res, data, ledger, test_images=test_images, train_images=train_images, workers=eval_workers, cpus=eval_cpus, gpus=eval_gpus)
+            driver.evaluate_job(
+                j,
+                res,
+                data,
+                ledger,
+                cluster,
+                test_images=test_images,
+                train_images=train_images,
+                workers=eval_workers,
+                cpus=eval_cpus,
+                gpus=eval_gpus,
+                retries=retries,
+            )
     typer.echo(build_report(res).markdown)
     typer.echo(f"{job}: done in {time.monotonic() - t0:.0f} s; tables in {res.store.uri('tables')}, report in {res.store.uri('report')}")
 
@@ -397,7 +415,9 @@ def evaluate(
     """Evaluate a job's trained runs on Ray tasks: k=5000 importance sampling, or AIS/BDMC (--method),
     in fixed ranges of images; ranges already written whole, by any command, are skipped."""
     from pipeline import driver
+    from pipeline.ray_backend.resources import check_gpus
 
+    check_gpus(gpus, "--gpus")
     j = _job(job, size, stages, epoch_scale, where)
     ais = None
     if method != Method.is_:
@@ -420,10 +440,11 @@ def evaluate(
     incomplete = ledger.incomplete(j.runs)
     if incomplete:
         raise UserError(incomplete[0])  # a trained run whose files do not read whole (the first; a sweep redoes them all)
-    with driver.ray_session(address):
-        driver.check_storage(res)
-        sizes = {"test_images": test_images, "train_images": train_images}
-        driver.evaluate_job(j, res, data, ledger, **sizes, workers=workers, cpus=cpus, gpus=gpus, retries=retries, ais=ais)
+    with driver.ray_session(address, notice=lambda m: typer.echo(m, err=True)) as cluster:
+        driver.check_storage(cluster, res)
+        driver.evaluate_job(
+            j, res, data, ledger, cluster, test_images=test_images, train_images=train_images, workers=workers, cpus=cpus, gpus=gpus, retries=retries, ais=ais
+        )
     table = ais.table if ais else "eval"
     typer.echo(f"evaluated {job} into {res.store.uri(f'tables/{table}')}")
 

@@ -4,11 +4,13 @@ The CLI parses options, makes the :class:`~pipeline.results.Results` and the
 :class:`~pipeline.datasource.DataSource` once, and calls these steps in order:
 
 1. :func:`ray_session`: connect (the embedded local Ray, or a cluster) before any location is
-   created (``sweep``); ``evaluate``, which never creates one, reads its ledger first.
+   created (``sweep``), giving the :class:`~pipeline.ray_backend.cluster.Cluster` the later steps
+   take; ``evaluate``, which never creates one, reads its ledger first.
 2. :func:`survey_runs`: read the job's run ledger once and repair what does not read whole; every
    later step consults that ledger.
 3. :func:`check_storage`: every node can use the results location.
-4. :func:`train_job`: train what the ledger says is not done (Tune trials), returning the new ledger.
+4. :func:`train_job`: train what the ledger says is not done (packs as tasks on the one executor,
+   :mod:`pipeline.ray_backend.executor`, each run under its lease), returning the new ledger.
 5. :func:`evaluate_job`: per dataset and image set, the job's estimates (:mod:`pipeline.estimates`),
    the ranges left of each, scored by Ray tasks or here (the executor is the only difference).
 6. :func:`~pipeline.report.build_report` renders the tables.
@@ -45,16 +47,16 @@ def on_local_ray(address: str | None) -> bool:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
-    """Connected to Ray for the block; a connection this opened is closed after it."""
+def ray_session(address: str | None, notice: Echo | None = None) -> Iterator[Any]:
+    """Connected to Ray for the block: the :class:`~pipeline.ray_backend.cluster.Cluster` the steps
+    get; a connection this opened is closed after it."""
     from pipeline.ray_backend import cluster
 
-    owned = cluster.connect(address)
+    c = cluster.connect(address, notice=notice)
     try:
-        yield
+        yield c
     finally:
-        if owned:
-            cluster.shutdown()
+        c.shutdown()
 
 
 def survey_runs(results: Results, runs: Sequence[RunConfig], notice: Echo | None = None) -> RunLedger:
@@ -93,10 +95,10 @@ def missing_start(runs: Sequence[RunConfig], ledger: RunLedger) -> bool:
     return any(c.init_from and not ledger.done(c.init_from) for c in ledger.todo(runs))
 
 
-def check_storage(results: Results) -> None:
-    """Every node can use the results location; if not, a location this command created is removed."""
+def check_storage(cluster: Any, results: Results) -> None:
+    """Every node can use the results location; if not, a location this command created is undone
+    (only while nothing else has been written there)."""
     from pipeline.errors import UserError
-    from pipeline.ray_backend import cluster
 
     try:
         cluster.check_storage(results)
@@ -105,42 +107,170 @@ def check_storage(results: Results) -> None:
         raise
 
 
+def pack_runs(todo: Sequence[RunConfig], pack: int | None, gpus: float) -> list[list[RunConfig]]:
+    """The training units of a sweep: runs of one :func:`iwae.pack.pack_key` grouped in packs.
+
+    ``pack`` is ``--pack``: a number is the largest pack; ``None`` (auto) packs up to 16 runs when a
+    unit has a GPU (a pack of 16 k=50 models needs well under 1 GB) and none on CPU units, where
+    the gain is small and machine-dependent (``iwae-pipeline bench`` measures it; ``--pack N`` asks).
+    """
+    from iwae.pack import group_packs
+
+    return group_packs(list(todo), pack if pack is not None else (16 if gpus > 0 else 1))
+
+
+class Training:
+    """The executor's source of training units (:mod:`pipeline.ray_backend.executor`): packs of runs,
+    each handed out once this command holds every member's lease (:mod:`pipeline.leases`).
+
+    A run whose lease another command holds live is held back, said once, and looked at again every
+    few seconds: done by the other command (dropped: trained once), or its lease expired (the other
+    command died: taken over, and resumed from its checkpoints). The leases of packs in flight are
+    renewed from here and from the task itself, and released when the pack's task ends."""
+
+    def __init__(self, results: Results, data: DataSource, packs: list[list[RunConfig]], pack: int, compile_step: bool | str, echo: Echo, bar: Any):
+        from pipeline.leases import Leases, new_owner
+
+        self.results, self.data, self.pack, self.compile_step, self.echo, self.bar = results, data, pack, compile_step, echo, bar
+        self.leases = Leases(results, new_owner())
+        self.fresh = [list(p) for p in packs]  # not yet looked at
+        self.held: dict[str, RunConfig] = {}  # held by another command: looked at again every few seconds
+        self.told: set[str] = set()
+        self.inflight: dict[str, list[Any]] = {}  # unit name -> its leases
+        self.trained: list[str] = []
+        self.by_others: list[str] = []
+        self.failures: dict[str, str] = {}
+        self.last_look = self.last_renew = self.last_show = 0.0
+
+    def _unit(self, members: list[RunConfig], leases: list[Any]) -> Any:
+        from pipeline.ray_backend.executor import Unit
+        from pipeline.work import train_unit
+
+        name = f"run {members[0].run_id}" + (f" (+{len(members) - 1})" if len(members) > 1 else "")
+        self.inflight[name] = leases
+        return Unit(name, train_unit, (self.results, self.data, [c.to_dict() for c in members], leases, self.compile_step))
+
+    def take(self) -> list[Any]:
+        import time
+
+        from iwae.pack import group_packs
+        from pipeline.leases import Held
+        from pipeline.ledger import RunState, run_state
+
+        candidates, self.fresh = self.fresh, []
+        if self.held and time.monotonic() - self.last_look > 5.0:
+            self.last_look = time.monotonic()
+            for rid in list(self.held):
+                if run_state(self.results, rid).state == RunState.done:  # the other command finished it
+                    del self.held[rid]
+                    self.by_others.append(rid)
+                    self.bar.update(1)
+                    self.echo(f"run {rid} was trained by the other command")
+            candidates += group_packs(list(self.held.values()), self.pack)
+            self.held = {}
+        units = []
+        for members in candidates:
+            got, leases = [], []
+            for c in members:
+                lease = self.leases.acquire(c.run_id)
+                if isinstance(lease, Held):
+                    self.held[c.run_id] = c
+                    if c.run_id not in self.told:
+                        self.told.add(c.run_id)
+                        self.echo(f"run {c.run_id} is being trained by another command ({lease.by}); this one waits for it, or for its lease to expire")
+                    continue
+                got.append(c)
+                leases.append(lease)
+            if got:
+                units.append(self._unit(got, leases))
+        return units
+
+    def waiting(self) -> int:
+        return len(self.held)
+
+    def _release(self, name: str) -> None:
+        for lease in self.inflight.pop(name, []):
+            try:
+                self.leases.release(lease)
+            except OSError:
+                pass  # it expires on its own
+
+    def done(self, unit: Any, rows: list[dict[str, Any]]) -> None:
+        lost = [r["lease_lost"] for r in rows if "lease_lost" in r]
+        if lost:  # another command took the runs over: wait for it like for any held run
+            self.echo(lost[0])
+            for d in unit.args[2]:
+                cfg = RunConfig.from_dict(d)
+                self.held[cfg.run_id] = cfg
+            self.inflight.pop(unit.name, None)
+            return
+        self._release(unit.name)
+        self.trained += [r["run_id"] for r in rows]
+        self.bar.update(len(rows))
+
+    def failed(self, unit: Any, why: str) -> None:
+        from pipeline.work import mark_failed
+
+        self._release(unit.name)
+        for d in unit.args[2]:
+            cfg = RunConfig.from_dict(d)
+            mark_failed(self.results, cfg, why)  # reports show it; never over a done run
+            self.failures[cfg.run_id] = why
+        self.bar.update(len(unit.args[2]))
+
+    def tick(self) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self.last_renew > self.leases.seconds / 3:
+            self.last_renew = now
+            for leases in self.inflight.values():
+                for lease in leases:
+                    try:
+                        self.leases.renew(lease)
+                    except Exception:  # noqa: BLE001  # lost or a blip: the task sees it and stops
+                        pass
+        if now - self.last_show > 10.0 and self.inflight:
+            self.last_show = now
+            epochs = [self.leases.epoch(lease.run_id) or 0 for leases in self.inflight.values() for lease in leases]
+            self.bar.set_postfix_str(f"epochs reached: {', '.join(map(str, epochs))}"[:60])
+
+
 def train_job(
     name: str,
     runs: Sequence[RunConfig],
     results: Results,
     data: DataSource,
     ledger: RunLedger,
+    cluster: Any,
     *,
     cpus: float,
     gpus: float | None,
     pack: int | None,
-    max_failures: int,
+    retries: int,
     compile_step: bool | str,
     echo: Echo,
 ) -> RunLedger:
-    """Train the runs the ledger says are not done as Tune trials; returns the ledger after."""
-    from pipeline.ray_backend import cluster, tune
+    """Train the runs the ledger says are not done, a pack per Ray task on the executor; returns the ledger after."""
+    from pipeline.ray_backend import executor
+    from pipeline.ray_backend.resources import Resources
 
     todo = ledger.todo(runs)
-    trial = cluster.Resources(cpus, cluster.default_gpus(gpus))
+    res = Resources(cpus, cluster.default_gpus(gpus))
     if todo:
-        cluster.check_resources(trial)  # before the first line: a request no node meets is one error line
-    echo(f"{name}: {len(runs)} runs ({len(todo)} to train); each trial gets {trial}; results in {results}")
-    b = bar(len(runs), f"{name}: trials", "trial")
+        cluster.check_resources(res)  # before the first line: a request no node meets is one error line
+    echo(f"{name}: {len(runs)} runs ({len(todo)} to train); each training task gets {res}; results in {results}")
+    if not todo:
+        return ledger
+    packs = pack_runs(todo, pack, res.gpus)
+    b = bar(len(runs), f"{name}: training", "run")
     b.update(len(runs) - len(todo))
-    base = b.n
-
-    def progress(msg: str, done: int, total: int) -> None:
-        b.n = base + done
-        b.set_postfix_str(msg[:60])
-        b.refresh()
-
+    source = Training(results, data, packs, pack if pack is not None else (16 if res.gpus > 0 else 1), compile_step, lambda m: b.write(m, file=sys.stderr), b)
     try:
-        trained = tune.train_runs(name, runs, todo, results, data, trial, max_failures=max_failures, progress=progress, compile_step=compile_step, pack=pack)
+        executor.run(cluster, source, res, what="training", retries=retries, notice=lambda m: b.write(m, file=sys.stderr))
     finally:
         b.close()
-    return ledger.with_done(trained)
+    return ledger.with_done(source.trained + source.by_others)
 
 
 def eval_plans(job: Any, dataset: str, test_images: int | None, train_images: int | None) -> list[EvalPlan]:
@@ -154,11 +284,21 @@ def eval_plans(job: Any, dataset: str, test_images: int | None, train_images: in
     return plans
 
 
+def _writer(sl: EstimateLedger) -> Callable[[Any, Any], None]:
+    """The one writer of an estimate's ranges: what the executor hands a scored range to."""
+
+    def write(unit: Any, table: Any) -> None:
+        sl.write(unit.args[2], table)
+
+    return write
+
+
 def evaluate_job(
     job: Any,
     results: Results,
     data: DataSource,
     ledger: RunLedger,
+    cluster: Any,
     *,
     test_images: int | None = None,
     train_images: int | None = None,
@@ -168,12 +308,14 @@ def evaluate_job(
     retries: int = 3,
     ais: AISPlan | None = None,
 ) -> None:
-    """The job's k=5000 evaluation of its done runs on Ray tasks: the test images (and the pruned
+    """The job's k=5000 evaluation of its done runs on the executor: the test images (and the pruned
     models), then the training images if asked. Each dataset is sized on its own. With ``ais``, that
     AIS (or BDMC) evaluation instead (:mod:`iwae.ais`), in ranges and written the same way."""
-    from pipeline.ray_backend import cluster, tasks
+    from pipeline.ray_backend import executor
+    from pipeline.ray_backend.resources import Resources
+    from pipeline.work import score_range
 
-    task = cluster.Resources(cpus, cluster.default_gpus(gpus))
+    res = Resources(cpus, cluster.default_gpus(gpus))
     for dataset in job.datasets():
         run_ids = [c.run_id for c in job.runs if c.dataset == dataset and ledger.done(c.run_id)]
         plans: list[Plan] = [ais] if ais is not None else list(eval_plans(job, dataset, test_images, train_images))
@@ -181,16 +323,16 @@ def evaluate_job(
             sl = EstimateLedger(results, plan)
             b = bar(0, f"{job.name} {dataset}: {plan.table} {plan.estimate}", "range")
 
-            def progress(done: int, total: int, b: Any = b) -> None:  # total: the ranges still to do when it started
-                b.total, b.n = total, done
-                b.refresh()
-
             def notice(line: str, b: Any = b) -> None:
                 b.write(line, file=sys.stderr)
 
             try:
                 items = sl.prepare(run_ids, notice)
-                tasks.score_ranges(sl, data, items, task, workers=workers, progress=progress, notice=notice, max_retries=retries)
+                b.total = len(items)
+                b.refresh()
+                units = [executor.Unit(str(span), score_range, (sl, data, span)) for span in items]
+                source = executor.Ready(results, units, _writer(sl), b.update)
+                executor.run(cluster, source, res, what="evaluation", workers=workers, retries=retries, notice=notice)
             finally:
                 b.close()
 

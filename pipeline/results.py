@@ -200,9 +200,37 @@ class Results:
         return res
 
     def discard_if_new(self) -> None:
-        """Remove the location again if this command created it (nothing half-made is left behind)."""
-        if self.created:
-            self.store.delete_dir("")
+        """Undo this command's creation of the location (its marker) when it stops before any work,
+        only while nothing else is there: a location is never removed once anything else has written
+        to it (another command started on it meanwhile, say)."""
+        if not self.created:
+            return
+        if self.store.list_all() != [MARKER]:
+            return
+        self.store.delete(MARKER)
+        if self.store.is_local:
+            self.store.remove_empty_dir()
+
+    def usable_here(self) -> str:
+        """On a node, at the start of work: '' when this node sees the marker the driver wrote and can
+        write here, else why not, in a few words (a node that joined after the driver's check)."""
+        import socket
+        import uuid
+
+        try:
+            if not self.store.exists(MARKER):
+                return "it does not see the driver's files there"
+            key = f"_check/{uuid.uuid4().hex}"
+            self.store.write_bytes(f"{key}/{socket.gethostname()}", b"ok")
+            self.store.delete_dir(key)
+            return ""
+        except Exception as e:  # noqa: BLE001  # credentials, network, permissions: one line
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+    def storage_fix(self) -> str:
+        """What to do when a node cannot use this location."""
+        fix = "pass --results s3://BUCKET/PREFIX (or gs://...)" if self.store.is_local else "give every node credentials for it (environment or IAM role)"
+        return f"{fix}, or a folder all nodes share"
 
     def __str__(self) -> str:
         return self.store.uri()

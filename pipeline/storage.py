@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from iwae.files import create_atomic, write_atomic
 from pipeline.errors import UserError
 
+Keys = list[str]
 QUARANTINE = "_quarantine"  # damaged files are moved here, never deleted
 
 
@@ -273,6 +274,22 @@ class Store:
         info = self.fs.get_file_info(self.path(prefix))
         if info.type == pafs.FileType.Directory:
             self.fs.delete_dir(self.path(prefix))
+
+    def list_all(self) -> Keys:
+        """Every key below this location, hidden names (``_``, ``.``) included, sorted."""
+        sel = pafs.FileSelector(self.path(), recursive=True, allow_not_found=True)
+        return sorted(i.path[len(self.base) + 1 :] for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File)
+
+    def delete(self, key: str) -> None:
+        """Delete one file (only the marker a command made, when it undoes its own start)."""
+        self.fs.delete_file(self.path(key))
+
+    def remove_empty_dir(self) -> None:
+        """Remove this location's folder on a local disk, if it is empty (never anything in it)."""
+        import contextlib
+
+        with contextlib.suppress(OSError):
+            Path(self.path()).rmdir()
 
     def is_empty(self) -> bool:
         sel = pafs.FileSelector(self.path(), recursive=False, allow_not_found=True)

@@ -37,6 +37,7 @@ from iwae.units import active_masks, common_noise, prune, unit_variances
 from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
 from pipeline.estimates import AISPlan, EvalPlan, Plan, Span
+from pipeline.leases import Lease, LeaseLost, Leases
 from pipeline.ledger import EstimateLedger, RunLedger, RunState, load_final, run_state
 from pipeline.results import AIS_SCHEMA, EVAL_SCHEMA, PREFIXES, Results, rows_table, versions
 
@@ -122,6 +123,56 @@ def train_members(
         why = f"{len(failed)} of {len(todo)} runs failed: {'; '.join(failed)}{kept}"
         raise RunFailed(f"{why}; their last checkpoints are kept, run the same command again to retry")
     return [rows[c.run_id] for c in cfgs]
+
+
+def train_unit(
+    results: Results, data: DataSource, cfgs: Sequence[dict[str, Any]], leases: Sequence[Lease], compile_step: bool | str = "auto"
+) -> list[dict[str, Any]]:
+    """A unit of the executor: train one pack (the runs ``cfgs``, as dicts) on whichever node runs it,
+    holding the runs' ``leases``: renewed from this task every third of their length (with the epoch
+    each run reached: the driver's progress), and if another command has taken one over, training
+    stops at the next epoch. Returns the runs' rows, or ``[{"lease_lost": why}]`` when it stopped so."""
+    import threading
+
+    why = results.usable_here()  # a node that joined after the driver's storage check (an autoscaler's) is checked here
+    if why:
+        import socket
+
+        raise UserError(f"node {socket.gethostname()} cannot use {results} ({why}); {results.storage_fix()}")
+    configs = [RunConfig.from_dict(d) for d in cfgs]
+    book = Leases(results, leases[0].owner) if leases else None
+    epochs: dict[str, int] = {}
+    lost: list[str] = []
+    stop = threading.Event()
+
+    def renew() -> None:
+        while book is not None and not stop.wait(book.seconds / 3):
+            for lease in leases:
+                try:
+                    book.renew(lease, epochs.get(lease.run_id))
+                except LeaseLost as e:
+                    lost.append(str(e))
+                except OSError:
+                    pass  # a store blip: the next renewal tries again, well within the lease
+
+    def on_epoch(cfg: RunConfig, row: dict[str, Any]) -> None:
+        epochs[cfg.run_id] = int(row["epoch"])
+        if lost:
+            raise LeaseLost(lost[0])
+
+    renewer = threading.Thread(target=renew, daemon=True, name="lease-renewal")
+    renewer.start()
+    try:
+        return train_members(configs, results, data, on_epoch=on_epoch, compile_step=compile_step)
+    except LeaseLost as e:  # another command trains these runs now: not a failure of this one
+        return [{"lease_lost": str(e)}]
+    finally:
+        stop.set()
+
+
+def score_range(ledger: EstimateLedger, data: DataSource, span: Span) -> pa.Table:
+    """A unit of the executor: score one range of images with this process's cached scorer."""
+    return scorer(ledger, data).score(span)
 
 
 def train_in_process(

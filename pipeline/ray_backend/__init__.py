@@ -1,26 +1,11 @@
-"""Every Ray call of the project lives in this package (Ray's APIs move; keep them in one place),
-one module per Ray API it wraps:
+"""Every Ray call of the project lives in this package (Ray's APIs move; keep them in one place):
 
-- :mod:`~pipeline.ray_backend.cluster`: connect (embedded local Ray or a cluster), what the nodes
-  offer and the one fit rule, the storage check, Ctrl-C handling.
-- :mod:`~pipeline.ray_backend.autoscaler`: the node types the autoscaler can launch, and waiting
-  for it to launch one.
-- :mod:`~pipeline.ray_backend.tune`: the sweep's training as Tune trials.
-- :mod:`~pipeline.ray_backend.tasks`: the sharded evaluation as Ray tasks.
+- :mod:`~pipeline.ray_backend.resources`: what work asks of a node and the one fit rule (no Ray).
+- :mod:`~pipeline.ray_backend.adapter`: the Ray internals used, probed once at connect.
+- :mod:`~pipeline.ray_backend.autoscaler`: the node types the autoscaler can launch; demand.
+- :mod:`~pipeline.ray_backend.cluster`: connect (embedded local Ray or a cluster) and the
+  :class:`~pipeline.ray_backend.cluster.Cluster` every step gets; the storage check; Ctrl-C.
+- :mod:`~pipeline.ray_backend.executor`: the one executor: training packs and evaluation ranges as
+  Ray tasks, one retry rule, one stall rule.
 - :mod:`~pipeline.ray_backend.jobs`: Ray Jobs from a laptop.
 """
-
-
-def __getattr__(name: str) -> object:
-    """Names that Tune experiments saved before the split pickled by reference (``tuner.pkl`` holds
-    ``pipeline.ray_backend._trial_name``, the callbacks ``_members`` and ``INTERRUPTED``): such a
-    sweep still restores. Resolved lazily, so importing :mod:`.jobs` stays light."""
-    if name in ("_trainable", "_trial_name", "_members"):
-        from pipeline.ray_backend import tune
-
-        return getattr(tune, name)
-    if name == "INTERRUPTED":
-        from pipeline.ray_backend import cluster
-
-        return cluster.INTERRUPTED
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

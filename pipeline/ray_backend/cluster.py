@@ -1,46 +1,57 @@
-"""The cluster: connection, what its nodes offer, the one fit rule, the storage check, Ctrl-C.
+"""The cluster a command runs on: connecting, and the :class:`Cluster` object connecting returns.
 
-- ``connect``: the embedded local Ray (loopback only) or an existing cluster, within a deadline.
-- ``fits`` is the one rule for "does this request fit this node": CPU and GPU together. Every check
-  uses it: ``check_resources`` (before any work), ``default_gpus``, the evaluation's stall check.
-  They weigh the nodes that are up and the node types the autoscaler can launch
-  (:mod:`~pipeline.ray_backend.autoscaler`): a request only a type meets waits for the autoscaler.
-- ``check_storage``: every node that may run work can read and write the results location, the
-  nodes that join later included.
+:func:`connect` starts the embedded local Ray (loopback only) or connects to a cluster within a
+deadline, probes the Ray internals this project needs once (:mod:`~pipeline.ray_backend.adapter`),
+and returns a :class:`Cluster`: the node types the autoscaler can launch, the nodes whose storage
+access was checked, what this Ray offers, and the command's Ctrl-C flag. Every later step gets that
+object; nothing is kept in module globals.
+
+``Cluster.check_resources`` applies the one fit rule (:func:`~pipeline.ray_backend.resources.fits`)
+to the nodes that are up and the node types the autoscaler can launch: a request only a type meets
+waits for the autoscaler; one that nothing meets is refused in one line (Ray would wait forever).
+``Cluster.check_storage``: every node that may run work can read and write the results location,
+the nodes that join later included.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 import os
 import signal
 import socket
+import sys
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.errors import ConnectTimeout, UserError
+from pipeline.errors import ConnectTimeout, RunFailed, UserError
+from pipeline.ray_backend import adapter, autoscaler
+from pipeline.ray_backend.resources import FEWER_CPUS_FIX, NO_GPU_FIX, NodeType, Resources, fits, fitting_types
 from pipeline.results import Results
 from pipeline.storage import Store
 
 ENV_ADDRESS = "RAY_ADDRESS"
 CONNECT_TIMEOUT_S = float(os.environ.get("IWAE_CONNECT_TIMEOUT", "30"))
+Notice = Callable[[str], None]
 
 
-def _hostport(address: str) -> tuple[str | None, int]:
+def hostport(address: str) -> tuple[str | None, int]:
     url = urlparse(address if "://" in address else f"tcp://{address}")
     return url.hostname, url.port or (10001 if url.scheme == "ray" else 6379)
 
 
-def _probe(address: str, timeout: float = 3.0) -> None:
+def probe_address(address: str, timeout: float = 3.0) -> None:
     """Fail in seconds, not minutes, when nothing listens at ``address``."""
     if address in ("auto", "local"):
         return
-    host, port = _hostport(address)
+    host, port = hostport(address)
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
@@ -49,7 +60,7 @@ def _probe(address: str, timeout: float = 3.0) -> None:
 
 
 def _is_loopback(address: str) -> bool:
-    host, _ = _hostport(address)
+    host, _ = hostport(address)
     if host == "localhost":
         return True
     try:
@@ -58,14 +69,218 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, timeout: float | None = None) -> bool:
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (v2 ``cpu.max``
+    or v1 ``cpu.cfs_quota_us``), at least 1. ``os.cpu_count()`` sees the host's cores: in a 2-CPU
+    container on a 64-core host it would start ~64 one-CPU tasks, each loading torch and MNIST."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us"), ("cpu.cfs_quota_us", "cpu.cfs_period_us")):
+        try:
+            text = (cgroup / quota_file).read_text().split()
+            quota, period = (text[0], text[1]) if period_file is None else (text[0], (cgroup / period_file).read_text().split()[0])
+        except (OSError, IndexError):
+            continue
+        if quota not in ("max", "-1") and int(period) > 0:
+            n = min(n, math.ceil(int(quota) / int(period)))
+        break
+    return max(1, n)
+
+
+@dataclass
+class Cluster:
+    """What connecting found, passed to every step (module docstring)."""
+
+    gcs_address: str
+    owned: bool  # this command started the Ray (the embedded one) and shuts it down
+    capabilities: adapter.Capabilities
+    local: bool = False  # the embedded Ray: no autoscaler, one node
+    checked: set[tuple[str, str]] = field(default_factory=set)  # (results location, node id) whose storage access was checked
+    interrupted: threading.Event = field(default_factory=threading.Event)
+    _types: list[NodeType] | None = None
+    _types_read: bool = False
+
+    # ------------------------------------------------------------------ nodes and types
+
+    def work_nodes(self) -> list[dict[str, Any]]:
+        """Alive nodes that can run work (a CPU or a GPU to offer)."""
+        import ray
+
+        return [n for n in ray.nodes() if n.get("Alive") and (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)]
+
+    def can_run(self, res: Resources) -> bool:
+        """Some alive node can run this request now."""
+        return any(fits(res, n["Resources"]) for n in self.work_nodes())
+
+    def types(self) -> list[NodeType] | None:
+        """The node types the autoscaler can launch ([] without an autoscaler; None: unknown), read once."""
+        if not self._types_read:
+            self._types = [] if self.local else autoscaler.node_types(hostport(self.gcs_address)[1], self.capabilities)
+            self._types_read = True
+        return self._types
+
+    def default_gpus(self, asked: float | None) -> float:
+        """The user's choice, else one GPU per unit of work when a live node or a node type the
+        autoscaler can launch has a GPU (none otherwise)."""
+        if asked is not None:
+            return asked
+        if any(n["Resources"].get("GPU", 0) >= 1 for n in self.work_nodes()):
+            return 1.0
+        return 1.0 if any(t.resources.get("GPU", 0) >= 1 for t in self.types() or []) else 0.0
+
+    def check_resources(self, res: Resources, notice: Notice | None = None) -> None:
+        """Refuse a request that no node can meet and no node type the autoscaler can launch meets,
+        in one line naming the largest offer. A request that only a type meets is asked of the
+        autoscaler and waited for, with one status line on stderr (or ``notice``)."""
+        if self.can_run(res):
+            return
+        types = self.types()
+        fitting = fitting_types(res, types)
+        if types is not None and not fitting:
+            offers = sorted(
+                [(n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0), "") for n in self.work_nodes()]
+                + [(t.resources.get("GPU", 0), t.resources.get("CPU", 0), f": node type {t.name}") for t in types],
+                reverse=True,
+            )
+            largest = f"{offers[0][1]:g} CPU and {offers[0][0]:g} GPU{offers[0][2]}" if offers else "nothing"
+            where = "no node has that and the autoscaler can launch none that has" if types else "no node has that"
+            fix = NO_GPU_FIX if res.gpus > 0 and not any(g >= res.gpus for g, _, _ in offers) else FEWER_CPUS_FIX
+            raise UserError(f"asked for {res} per worker but {where} (the largest offers {largest}); {fix}")
+        self.await_node(res, fitting[0] if fitting else None, notice)
+
+    def await_node(self, res: Resources, node_type: NodeType | None, notice: Notice | None = None) -> None:
+        """Ask the autoscaler for a node that fits ``res`` and wait until one is up. With ``node_type``
+        None (the types are unknown) a request the autoscaler starts no launch for within 60 s is
+        refused as infeasible; a launch that never comes ends after ``IWAE_AUTOSCALE_TIMEOUT``."""
+        tty = notice is None and sys.stderr.isatty()
+        say = notice or (lambda line: print(line, file=sys.stderr, flush=True))
+        what = f"1 {node_type.name} node" if node_type else f"a node for {res}"
+
+        def status(waited: float) -> str:
+            return (
+                f"waiting for the autoscaler: 0 of {what} up ({waited:.0f} s)" if node_type else f"waiting for the autoscaler to start {what} ({waited:.0f} s)"
+            )
+
+        autoscaler.request(res, 1)
+        t0 = time.monotonic()
+        shown = -1e9
+        launch_seen = node_type is not None
+        try:
+            while not self.can_run(res):
+                if self.interrupted.is_set():
+                    raise KeyboardInterrupt
+                time.sleep(1.0)
+                waited = time.monotonic() - t0
+                if tty:
+                    print(f"\r{status(waited)}", end="", file=sys.stderr, flush=True)
+                elif waited - shown >= 30:
+                    say(status(waited))
+                    shown = waited
+                if not launch_seen and self.capabilities.launch_status:
+                    try:
+                        launch_seen = adapter.launching(self.gcs_address)
+                    except Exception:  # noqa: BLE001  # a private status format that moved: not seen launching (said at connect)
+                        launch_seen = False
+                if not launch_seen and waited > 60:
+                    raise UserError(
+                        f"asked for {res} per worker but no node has that and the autoscaler started no node for it in 60 s; {FEWER_CPUS_FIX}, or GPUs"
+                    )
+                if waited > autoscaler.AUTOSCALE_TIMEOUT_S:
+                    raise RunFailed(
+                        f"the autoscaler started no node for {res} in {autoscaler.AUTOSCALE_TIMEOUT_S:.0f} s; see `ray status` on the head (cloud quota, "
+                        "instance type); IWAE_AUTOSCALE_TIMEOUT sets the wait"
+                    )
+        finally:
+            if tty:
+                print(file=sys.stderr, flush=True)
+        say(f"the autoscaler started {what} in {time.monotonic() - t0:.0f} s")
+
+    # ------------------------------------------------------------------ storage
+
+    def check_storage(self, results: Results) -> None:
+        """Before work lands on a node: every node that may run work must read and write the results location.
+
+        The driver writes a marker with a random token; a zero-CPU task pinned to each node reads it and
+        writes an answer (Ray's ``storage_path`` guard works the same way). A node that cannot is named
+        in one line with the fix. On the embedded single-node Ray there is nothing to check. Called
+        before any work and again when nodes join while a command runs (an autoscaling cluster starts
+        with none); a node that passed once in this command is not asked again.
+        """
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = self.work_nodes()
+        here = ray.get_runtime_context().get_node_id()
+        if not nodes or (len(nodes) == 1 and nodes[0]["NodeID"] == here):
+            return
+        todo = [n for n in nodes if (results.store.location, n["NodeID"]) not in self.checked]
+        if not todo:
+            return
+        token = uuid.uuid4().hex
+        key = f"_check/{token}/marker"
+        results.store.write_bytes(key, token.encode())
+        probe = ray.remote(num_cpus=0, max_retries=0)(_probe_store)
+        try:
+            refs = {
+                n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(results.store, key, token)
+                for n in todo
+            }
+            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=120)
+            answers = {nid: (_answer(r) if r in ready else "no answer in 120 s") for nid, r in refs.items()}
+        finally:
+            results.store.delete_dir(f"_check/{token}")
+        self.checked.update((results.store.location, nid) for nid, why in answers.items() if not why)
+        bad = {nid: why for nid, why in answers.items() if why}
+        if bad:
+            nid, why = next(iter(bad.items()))
+            raise UserError(f"{len(bad)} of {len(nodes)} nodes cannot use the results location {results} (node {nid[:8]}: {why}); {results.storage_fix()}")
+
+    # ------------------------------------------------------------------ Ctrl-C and the end
+
+    @contextlib.contextmanager
+    def interrupt_guard(self) -> Iterator[None]:
+        """Ctrl-C that cannot be lost: the first SIGINT raises KeyboardInterrupt *and* is remembered.
+
+        Python runs the handler wherever the main thread is, and a KeyboardInterrupt raised inside a
+        finaliser or a library frame that swallows it is lost. The executor's loop checks
+        ``interrupted`` each step, and leaving the block with it set raises KeyboardInterrupt again.
+        Outside the main thread nothing is installed.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.interrupted.clear()
+
+        def on_sigint(signum: int, frame: object) -> None:
+            self.interrupted.set()
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self.interrupted.is_set():
+            raise KeyboardInterrupt
+
+    def shutdown(self) -> None:
+        """End a connection this command opened (the embedded Ray stops with it)."""
+        import ray
+
+        if self.owned and ray.is_initialized():
+            ray.shutdown()
+        if self.local:
+            adapter.restore_loopback()
+
+
+def connect(
+    address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, timeout: float | None = None, notice: Notice | None = None
+) -> Cluster:
     """Start the embedded local Ray (no address) or connect to ``address``/``$RAY_ADDRESS``.
 
-    The local Ray binds to 127.0.0.1 with no dashboard: nothing listens beyond loopback, and its
-    token-auth notice is not printed (it guards nothing there). Connecting to a cluster either
-    succeeds or fails within ``timeout`` seconds (``$IWAE_CONNECT_TIMEOUT``, 30 by default) with one
-    line; ``ray.init`` itself has no deadline. Returns True when this call started the connection
-    (the caller then shuts it down).
+    The local Ray binds to 127.0.0.1 with no dashboard, and claims the CPUs this process may use
+    (:func:`usable_cpus`). Connecting to a cluster either succeeds or fails within ``timeout``
+    seconds (``$IWAE_CONNECT_TIMEOUT``, 30 by default) with one line; ``ray.init`` itself has no
+    deadline. What this Ray lacks of the internals used here is said in one line (``notice``).
     """
     import logging
 
@@ -80,19 +295,22 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
             f"cluster itself: pass --address HOST:6379 (the head's GCS address, as `ray status` prints it), or unset {ENV_ADDRESS} to run on a local Ray"
         )
     if address:
-        _probe(address)  # even when attached already: a wrong address is always reported
-    if ray.is_initialized():
-        return False
+        probe_address(address)
+    caps = adapter.probe()
+    if caps.missing and notice is not None:
+        notice(f"note: {caps.line()}")
     address = address or os.environ.get(ENV_ADDRESS) or None
+    if ray.is_initialized():  # attached already (a test's session Ray): not ours to shut down
+        return Cluster(ray.get_runtime_context().gcs_address, owned=False, capabilities=caps, local=address is None)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray's start-up lines (the token-auth notice on a loopback-only Ray, "Connecting to ...") are
     # noise beside our own first line; its errors still show
     logging.getLogger("ray").setLevel(logging.ERROR)
     if address is None:
-        _keep_loopback()
+        adapter.keep_loopback()
         ray.init(
             address="local",
-            num_cpus=num_cpus or os.cpu_count() or 1,
+            num_cpus=num_cpus or usable_cpus(),
             num_gpus=num_gpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
@@ -100,18 +318,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
             log_to_driver=False,
             configure_logging=False,
         )
-        from pipeline.ray_backend import autoscaler  # it imports this module: at call time, not at the top
-
-        autoscaler._TYPES[ray.get_runtime_context().gcs_address] = []  # this process's own Ray: no autoscaler to ask
-        return True
-    _probe(address)
+        return Cluster(ray.get_runtime_context().gcs_address, owned=True, capabilities=caps, local=True)
+    probe_address(address)
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.ERROR}
     if _is_loopback(address):
-        # A head on 127.0.0.1: Ray 2.60 would replace the driver's node IP by the host's address and
-        # then wait for a raylet there forever. Keep the driver on loopback, as the cluster is.
-        import ray._private.ray_constants as rc
-
-        rc.ENABLE_RAY_CLUSTER = False
+        adapter.driver_on_loopback()
         kwargs["_node_ip_address"] = "127.0.0.1"
     limit = CONNECT_TIMEOUT_S if timeout is None else timeout
     outcome: dict[str, BaseException | None] = {}
@@ -134,103 +345,10 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     err = outcome.get("error")
     if err is not None:
         raise UserError(f"cannot connect to Ray at {address} ({str(err).splitlines()[0][:120]}); check --address and RAY_AUTH_MODE") from None
-    return True
+    return Cluster(ray.get_runtime_context().gcs_address, owned=True, capabilities=caps)
 
 
-def _keep_loopback() -> None:
-    """Make the embedded Ray listen on 127.0.0.1 only.
-
-    Ray 2.60 replaces a node IP of 127.0.0.1 by the machine's reachable address
-    (``services.resolve_ip_for_localhost``), and its gRPC servers then bind every interface. With
-    the node IP left at 127.0.0.1 every server binds loopback (checked by tests/test_security.py).
-    Only for the cluster this process starts itself; connecting to a cluster is untouched.
-    """
-    import ray._private.services as services
-
-    if not hasattr(services, "_iwae_original_resolve"):
-        services._iwae_original_resolve = services.resolve_ip_for_localhost  # type: ignore[attr-defined]
-        services.resolve_ip_for_localhost = lambda host: host
-
-
-def shutdown() -> None:
-    import ray
-    import ray._private.services as services
-
-    if ray.is_initialized():
-        ray.shutdown()
-    if hasattr(services, "_iwae_original_resolve"):
-        services.resolve_ip_for_localhost = services._iwae_original_resolve
-        del services._iwae_original_resolve
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one trial or one evaluation task asks of a node."""
-
-    cpus: float = 1.0
-    gpus: float = 0.0
-
-    def __str__(self) -> str:
-        return f"{self.cpus:g} CPU and {self.gpus:g} GPU"
-
-
-def fits(res: Resources, offer: Mapping[str, float]) -> bool:
-    """The one fit rule: a request fits a node when its CPUs and its GPUs fit there together."""
-    return offer.get("CPU", 0) >= res.cpus and offer.get("GPU", 0) >= res.gpus
-
-
-def work_nodes() -> list[dict[str, Any]]:
-    """Alive nodes that can run trials or evaluation (a CPU or a GPU to offer)."""
-    import ray
-
-    return [n for n in ray.nodes() if n.get("Alive") and (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)]
-
-
-def can_run(res: Resources) -> bool:
-    """Some alive node can run this request now."""
-    return any(fits(res, n["Resources"]) for n in work_nodes())
-
-
-def default_gpus(asked: float | None) -> float:
-    """The user's choice, else one GPU per worker when a live node or a node type the autoscaler
-    can launch has a GPU (none otherwise)."""
-    from pipeline.ray_backend import autoscaler  # it imports this module: at call time, not at the top
-
-    if asked is not None:
-        return asked
-    if any(n["Resources"].get("GPU", 0) >= 1 for n in work_nodes()):
-        return 1.0
-    return 1.0 if any(t.resources.get("GPU", 0) >= 1 for t in autoscaler.launchable_types() or []) else 0.0
-
-
-Notice = Callable[[str], None]
-# the options that set a worker's request, in each command that has them
-FEWER_CPUS_FIX = "ask for fewer CPUs per worker (sweep --cpus-per-trial or --eval-cpus, evaluate --cpus)"
-NO_GPU_FIX = "ask for no GPU (sweep --gpus-per-trial 0 or --eval-gpus 0, evaluate --gpus 0) or use a cluster with GPUs"
-
-
-def check_resources(res: Resources, notice: Notice | None = None) -> None:
-    """Refuse a request that no node can meet and no node type the autoscaler can launch meets (Ray
-    would wait forever instead of failing), in one line naming the largest offer. A request that
-    only a type meets is submitted, so that the autoscaler launches such a node, and waited for with
-    one status line on stderr (or ``notice``)."""
-    from pipeline.ray_backend import autoscaler  # it imports this module: at call time, not at the top
-
-    if can_run(res):
-        return
-    types = autoscaler.launchable_types()
-    fitting = autoscaler.fitting_types(res, types)
-    if types is not None and not fitting:
-        offers = sorted(
-            [(n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0), "") for n in work_nodes()]
-            + [(t.resources.get("GPU", 0), t.resources.get("CPU", 0), f": node type {t.name}") for t in types],
-            reverse=True,
-        )
-        largest = f"{offers[0][1]:g} CPU and {offers[0][0]:g} GPU{offers[0][2]}" if offers else "nothing"
-        where = "no node has that and the autoscaler can launch none that has" if types else "no node has that"
-        fix = NO_GPU_FIX if res.gpus > 0 and not any(g >= res.gpus for g, _, _ in offers) else FEWER_CPUS_FIX
-        raise UserError(f"asked for {res} per worker but {where} (the largest offers {largest}); {fix}")
-    autoscaler._await_node(res, fitting[0] if fitting else None, notice)
+# ---------------------------------------------------------------------------------------- on a node
 
 
 def _why(e: BaseException) -> str:
@@ -259,101 +377,3 @@ def _answer(ref: Any) -> str:
         return str(ray.get(ref))
     except Exception as e:  # noqa: BLE001  # RayTaskError wrapping the node's error: one line of it
         return str(getattr(e, "cause", None) or e).strip().splitlines()[-1][:160]
-
-
-_STORAGE_OK: set[tuple[str, str]] = set()  # (results location, node id): nodes this process has checked
-
-
-def check_storage(results: Results) -> None:
-    """Before work lands on a node: every node that may run work must read and write the results location.
-
-    The driver writes a marker with a random token; a zero-CPU task pinned to each node reads it and
-    writes an answer (Ray's ``storage_path`` guard works the same way). A node that cannot is named
-    in one line with the fix. On the embedded single-node Ray there is nothing to check. Called
-    before any work and again when nodes join while a command runs (an autoscaling cluster starts
-    with none); a node that passed once in this process is not asked again.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = work_nodes()
-    here = ray.get_runtime_context().get_node_id()
-    if not nodes or (len(nodes) == 1 and nodes[0]["NodeID"] == here):
-        return
-    todo = [n for n in nodes if (results.store.location, n["NodeID"]) not in _STORAGE_OK]
-    if not todo:
-        return
-    token = uuid.uuid4().hex
-    key = f"_check/{token}/marker"
-    results.store.write_bytes(key, token.encode())
-    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_store)
-    try:
-        refs = {
-            n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(results.store, key, token)
-            for n in todo
-        }
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=120)
-        answers = {nid: (_answer(r) if r in ready else "no answer in 120 s") for nid, r in refs.items()}
-    finally:
-        results.store.delete_dir(f"_check/{token}")
-    _STORAGE_OK.update((results.store.location, nid) for nid, why in answers.items() if not why)
-    bad = {nid: why for nid, why in answers.items() if why}
-    if bad:
-        nid, why = next(iter(bad.items()))
-        raise UserError(f"{len(bad)} of {len(nodes)} nodes cannot use the results location {results} (node {nid[:8]}: {why}); {storage_fix(results)}")
-
-
-def storage_usable_here(results: Results) -> str:
-    """On a node, at the start of work: '' when this node sees the results location the driver
-    opened (its marker) and can write there, else why not, in a few words (see :func:`check_storage`;
-    this covers nodes that join after it ran)."""
-    from pipeline.results import MARKER
-
-    try:
-        if not results.store.exists(MARKER):
-            return "it does not see the driver's files there"
-        key = f"_check/{uuid.uuid4().hex}"
-        results.store.write_bytes(f"{key}/{socket.gethostname()}", b"ok")
-        results.store.delete_dir(key)
-        return ""
-    except Exception as e:  # noqa: BLE001  # credentials, network, permissions: one line
-        return _why(e)
-
-
-def storage_fix(results: Results) -> str:
-    """What to do when a node cannot use the results location."""
-    fix = "pass --results s3://BUCKET/PREFIX (or gs://...)" if results.store.is_local else "give every node credentials for it (environment or IAM role)"
-    return f"{fix}, or a folder all nodes share"
-
-
-# set by the SIGINT handler of ``interrupt_guard``; module-level so that a pickled Tune callback
-# (Tune saves its run config) refers to it by import instead of carrying a lock
-INTERRUPTED = threading.Event()
-
-
-@contextlib.contextmanager
-def interrupt_guard() -> Iterator[None]:
-    """Ctrl-C that cannot be lost: the first SIGINT raises KeyboardInterrupt *and* is remembered.
-
-    Python runs the handler wherever the main thread is, and a KeyboardInterrupt raised inside a
-    finaliser or a library frame that swallows it is lost. A sweep once went on to its end after
-    Ctrl-C (under load; where the interrupt went was not found). The loops below check
-    ``INTERRUPTED`` each step, and leaving the block with it set raises KeyboardInterrupt again.
-    Outside the main thread nothing is installed.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    INTERRUPTED.clear()
-
-    def on_sigint(signum: int, frame: object) -> None:
-        INTERRUPTED.set()
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if INTERRUPTED.is_set():
-        raise KeyboardInterrupt

@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.errors import UserError
-from pipeline.ray_backend.cluster import _probe
+from pipeline.ray_backend.cluster import probe_address
 
 
 def job_client(address: str) -> Any:
@@ -23,7 +23,7 @@ def job_client(address: str) -> Any:
     from ray.job_submission import JobSubmissionClient
 
     logging.getLogger("ray").setLevel(logging.WARNING)  # Ray logs a line per ignored file on upload
-    _probe(_dashboard_hostport(address))
+    probe_address(_dashboard_hostport(address))
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # Ray raises ConnectionError/RuntimeError with long text
