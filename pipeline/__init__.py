@@ -1,4 +1,4 @@
-"""pipeline: orchestration of iwae on Ray (sweeps on Tune, sharded evaluation, Parquet, jobs, reports).
+"""pipeline: orchestration of iwae on Ray (training and evaluation as Ray tasks on one executor, Parquet, jobs, reports).
 
 It never computes a bound itself: all the science is in :mod:`iwae`.
 """

@@ -130,10 +130,23 @@ def cli_errors(fn: F) -> F:
             typer.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: finished runs and shards are kept; run the same command again to resume", err=True)
+            typer.echo("interrupted: finished runs and ranges are kept; run the same command again to resume", err=True)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001  # anything else: one line, exit 1; the traceback with IWAE_DEBUG=1
+            if os.environ.get("IWAE_DEBUG"):
+                raise
+            typer.echo(f"error: {unexpected(e)}; run it again with IWAE_DEBUG=1 for the traceback", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def unexpected(e: BaseException) -> str:
+    """An error nothing named, in one line: its type and the first line of its message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
 def _job(name: str, size: Size, stages: int | None, epoch_scale: float | None, where: list[str] | None = None) -> Any:
@@ -673,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return int(e.exit_code)
     except typer.Abort:
-        typer.echo("interrupted: finished runs and shards are kept; run the same command again to resume", err=True)
+        typer.echo("interrupted: finished runs and ranges are kept; run the same command again to resume", err=True)
         return 130
     except typer.TyperException as e:  # typer's click errors: bad option or value, exit 2
         ctx = getattr(e, "ctx", None)
@@ -681,6 +694,11 @@ def main(argv: list[str] | None = None) -> int:
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         typer.echo(f"error: {message} (see `{where}`)", err=True)
         return int(getattr(e, "exit_code", 2))
+    except Exception as e:  # noqa: BLE001  # outside any command (an import, a Ray start-up): one line, exit 1
+        if os.environ.get("IWAE_DEBUG"):
+            raise
+        typer.echo(f"error: {unexpected(e)}; run it again with IWAE_DEBUG=1 for the traceback", err=True)
+        return 1
     return int(code) if isinstance(code, int) else 0
 
 

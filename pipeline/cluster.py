@@ -35,13 +35,12 @@ def load(path: Path) -> dict[str, Any]:
 
 def validate(path: Path) -> list[str]:
     """Run Ray's checks and ours; return the list of problems (empty when the file is good)."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from pipeline.ray_backend.adapter import ray_config_problem
 
     cfg = load(path)
-    try:
-        validate_config(prepare_config(copy.deepcopy(cfg)))
-    except Exception as e:  # jsonschema.ValidationError, ValueError: one line is enough
-        return [f"Ray rejects it: {str(e).splitlines()[0][:200]}"]
+    why = ray_config_problem(copy.deepcopy(cfg))
+    if why:
+        return [f"Ray rejects it: {why}"]
     problems = []
     types = cfg.get("available_node_types", {})
     if not any(t.get("resources", {}).get("GPU", 0) >= 1 for t in types.values()):
@@ -50,7 +49,7 @@ def validate(path: Path) -> list[str]:
     if head.get("resources", {}).get("CPU", None) != 0:
         problems.append("the head node type should declare resources: {CPU: 0} so it runs no trials")
     setup = " ".join(cfg.get("setup_commands", []))
-    for pin in ("ray[default,tune]==2.60.0", "torch==2.14.1"):
+    for pin in ("ray[default]==2.60.0", "torch==2.14.1"):
         if pin not in setup:
             problems.append(f"setup_commands do not pin {pin}")
     for perm in cfg.get("provider", {}).get("security_group", {}).get("IpPermissions", []):

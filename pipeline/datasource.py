@@ -1,7 +1,7 @@
 """Where the data comes from: the user's ``--data-dir``, made once by the command and passed down.
 
 A :class:`DataSource` is a location (a local folder, made absolute, or a URI such as
-``s3://bucket/data``) and pickles as that, so it travels into Tune's config and Ray tasks as it is.
+``s3://bucket/data``) and pickles as that, so it travels into Ray tasks as it is.
 On each node :meth:`DataSource.folder` finds a local folder holding the dataset: the location
 itself when this node has it, else the node's own cache, filled once per node under a file lock
 (MNIST fetched and sha256-checked, or copied from the URI) and rebuilt there when it is stale.

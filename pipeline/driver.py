@@ -218,6 +218,12 @@ class Training:
             self.failures[cfg.run_id] = why
         self.bar.update(len(unit.args[2]))
 
+    def close(self) -> None:
+        """Release every lease still held (a command interrupted, or stopped by an error): another
+        command may take the runs over at once, from their last checkpoints."""
+        for name in list(self.inflight):
+            self._release(name)
+
     def tick(self) -> None:
         import time
 

@@ -8,6 +8,7 @@ died): it then resumes from the holder's checkpoints.
 
 A lease is a generation: ``leases/<run_id>/000001.json``, ``000002.json``, ... holding the owner
 (command id, host, pid), an expiry time and the epoch reached. The highest generation is the lease.
+A lease whose holder ran on this machine and is gone (a command killed here) counts as expired.
 Taking a free or expired lease creates the next generation with the store's compare-and-set
 (:meth:`pipeline.storage.Store.create`: a local hard link, S3's conditional PUT, GCS's create-only
 upload), so of two commands that both saw it expired exactly one wins. The holder renews it (the
@@ -52,6 +53,20 @@ class Held:
     expires_in: float  # seconds
 
 
+def _dead_here(body: dict[str, Any]) -> bool:
+    """The lease's holder ran on this machine and its process is gone (a command killed here): its
+    lease need not be waited out."""
+    if body.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(body.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OSError):
+        return False
+    return False
+
+
 def new_owner() -> str:
     """A command's token: unique, and readable in a notice."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -87,7 +102,7 @@ class Leases:
         gen, body = self._latest(run_id)
         if body is not None and body.get("owner") == self.owner:
             return Lease(run_id, gen, self.owner)
-        if body is not None and float(body.get("expires", 0)) > time.time():
+        if body is not None and float(body.get("expires", 0)) > time.time() and not _dead_here(body):
             return Held(run_id, f"{body.get('host')} pid {body.get('pid')}", float(body["expires"]) - time.time())
         if self.results.store.create(self._key(run_id, gen + 1), self._body()):
             return Lease(run_id, gen + 1, self.owner)

@@ -13,7 +13,7 @@ table, with ``storage_options`` for object stores)::
       tables/ais/<run_id>/<estimate>/images-*.parquet  AIS log p(x) of the first test images (iwae.ais)
       tables/bdmc/<run_id>/<estimate>/images-*.parquet  BDMC lower/upper bounds on images simulated from the model
       runs/<run_id>/*.pt           checkpoints
-      tune/                        Ray Tune's experiment state
+      leases/<run_id>/             the run's lease generations (pipeline.leases)
       _quarantine/                 damaged files, moved aside (never deleted)
 
 ``<estimate>`` names the estimator and its settings (``k5000-seed123-block500``), and its files are
@@ -253,10 +253,6 @@ class Results:
     def history_key(self, run_id: str) -> str:
         """A run's training history (one row per epoch)."""
         return f"tables/train/{run_id}.parquet"
-
-    @property
-    def tune_key(self) -> str:
-        return "tune"
 
     def check_tables(self) -> None:
         """Refuse table folders that hold files we did not write (they would be read as data)."""

@@ -61,8 +61,8 @@ def redact(location: str) -> str:
 
 
 def refuse_credentials(location: str) -> None:
-    """A location never holds credentials: it is printed, logged, pickled to every node and saved in
-    Tune's state. Arrow would take ``s3://KEY:SECRET@bucket/p``; this refuses it in one line."""
+    """A location never holds credentials: it is printed, logged and pickled to every node. Arrow
+    would take ``s3://KEY:SECRET@bucket/p``; this refuses it in one line."""
     if not is_uri(location):
         return
     url = urlparse(location)
@@ -87,6 +87,15 @@ def _with_env_endpoint(uri: str) -> str:
     return urlunparse(url._replace(query=urlencode(query)))
 
 
+def endpoint_url(query: dict[str, str], default: str = "") -> str:
+    """The endpoint of a location's query as a URL, in either form pyarrow takes: ``endpoint_override=
+    HOST:PORT`` with ``scheme=http`` (https by default), or ``endpoint_override=http://HOST:PORT``."""
+    endpoint = query.get("endpoint_override", default)
+    if "://" in endpoint:
+        return endpoint
+    return f"{query.get('scheme', 'https')}://{endpoint}"
+
+
 def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
     """PUT ``bucket/key`` (``path``) only if no object is there: True when written, False when one
     was, None when the server does not implement conditional writes. The client takes the
@@ -97,7 +106,7 @@ def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
     query = dict(parse_qsl(urlparse(_with_env_endpoint(location)).query))
     client: dict[str, str] = {}
     if "endpoint_override" in query:
-        client["endpoint_url"] = f"{query.get('scheme', 'https')}://{query['endpoint_override']}"
+        client["endpoint_url"] = endpoint_url(query)
     if "region" in query:
         client["region_name"] = query["region"]
     fs = s3fs.S3FileSystem(anon=query.get("anonymous", "").lower() == "true", client_kwargs=client)
@@ -131,9 +140,9 @@ def _gcs_put_if_absent(location: str, path: str, data: bytes) -> bool:
     from gcsfs.core import GCSFileSystem
 
     query = dict(parse_qsl(urlparse(location).query))
-    scheme = query.get("scheme", "https")
-    endpoint = f"{scheme}://{query.get('endpoint_override', 'storage.googleapis.com')}"  # not STORAGE_EMULATOR_HOST, which pyarrow ignores
-    fs = GCSFileSystem(endpoint_url=endpoint, token="anon" if scheme == "http" else "google_default")  # no silent anonymous fallback
+    endpoint = endpoint_url(query, "storage.googleapis.com")  # not STORAGE_EMULATOR_HOST, which pyarrow ignores
+    plain = endpoint.startswith("http://")
+    fs = GCSFileSystem(endpoint_url=endpoint, token="anon" if plain else "google_default")  # no silent anonymous fallback
     try:
         fs.pipe_file(path, data, mode="create")
     except FileExistsError:  # 412 Precondition Failed: another writer's object is there

@@ -1,4 +1,4 @@
-"""Units of work, free of Ray: train runs, score ranges of images. Tune trials, Ray tasks and the
+"""Units of work, free of Ray: train runs, score ranges of images. The executor's Ray tasks and the
 in-process commands call these.
 
 They call into :mod:`iwae` for the science and read and write through :class:`pipeline.results.Results`

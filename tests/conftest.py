@@ -35,6 +35,6 @@ def ray_local():
 
     from pipeline.ray_backend import cluster
 
-    cluster.connect(num_cpus=2)  # the CLI's own embedded start-up, loopback only
+    c = cluster.connect(num_cpus=2)  # the CLI's own embedded start-up, loopback only
     yield ray
-    cluster.shutdown()
+    c.shutdown()

@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.ray_backend import autoscaler as A
+from pipeline.ray_backend import adapter
 from pipeline.ray_backend import cluster as C
+from pipeline.ray_backend.resources import NodeType, Resources
 from tests.cluster.fixture import FakeAutoscalingCluster
 
 CLI = str(Path(sys.executable).parent / "iwae-pipeline")
@@ -27,45 +28,46 @@ def node(**resources):
 
 @pytest.fixture
 def offers(monkeypatch):
-    """Fake what the cluster offers: live nodes and launchable node types; records the waits for a launch."""
+    """A cluster object whose live nodes and launchable node types are faked; records the waits for a launch."""
     waited = []
+    cluster = C.Cluster("127.0.0.1:6379", owned=False, capabilities=adapter.probe())
 
     def set_offers(nodes, types):
-        monkeypatch.setattr(C, "work_nodes", lambda: nodes)
-        monkeypatch.setattr(A, "launchable_types", lambda: types)
-        monkeypatch.setattr(A, "_await_node", lambda res, node_type, notice: waited.append((res, node_type)))
-        return waited
+        monkeypatch.setattr(cluster, "work_nodes", lambda: nodes)
+        cluster._types, cluster._types_read = types, True
+        monkeypatch.setattr(cluster, "await_node", lambda res, node_type, notice=None: waited.append((res, node_type)))
+        return cluster, waited
 
     return set_offers
 
 
 def test_mixed_node_sizes_refuse_a_request_no_single_node_meets(offers):
     """A 2-CPU node and a 1-CPU/1-GPU node: 2 CPU with 1 GPU fits neither, though the cluster has both in total."""
-    offers([node(cpu=2), node(cpu=1, gpu=1)], [])
+    c, _ = offers([node(cpu=2), node(cpu=1, gpu=1)], [])
     with pytest.raises(
         UserError,
         match=r"asked for 2 CPU and 1 GPU per worker but no node has that \(the largest offers 1 CPU and 1 GPU\); ask for fewer CPUs .*--cpus-per-trial",
     ):
-        C.check_resources(C.Resources(2, 1))
-    C.check_resources(C.Resources(2, 0))
-    C.check_resources(C.Resources(1, 1))
+        c.check_resources(Resources(2, 1))
+    c.check_resources(Resources(2, 0))
+    c.check_resources(Resources(1, 1))
 
 
 def test_a_request_only_a_launchable_type_meets_waits_for_the_autoscaler(offers):
     """No worker node up, a GPU type the autoscaler can launch: accepted (and waited for); one GPU by default."""
-    gpu = A.NodeType("gpu_worker", {"CPU": 1.0, "GPU": 1.0}, 2)
-    waited = offers([], [A.NodeType("cpu_worker", {"CPU": 4.0}, 2), gpu])
-    assert C.default_gpus(None) == 1.0 and C.default_gpus(0.25) == 0.25
-    C.check_resources(C.Resources(1, 1))
-    assert waited == [(C.Resources(1, 1), gpu)]
-    C.check_resources(C.Resources(4, 0))
+    gpu = NodeType("gpu_worker", {"CPU": 1.0, "GPU": 1.0}, 2)
+    c, waited = offers([], [NodeType("cpu_worker", {"CPU": 4.0}, 2), gpu])
+    assert c.default_gpus(None) == 1.0 and c.default_gpus(0.25) == 0.25
+    c.check_resources(Resources(1, 1))
+    assert waited == [(Resources(1, 1), gpu)]
+    c.check_resources(Resources(4, 0))
     assert waited[-1][1].name == "cpu_worker"
     with pytest.raises(UserError, match="autoscaler can launch none that has.*largest offers 1 CPU and 1 GPU: node type gpu_worker"):
-        C.check_resources(C.Resources(8, 1))
-    offers([], [A.NodeType("cpu_worker", {"CPU": 4.0}, 2)])
-    assert C.default_gpus(None) == 0.0
+        c.check_resources(Resources(8, 1))
+    c, _ = offers([], [NodeType("cpu_worker", {"CPU": 4.0}, 2)])
+    assert c.default_gpus(None) == 0.0
     with pytest.raises(UserError, match="ask for no GPU .*--gpus-per-trial 0"):
-        C.check_resources(C.Resources(1, 1))
+        c.check_resources(Resources(1, 1))
 
 
 def test_the_head_config_gives_the_worker_types():
@@ -80,27 +82,37 @@ def test_the_head_config_gives_the_worker_types():
             "off": {"resources": {"CPU": 64}, "max_workers": 0},
         },
     }
-    assert A._worker_types(config) == [A.NodeType("gpu_worker", {"CPU": 8.0, "GPU": 1.0}, 4), A.NodeType("cpu_worker", {"CPU": 2.0}, 8)]
-    assert A._worker_types({"available_node_types": {}}) == []
+    assert adapter.worker_types(config) == [NodeType("gpu_worker", {"CPU": 8.0, "GPU": 1.0}, 4), NodeType("cpu_worker", {"CPU": 2.0}, 8)]
+    assert adapter.worker_types({"available_node_types": {}}) == []
     config["available_node_types"]["gpu_worker"].pop("resources")  # left to the cloud provider to fill in: unknown, never "none"
-    assert A._worker_types(config) is None
+    assert adapter.worker_types(config) is None
+
+
+def test_this_ray_offers_every_internal_the_backend_uses():
+    """The adapter's probe on the installed Ray finds each internal (a Ray upgrade that moves one
+    fails here, not silently on a cluster); a probe that misses one says what that costs."""
+    caps = adapter.probe()
+    assert caps.loopback and caps.cluster_config and caps.head_config and caps.launch_status and caps.line() == "", caps
+    gone = adapter.Capabilities(True, False, False, True, ("node types unknown: the GPU default is 0 until a GPU node is up",))
+    assert "GPU default is 0" in gone.line()
 
 
 def test_a_trial_on_a_node_that_cannot_see_the_results_fails_at_once_in_one_line(tmp_path, mnist_dir):
-    """A node that joined after the driver's storage check and does not share its folder: the trial stops before training, naming the fix."""
+    """A node that joined after the driver's storage check and does not share its folder: the training
+    task stops before training, naming the fix."""
     import jobs
     from pipeline.datasource import DataSource
-    from pipeline.ray_backend.tune import _trainable
     from pipeline.results import Results
     from pipeline.storage import Store
+    from pipeline.work import train_unit
 
     driver = Results.open(str(tmp_path / "results"))  # the driver's folder, with its marker
     on_the_node = Results(Store.open(tmp_path / "elsewhere"))  # the same path on a node with its own disk: empty
     run = jobs.build("demo", "smoke", None, None).runs[0]
     with pytest.raises(UserError, match=r"cannot use .*does not see the driver's files there.*--results s3://") as e:
-        _trainable({"pack": [run.to_dict()], "threads": 1}, results=on_the_node, data=DataSource.open(mnist_dir))
+        train_unit(on_the_node, DataSource.open(mnist_dir), [run.to_dict()], [])
     assert "\n" not in str(e.value) and not (tmp_path / "elsewhere" / "runs").exists()
-    assert C.storage_usable_here(driver) == "" and not list((tmp_path / "results").glob("_check/*"))
+    assert driver.usable_here() == "" and not list((tmp_path / "results").glob("_check/*"))
 
 
 def test_ray_address_set_to_the_jobs_url_is_refused_in_one_line(tmp_path, mnist_dir):
@@ -150,9 +162,11 @@ def test_sweep_on_a_cluster_with_no_worker_node_launches_one(autoscaling, mnist_
     r = cli(autoscaling, "sweep", "demo", "--size", "smoke", "--results", tmp_path / "r", "--data-dir", mnist_dir, cwd=tmp_path)
     print(f"autoscaled smoke sweep: {time.monotonic() - t0:.1f} s")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "gpu_worker node" in r.stderr and "each trial gets 1 CPU and 1 GPU" in r.stderr, r.stderr[-3000:]
+    assert "gpu_worker node" in r.stderr and "each training task gets 1 CPU and 1 GPU" in r.stderr, r.stderr[-3000:]
     assert any(n.get("GPU") == 1 for n in autoscaling.worker_nodes())
     runs = pq.read_table(tmp_path / "r" / "tables" / "runs").to_pandas()
     assert len(runs) == 2 and set(runs.status) == {"done"}
-    ev = pq.read_table(tmp_path / "r" / "tables" / "eval").to_pandas()
+    from pipeline.estimates import read_estimates
+
+    ev = read_estimates(str(tmp_path / "r"), estimate="k100-seed123-block50")
     assert len(ev) == 2 * 20 and not ev.duplicated(["run_id", "image_id"]).any()

@@ -66,10 +66,32 @@ def cli(cluster, *args, cwd, timeout=600):
     return subprocess.run([CLI, *map(str, args), "--address", cluster.address], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
-def start(cluster, *args, cwd):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ENABLE", "IWAE_TEST"))}
-    env.update(CREDENTIALS, RAY_AUTH_MODE="disabled")
-    return subprocess.Popen([CLI, *map(str, args), "--address", cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+def start(cluster, *args, cwd, env=None):
+    """The CLI in the background; its output goes to a file (a pipe nobody reads until the end would
+    block a chatty command), read back by :func:`output`."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ENABLE", "IWAE_TEST"))}
+    e.update(CREDENTIALS, RAY_AUTH_MODE="disabled", **(env or {}))
+    log = open(Path(cwd) / f"cli-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115  # closed by output()
+    proc = subprocess.Popen([CLI, *map(str, args), "--address", cluster.address], stdout=log, stderr=subprocess.STDOUT, text=True, env=e, cwd=cwd)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def output(proc, timeout=300):
+    """Wait for a background CLI and return its output."""
+    proc.wait(timeout=timeout)
+    proc.log.seek(0)
+    out = proc.log.read()
+    proc.log.close()
+    return out
+
+
+def started(proc, s3, prefix, timeout=180):
+    """The evaluation's first range is in the bucket; if the command ended first, its output says why."""
+    ok = wait_for(lambda: len(s3.keys(f"{prefix}/tables/eval")) >= 1 or proc.poll() is not None, timeout=timeout)
+    if not ok or proc.poll() is not None:
+        proc.log.seek(0)
+        pytest.fail(f"evaluation did not start (exit {proc.poll()}): {proc.log.read()[-3000:]}")
 
 
 SMOKE = "k100-seed123-block50"  # the smoke jobs' estimate
@@ -119,7 +141,7 @@ def test_smoke_sweep_evaluate_report_on_s3(cluster, s3, s3_data, smoke_on_s3):
     assert ev[["ess", "khat", "mcse", "log_px_jk"]].notna().all().all()
     keys = s3.keys("smoke")
     assert sum(k.endswith("/final.pt") for k in keys) == 2
-    assert not any("/tune/" in k and k.endswith(".pkl") for k in keys)  # Tune's state (in the bucket while it ran) removed once all runs are done
+    assert not any("/tune/" in k for k in keys)  # no experiment state in the bucket: runs resume from their own checkpoints
     r = cli(cluster, "evaluate", "demo", "--size", "smoke", "--results", s3.uri("smoke"), "--data-dir", s3_data, cwd=smoke_on_s3["cwd"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(raw_rows(s3, "smoke")) == 40  # nothing redone, nothing doubled
@@ -145,15 +167,15 @@ def test_readme_pandas_snippet_reads_results_from_s3(s3, smoke_on_s3):
 
 
 def test_lost_node_mid_training_resumes_on_the_other_from_its_last_epoch(cluster, s3, s3_data):
-    """A worker node killed mid-training: its trial resumes on the other node from its last checkpoint in S3."""
+    """A worker node killed mid-training: its pack's task resumes on the other node from its last checkpoint in S3."""
     prefix = "lost-train"
     cluster.set_faults(slow_epoch=2.0)  # 4 epochs of 2 s each: a window to lose a node mid-trial
-    proc = start(cluster, "sweep", "demo", "--size", "smoke", "--no-eval", "--max-failures", "3", "--results", s3.uri(prefix), "--data-dir", s3_data,
+    proc = start(cluster, "sweep", "demo", "--size", "smoke", "--no-eval", "--retries", "3", "--results", s3.uri(prefix), "--data-dir", s3_data,
                  cwd=driver_dir(cluster, "lost-train"))  # fmt: skip
-    assert wait_for(lambda: sum(k.endswith("/latest.pt") for k in s3.keys(f"{prefix}/runs")) == 2, timeout=240), "no trial checkpointed"
+    assert wait_for(lambda: sum(k.endswith("/latest.pt") for k in s3.keys(f"{prefix}/runs")) == 2, timeout=240), "no run checkpointed"
     t_fault = time.monotonic()
     cluster.kill_worker(0)
-    out, _ = proc.communicate(timeout=600)
+    out = output(proc, 600)
     print(f"lost node mid-training: exit {proc.returncode} {time.monotonic() - t_fault:.1f} s after the fault")
     assert proc.returncode == 0, out[-4000:]
     runs = read_table(s3, prefix, "runs")
@@ -171,15 +193,43 @@ def test_lost_node_mid_evaluation_every_image_once(cluster, s3, s3_data, smoke_o
     assert r.returncode == 0, r.stderr[-3000:]
     cluster.set_faults(slow_score=3.0)
     proc = start(cluster, "evaluate", "demo", "--size", "smoke", "--test-images", "1000", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
-    assert wait_for(lambda: len(s3.keys(f"{prefix}/tables/eval")) >= 1, timeout=180), "evaluation did not start"  # its first range written
+    started(proc, s3, prefix)
     t_fault = time.monotonic()
     cluster.kill_worker(0)
-    out, _ = proc.communicate(timeout=300)
+    out = output(proc)
     print(f"lost node mid-evaluation: exit {proc.returncode} {time.monotonic() - t_fault:.1f} s after the fault")
     assert proc.returncode == 0, out[-4000:]
     assert "lost 1 node" in out
     ev = raw_rows(s3, prefix)
     assert len(ev) == 2 * 1000 and not ev.duplicated(["run_id", "image_id"]).any()
+
+
+def test_training_no_node_can_run_stops_in_one_line_and_keeps_its_checkpoints(cluster, s3, s3_data):
+    """Every node that can run a training pack is lost mid-training and no node type can replace one:
+    the stall rule ends the sweep within its timeout (5 s here), exit 1, one line; the checkpoints
+    written so far stay in the bucket, and the same command resumes from them once nodes are back.
+    (The endpoint in this test's URI is in the other form pyarrow takes: http://HOST:PORT.)"""
+    prefix = "stall-train"
+    uri = s3.uri(prefix, form="url")
+    cwd = driver_dir(cluster, prefix)
+    cluster.set_faults(slow_epoch=2.0)
+    proc = start(cluster, "sweep", "demo", "--size", "smoke", "--no-eval", "--results", uri, "--data-dir", s3_data, cwd=cwd, env={"IWAE_STALL_TIMEOUT": "5"})
+    assert wait_for(lambda: sum(k.endswith("/latest.pt") for k in s3.keys(f"{prefix}/runs")) >= 1, timeout=240), "no run checkpointed"
+    t_fault = time.monotonic()
+    while cluster.workers:
+        cluster.kill_worker(0)
+    out = output(proc, 300)
+    seconds = time.monotonic() - t_fault
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "training stalled" in errors[0] and "Traceback" not in out, out[-3000:]
+    assert seconds < 120, seconds  # the stall timeout (5 s) after Ray declares the nodes dead, not forever
+    kept = [k for k in s3.keys(f"{prefix}/runs") if k.endswith(".pt")]
+    assert kept, "checkpoints kept"
+    cluster.set_faults()
+    cluster.add_worker()
+    r = cli(cluster, "sweep", "demo", "--size", "smoke", "--no-eval", "--results", uri, "--data-dir", s3_data, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_table(s3, prefix, "runs").resumed_from_epoch.max() > 0
 
 
 def test_local_results_the_nodes_cannot_see_fail_in_one_line(cluster, s3_data):
@@ -212,10 +262,10 @@ def test_a_node_joining_mid_evaluation_with_a_stale_cache_rebuilds_it_and_scores
     cached = Path("cache") / hashlib.sha256(s3_data.encode()).hexdigest()[:12] / D.MNIST_NPZ  # under IWAE_CACHE_DIR, in the node's private folder
     cluster.set_faults(slow_score=3.0)
     proc = start(cluster, "evaluate", "demo", "--size", "smoke", "--test-images", "1000", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
-    assert wait_for(lambda: len(s3.keys(f"{prefix}/tables/eval")) >= 1, timeout=180), "evaluation did not start"  # its first range written
+    started(proc, s3, prefix)
     cluster.add_worker(setup=f"mkdir -p {cached.parent} && cp {stale} {cached}")
     node = cluster.workers[-1]
-    out, _ = proc.communicate(timeout=300)
+    out = output(proc)
     assert proc.returncode == 0, out[-4000:]
     assert "1 node(s) joined" in out, out[-3000:]
     ev = raw_rows(s3, prefix)

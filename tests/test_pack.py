@@ -6,8 +6,7 @@ import torch
 
 from iwae import checkpoint
 from iwae.config import ModelConfig, RunConfig, ScheduleConfig
-from iwae.data import synthetic
-from iwae.data import binarize
+from iwae.data import binarize, synthetic
 from iwae.estimators import bound_and_surrogate
 from iwae.pack import FlatAdam, Pack, group_packs, pack_key, train_pack
 from iwae.state import FINAL, start_state

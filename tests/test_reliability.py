@@ -107,9 +107,9 @@ def test_evaluation_survives_a_killed_worker(trained, tmp_path, mnist_dir):
         "2",
         env=faults(slow_score=2),
     )
-    assert wait_for(lambda: pids_matching("ray::_score"), timeout=120), "no evaluation task started"
+    assert wait_for(lambda: pids_matching("ray::_call"), timeout=120), "no evaluation task started"
     time.sleep(0.5)
-    victim = pids_matching("ray::_score")[0]
+    victim = pids_matching("ray::_call")[0]
     os.kill(victim, signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
@@ -118,12 +118,11 @@ def test_evaluation_survives_a_killed_worker(trained, tmp_path, mnist_dir):
 
 @pytest.mark.slow
 def test_killed_sweep_driver_resumes_without_retraining(tmp_path, mnist_dir):
-    """SIGKILL the sweep driver (and its local Ray) after a run finished; the same command resumes
-    through Tune's restore of the same experiment, trains only what was unfinished, no row appears
-    twice, and the finished experiment's Tune state is removed."""
+    """SIGKILL the sweep driver (and its local Ray) after a run finished; the same command trains only
+    what was unfinished (taking over the dead command's leases once they expire), no row appears twice."""
     results = tmp_path / "r"
     args = ("sweep", "paper_table1", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir)
-    proc = start_cli(*args)
+    proc = start_cli(*args, env={"IWAE_LEASE_SECONDS": "6"})
     runs_dir = results / "tables" / "runs"
     assert wait_for(lambda: runs_dir.exists() and any(runs_dir.glob("*.parquet")), timeout=240), (
         proc.stdout.read() if proc.poll() is not None else "no run finished"
@@ -132,11 +131,9 @@ def test_killed_sweep_driver_resumes_without_retraining(tmp_path, mnist_dir):
     proc.wait(timeout=30)
     done_before = {p.name: p.stat().st_mtime_ns for p in runs_dir.glob("*.parquet")}
     assert 1 <= len(done_before) < 5, "kill the driver mid-sweep"
-    assert len(list((results / "tune").iterdir())) == 1  # the crashed sweep's Tune experiment
-    r = run_cli(*args)
+    r = run_cli(*args, env={"IWAE_LEASE_SECONDS": "6"})  # the dead command's leases (6 s here) expire and are taken over
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "resuming Tune's experiment" in r.stderr, r.stderr[-3000:]  # Tune's restore, not a new experiment
-    assert not any((results / "tune").iterdir())  # done: the experiment is removed, none piles up
+    assert not (results / "tune").exists()
     runs = pd.read_parquet(runs_dir)
     assert len(runs) == 5 and set(runs.status) == {"done"} and runs.run_id.is_unique
     for name, mtime in done_before.items():  # finished runs were not trained again
@@ -146,22 +143,30 @@ def test_killed_sweep_driver_resumes_without_retraining(tmp_path, mnist_dir):
 
 
 @pytest.mark.slow
-def test_nonfinite_trial_is_retried_from_its_checkpoint(tmp_path, mnist_dir):
-    """A trial whose losses turn NaN in epoch 3 fails once and resumes from its epoch-2 checkpoint."""
+def test_a_diverged_run_is_named_not_retried_and_the_rerun_resumes_from_its_checkpoint(tmp_path, mnist_dir):
+    """A run whose losses turn NaN in epoch 3 is a deterministic failure: not retried, the other run
+    finishes, the command exits 1 with one line naming the run; the same command again resumes it
+    from its epoch-2 checkpoint (the fault fired once) and finishes."""
     results = tmp_path / "r"
     env = faults(nan_epoch=2, once_file=tmp_path / "fired")
-    r = run_cli("sweep", "demo", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    args = ("sweep", "demo", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir)
+    r = run_cli(*args, env=env)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "non-finite in epoch 3" in errors[0] and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert (tmp_path / "fired").exists()
     runs = pd.read_parquet(results / "tables" / "runs")
-    assert sorted(runs.resumed_from_epoch) == [0, 2]  # exactly one trial was retried, from epoch 2
+    assert sorted(runs.status) == ["done", "failed"] and runs[runs.status == "failed"].run_id.iloc[0] in errors[0]
+    r = run_cli(*args, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = pd.read_parquet(results / "tables" / "runs")
+    assert sorted(runs.resumed_from_epoch) == [0, 2]  # exactly one run resumed, from epoch 2
     train = pd.read_parquet(results / "tables" / "train")
     assert sorted(train.groupby("run_id").epoch.apply(list).map(tuple)) == [(1, 2, 3, 4)] * 2
 
 
 @pytest.mark.slow
 def test_trial_that_keeps_failing_is_named_and_reported(tmp_path, mnist_dir):
-    """A trial that is NaN on every attempt ends the sweep with exit 1 naming it; the report marks it failed."""
+    """A pack that is NaN on every attempt ends the sweep with exit 1 naming it; the report marks it failed."""
     results = tmp_path / "r"
     r = run_cli(
         "sweep",
@@ -169,7 +174,7 @@ def test_trial_that_keeps_failing_is_named_and_reported(tmp_path, mnist_dir):
         "--size",
         "smoke",
         "--no-eval",
-        "--max-failures",
+        "--retries",
         "1",
         "--results",
         results,
@@ -322,10 +327,10 @@ def test_range_out_of_retries_exits_1_in_one_line_and_the_rerun_completes(traine
     results = copy_results(trained, tmp_path / "r")
     args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--test-images", "2000", "--workers", "1")
     proc = start_cli(*args, "--retries", "0", env=faults(slow_score=3))
-    assert wait_for(lambda: pids_matching("ray::_score"), timeout=120), "no evaluation task started"
+    assert wait_for(lambda: pids_matching("ray::_call"), timeout=120), "no evaluation task started"
     time.sleep(0.5)
     t_fault = time.monotonic()
-    os.kill(pids_matching("ray::_score")[0], signal.SIGKILL)
+    os.kill(pids_matching("ray::_call")[0], signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     print(f"out of retries: exit {proc.returncode} {time.monotonic() - t_fault:.1f} s after the kill")
     errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
@@ -446,18 +451,20 @@ def test_report_on_an_empty_results_folder_exits_2_with_the_command_that_fills_i
 def test_a_swallowed_ctrl_c_is_raised_again_when_the_guarded_loop_ends():
     """A KeyboardInterrupt that some frame swallows (as a finaliser does) is not lost: the guard
     remembers the SIGINT and raises again on the way out; the previous handler comes back."""
-    from pipeline.ray_backend.cluster import INTERRUPTED, interrupt_guard
+    from pipeline.ray_backend.adapter import probe
+    from pipeline.ray_backend.cluster import Cluster
 
+    cluster = Cluster("127.0.0.1:6379", owned=False, capabilities=probe())
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        with interrupt_guard():
+        with cluster.interrupt_guard():
             try:
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(5)  # the handler runs here and raises
                 pytest.fail("SIGINT did not interrupt")
             except KeyboardInterrupt:
                 pass  # swallowed
-            assert INTERRUPTED.is_set()
+            assert cluster.interrupted.is_set()
     assert signal.getsignal(signal.SIGINT) is before
 
 

@@ -1,39 +1,68 @@
-"""Robustness without a cluster: state saved by earlier versions still loads; Ray and store errors in the evaluation loop are one-line reasons."""
+"""Robustness without a cluster: nothing in the results location is unpickled; Ray and store errors in
+the executor's loop are one-line reasons; the stall rule; the CPUs the embedded Ray claims."""
 
-import pickle
-
-from pipeline.estimates import Span
-
-
-def test_tune_state_saved_before_the_ray_backend_split_unpickles():
-    """Tune's tuner.pkl of a sweep interrupted under the old layout refers to names in
-    `pipeline.ray_backend` by reference; they still resolve, to the objects used now."""
-    from pipeline.ray_backend import cluster, tune
-
-    for name, now in (("_trial_name", tune._trial_name), ("_members", tune._members), ("_trainable", tune._trainable), ("INTERRUPTED", cluster.INTERRUPTED)):
-        assert pickle.loads(f"cpipeline.ray_backend\n{name}\n.".encode()) is now, name
+import pytest
 
 
-class _Ledger:
-    """An estimate ledger whose write fails as a store blip would, or succeeds."""
+@pytest.mark.slow
+def test_no_pickle_in_the_results_location_is_ever_loaded(tmp_path, mnist_dir):
+    """Whoever can write the results location must not run code in the driver: a Tune experiment's
+    state (``tune/<exp>/tuner.pkl``, what the sweep once restored from) and pickles beside the
+    checkpoints, each of which would write a file when unpickled, are never loaded by a sweep that
+    trains, evaluates and reports there."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sentinel = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(sentinel), "w"))
+
+    results = tmp_path / "r"
+    (results / "tune" / "demo-0000").mkdir(parents=True)
+    (results / "_iwae-pipeline.json").write_text('{"format": "iwae-pipeline/2"}')
+    for key in ("tune/demo-0000/tuner.pkl", "tune/demo-0000/experiment_state.pkl", "runs/767809530607/trial.pkl"):
+        (results / key).parent.mkdir(parents=True, exist_ok=True)
+        (results / key).write_bytes(pickle.dumps(Evil()))
+    cli = str(Path(sys.executable).parent / "iwae-pipeline")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    r = subprocess.run(
+        [cli, "sweep", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not sentinel.exists()
+    pickle.loads((results / "tune/demo-0000/tuner.pkl").read_bytes())  # the power check: loading it would have written the file
+    assert sentinel.exists()
+
+
+class _Source:
+    """An executor source whose result write fails as a store blip would, or succeeds."""
+
+    results = None
 
     def __init__(self, error: Exception | None = None):
         self.error = error
 
-    def write(self, span, table):
+    def done(self, unit, value):
         if self.error is not None:
             raise self.error
-        return 7
 
 
-def test_every_ray_error_and_a_failed_shard_write_is_a_reason_never_a_traceback(monkeypatch):
-    """The evaluation loop's outcome of one task: Ray's out-of-memory and runtime-env errors (not on
-    the old hand-written list) and an OSError while writing the shard come back as one-line reasons;
-    the OSError is marked transient (the loop retries it within --retries)."""
+def test_every_ray_error_and_a_failed_write_is_a_reason_never_a_traceback(monkeypatch):
+    """The executor's outcome of one task: Ray's out-of-memory and runtime-env errors and an OSError
+    while writing the result come back as one-line reasons; the OSError is marked transient (the loop
+    retries it within --retries); a deterministic error in the work is a reason, a UserError is raised."""
     import ray
     import ray.exceptions as rex
 
-    from pipeline.ray_backend import tasks
+    from pipeline.errors import UserError
+    from pipeline.ray_backend import executor
+
+    unit = executor.Unit("run x images 0-0", print, ())
 
     def raising(error):
         def get(ref):
@@ -43,12 +72,17 @@ def test_every_ray_error_and_a_failed_shard_write_is_a_reason_never_a_traceback(
 
     for error in (rex.OutOfMemoryError("task was killed: node low on memory"), rex.RuntimeEnvSetupError("pip failed")):
         monkeypatch.setattr(ray, "get", raising(error))
-        why = tasks._outcome(object(), _Ledger(), Span("run", 0, 0), 3)
+        why = executor.outcome(object(), _Source(), unit, 3)
         assert isinstance(why, str) and type(error).__name__ in why, why
+    monkeypatch.setattr(ray, "get", raising(rex.RayTaskError("f", "tb", ValueError("bad shape"))))
+    assert executor.outcome(object(), _Source(), unit, 3) == "bad shape"
+    monkeypatch.setattr(ray, "get", raising(rex.RayTaskError("f", "tb", UserError("--test-images 20000 exceeds"))))
+    with pytest.raises(UserError, match="exceeds"):
+        executor.outcome(object(), _Source(), unit, 3)
     monkeypatch.setattr(ray, "get", lambda ref: "table")
-    why = tasks._outcome(object(), _Ledger(OSError("connection reset")), Span("run", 0, 0), 3)
-    assert isinstance(why, str) and why.startswith(tasks._TRANSIENT) and "connection reset" in why, why
-    assert tasks._outcome(object(), _Ledger(), Span("run", 0, 0), 3) == 7
+    why = executor.outcome(object(), _Source(OSError("connection reset")), unit, 3)
+    assert isinstance(why, str) and why.startswith(executor.TRANSIENT) and "connection reset" in why, why
+    assert executor.outcome(object(), _Source(), unit, 3) is None
 
 
 def test_a_cluster_python_without_the_project_is_named_in_one_line(tmp_path):
@@ -71,52 +105,98 @@ def test_a_cluster_python_without_the_project_is_named_in_one_line(tmp_path):
     assert ok.returncode == 0 and not ok.stderr.strip(), ok.stderr
 
 
-def test_a_stalled_evaluation_waits_for_the_autoscaler_when_it_can_launch_a_node(ray_local, monkeypatch):
-    """Shards no live node can run (a GPU asked of this CPU-only Ray, as when spot GPU nodes are
-    taken back mid-evaluation): with a node type the autoscaler can launch that fits, the loop says
-    so once and waits the autoscaler's time (IWAE_AUTOSCALE_TIMEOUT, 3 s here) before one line;
-    without one it gives up after the stall timeout (0.5 s) as before."""
+def test_stalled_work_waits_for_the_autoscaler_when_it_can_launch_a_node(ray_local, monkeypatch):
+    """Work no live node can run (a GPU asked of this CPU-only Ray, as when spot GPU nodes are taken
+    back mid-run): with a node type the autoscaler can launch that fits, the executor says so once
+    and waits the autoscaler's time (IWAE_AUTOSCALE_TIMEOUT, 3 s here) before one line; without one
+    it gives up after the stall timeout (0.5 s). The same rule for training and evaluation."""
     import time
 
-    import pytest
-
     from pipeline.errors import RunFailed
-    from pipeline.ray_backend import autoscaler, cluster, tasks
+    from pipeline.ray_backend import autoscaler, cluster, executor
+    from pipeline.ray_backend.resources import NodeType, Resources
 
-    monkeypatch.setattr(tasks, "check_resources", lambda res: None)  # the up-front check would refuse or wait first
-    monkeypatch.setattr(tasks, "check_storage", lambda results: None)
-
-    class Ledger:
-        results = None
-
-    gpu_type = autoscaler.NodeType("gpu", {"CPU": 1.0, "GPU": 1.0}, 2)
+    c = cluster.connect()  # the session's Ray: attached, not owned
+    monkeypatch.setattr(c, "check_resources", lambda res, notice=None: None)  # the up-front check would refuse or wait first
     monkeypatch.setattr(autoscaler, "AUTOSCALE_TIMEOUT_S", 3.0)
-    for types, expect in (([gpu_type], "the autoscaler started none in 3 s"), ([], "for 0.5 s; 0 of 1 shards")):
-        monkeypatch.setattr(autoscaler, "launchable_types", lambda types=types: types)
+    monkeypatch.setattr(autoscaler, "request", lambda res, count: None)
+    gpu_type = NodeType("gpu", {"CPU": 1.0, "GPU": 1.0}, 2)
+    for what, types, expect in (("training", [gpu_type], "the autoscaler started none in 3 s"), ("evaluation", [], "for 0.5 s; 0 unit(s)")):
+        c._types, c._types_read = types, True
         lines: list[str] = []
         t0 = time.monotonic()
+        source = executor.Ready(None, [executor.Unit("run x", print, ())], lambda unit, value: None)
         with pytest.raises(RunFailed) as e:
-            tasks.score_ranges(Ledger(), None, [Span("run", 0, 0)], cluster.Resources(1, 1), notice=lines.append, stall_timeout=0.5, max_retries=0)
+            executor.run(c, source, Resources(1, 1), what=what, notice=lines.append, stall_timeout=0.5, retries=0)
         assert time.monotonic() - t0 >= (3.0 if types else 0.5)  # it did wait that long
-        assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
-        waiting = [line for line in lines if "waiting for the autoscaler to launch one, up to 3 s from the last shard written" in line]
+        assert str(e.value).startswith(f"{what} stalled") and expect in str(e.value) and "\n" not in str(e.value), str(e.value)
+        waiting = [line for line in lines if "waiting up to 3 s for the autoscaler to launch one" in line]
         assert len(waiting) == (1 if types else 0), lines
 
 
-def test_shards_in_flight_count_the_nodes_the_autoscaler_can_add():
-    """A cluster with one 1-GPU worker up and a GPU type the autoscaler can launch 4 of keeps 5 GPU
-    shards running (so the autoscaler sees demand for the other 4), not 1; a fixed cluster keeps what
-    its nodes run; CPU shards do not count GPU types; an unlimited type (-1) counts up to the shards;
-    never more than the shards, never fewer than 1."""
-    from pipeline.ray_backend import autoscaler, cluster, tasks
+def test_demand_counts_the_nodes_the_autoscaler_can_add():
+    """Room asked of the autoscaler for GPU work: 4 more units when a GPU type can launch 4 nodes; a
+    CPU request does not count GPU types; an unlimited type (-1) counts up to the work left."""
+    from pipeline.ray_backend.resources import NodeType, Resources, launchable_slots, per_node
 
-    gpu = cluster.Resources(1, 1)
-    gpu_type = autoscaler.NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 4)
-    up = {"CPU": 9.0, "GPU": 1.0}  # a 0-GPU head's CPUs beside one worker
-    assert tasks.shards_at_once(gpu, up, [gpu_type], 100) == 5
-    assert tasks.shards_at_once(gpu, up, [], 100) == 1
-    cpu_type = autoscaler.NodeType("cpu", {"CPU": 4.0}, 2)
-    assert tasks.shards_at_once(cluster.Resources(2, 0), up, [gpu_type, cpu_type], 100) == 4 + 2 * 2
-    unlimited = autoscaler.NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, -1)
-    assert tasks.shards_at_once(gpu, up, [unlimited], 100) == 100 and tasks.shards_at_once(gpu, {}, [unlimited], 7) == 7
-    assert tasks.shards_at_once(gpu, up, [gpu_type], 3) == 3 and tasks.shards_at_once(gpu, {}, [], 3) == 1
+    gpu = Resources(1, 1)
+    gpu_type = NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 4)
+    cpu_type = NodeType("cpu", {"CPU": 4.0}, 2)
+    assert launchable_slots(gpu, [gpu_type], 100) == 4 and launchable_slots(gpu, [], 100) == 0
+    assert launchable_slots(Resources(2, 0), [gpu_type, cpu_type], 100) == 2 * 2
+    assert launchable_slots(gpu, [NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, -1)], 7) == 7
+    assert per_node(gpu, {"CPU": 9.0, "GPU": 1.0}) == 1 and per_node(Resources(2, 0), {"CPU": 9.0}) == 4
+
+
+def test_the_embedded_ray_claims_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """Affinity and a cgroup quota cap the CPUs (v2 cpu.max, v1 cfs quota); no quota leaves affinity."""
+    import os
+
+    from pipeline.ray_backend.cluster import usable_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert usable_cpus(tmp_path / "none") == 64
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "cpu.max").write_text("200000 100000\n")
+    assert usable_cpus(tmp_path / "v2") == 2
+    (tmp_path / "v2" / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path / "v2") == 64
+    (tmp_path / "v1" / "cpu").mkdir(parents=True)
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(tmp_path / "v1") == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert usable_cpus(tmp_path / "v2") == 1
+
+
+def test_gpu_fractions_ray_cannot_place_are_refused_in_one_line(capsys, tmp_path):
+    """A whole GPU or 1/n is accepted; 0.3 is refused before anything starts, in one line, exit 2."""
+    from pipeline.cli import main
+    from pipeline.ray_backend.resources import check_gpus
+
+    for ok in (None, 0, 1, 2, 0.5, 0.25):
+        check_gpus(ok, "--gpus")
+    assert main(["sweep", "demo", "--gpus-per-trial", "0.3", "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpus-per-trial 0.3 is a fraction" in err[0] and not (tmp_path / "r").exists(), err
+
+
+def test_any_error_that_reaches_the_console_script_is_one_line(capsys, tmp_path, monkeypatch):
+    """An exception nothing named (here a RuntimeError from the report) prints `error: <Type>: <first
+    line>` and exits 1; with IWAE_DEBUG=1 the traceback comes instead."""
+    import pipeline.report as report
+    from pipeline.cli import main
+    from pipeline.results import Results
+
+    Results.open(str(tmp_path / "r"))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("the disk caught fire\nand more detail below")
+
+    monkeypatch.setattr(report, "build_report", boom)
+    assert main(["report", "--results", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: RuntimeError: the disk caught fire; run it again with IWAE_DEBUG=1 for the traceback"], err
+    monkeypatch.setenv("IWAE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="caught fire"):
+        main(["report", "--results", str(tmp_path / "r")])

@@ -176,13 +176,18 @@ def test_create_on_s3_is_exclusive_even_when_both_writers_saw_no_object(monkeypa
 
     s3 = S3Server()
     try:
-        store = Store.open(s3.uri("cas"))
-        monkeypatch.setattr(Store, "exists", lambda self, key: False)  # both saw nothing
-        assert store.create("_eval.json", b"first") is True
-        assert store.create("_eval.json", b"second") is False
-        assert store.read_bytes("_eval.json") == b"first"
-        monkeypatch.setattr(storage, "_s3_put_if_absent", lambda location, path, data: None)
-        assert store.create("_other.json", b"x") is True and store.read_bytes("_other.json") == b"x"
+        for form in ("hostport", "url"):  # both endpoint forms pyarrow takes, for every operation, create included
+            store = Store.open(s3.uri(f"cas-{form}", form=form))
+            with monkeypatch.context() as m:
+                m.setattr(Store, "exists", lambda self, key: False)  # both saw nothing
+                assert store.create("lease.json", b"first") is True
+                assert store.create("lease.json", b"second") is False
+            assert store.read_bytes("lease.json") == b"first" and store.exists("lease.json")
+            store.write_bytes("t/a.bin", b"a")
+            assert store.list("t") == ["t/a.bin"] and store.read_bytes("t/a.bin") == b"a"
+            with monkeypatch.context() as m:
+                m.setattr(storage, "_s3_put_if_absent", lambda location, path, data: None)
+                assert store.create("_other.json", b"x") is True and store.read_bytes("_other.json") == b"x"
     finally:
         s3.stop()
 
@@ -247,9 +252,9 @@ def test_create_on_gcs_is_exclusive_even_when_both_writers_saw_no_object(monkeyp
     try:
         store = Store.open(f"gs://bkt/res?endpoint_override=127.0.0.1:{gcs.port}&scheme=http")
         monkeypatch.setattr(Store, "exists", lambda self, key: False)  # both saw nothing
-        assert store.create("_eval.json", b"first") is True
-        assert store.create("_eval.json", b"second") is False
-        assert gcs.objects == {("bkt", "res/_eval.json"): b"first"}
+        assert store.create("lease.json", b"first") is True
+        assert store.create("lease.json", b"second") is False
+        assert gcs.objects == {("bkt", "res/lease.json"): b"first"}
     finally:
         gcs.stop()
 

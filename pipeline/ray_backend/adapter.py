@@ -9,7 +9,8 @@ Ray 2.60 has no public API for some of what a command needs on a real cluster:
 - ``node types``: which worker node types the autoscaler can launch (the GCS's cluster config, which
   KubeRay's autoscaler v2 reports, or the head's autoscaling config found from its monitor process);
 - ``launch status``: whether the autoscaler is launching a node (the monitor's status in the KV, or
-  autoscaler v2's cluster status).
+  autoscaler v2's cluster status);
+- ``cluster.yaml``: Ray's offline checks of a launcher config (``prepare_config``, ``validate_config``).
 
 :func:`probe` checks that each is there in this Ray, once, and :class:`Capabilities` says in one line
 what is missing and what that costs (for example "node types unknown: the GPU default is 0 until a GPU
@@ -172,3 +173,18 @@ def launching(gcs_address: str) -> bool:
         return True
     status = get_cluster_status(gcs_address)
     return bool(status.pending_launches or status.pending_nodes)
+
+
+# ---------------------------------------------------------------------------------------- cluster.yaml
+
+
+def ray_config_problem(config: dict[str, Any]) -> str:
+    """Ray's own checks of a cluster launcher config, offline (there is no ``ray up --dry-run``): its
+    ``prepare_config`` fills defaults and ``validate_config`` checks the schema. '' when it passes."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    try:
+        validate_config(prepare_config(config))
+    except Exception as e:  # noqa: BLE001  # jsonschema.ValidationError, ValueError: one line is enough
+        return str(e).splitlines()[0][:200]
+    return ""

@@ -67,6 +67,9 @@ class Source(Protocol):
     def tick(self) -> None:
         """Called every couple of seconds while work runs (renew leases, show progress)."""
 
+    def close(self) -> None:
+        """The executor is done with the source, or stops (Ctrl-C, an error): give up what it holds."""
+
 
 class Ready:
     """A source whose units are all ready at once (an evaluation's ranges)."""
@@ -90,6 +93,9 @@ class Ready:
         pass
 
     def tick(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -252,10 +258,12 @@ def run(
                 ray.cancel(ref, force=True)
             if demand > 0:
                 autoscaler.request(res, 0)
+            source.close()
     if timings is not None:
         timings["work_seconds"] = time.perf_counter() - t0
     if failed:
-        name, why = next(iter(failed.items()))
-        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
-        raise RunFailed(f"{what} of {name}{more} failed ({why}); the {done} done are kept; run the same command again to finish")
+        names = list(failed)
+        named = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        why = failed[names[0]]
+        raise RunFailed(f"{what} of {named} failed ({why}); the {done} done are kept; run the same command again to finish")
     return done

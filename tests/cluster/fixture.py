@@ -44,7 +44,11 @@ class S3Server:
 
         return pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True)
 
-    def uri(self, prefix: str) -> str:
+    def uri(self, prefix: str, form: str = "hostport") -> str:
+        """The location of ``prefix`` in the bucket, its endpoint in either form pyarrow takes:
+        ``endpoint_override=HOST:PORT&scheme=http`` or ``endpoint_override=http://HOST:PORT``."""
+        if form == "url":
+            return f"s3://{self.bucket}/{prefix}?endpoint_override=http://{self.endpoint}&region=us-east-1"
         return f"s3://{self.bucket}/{prefix}?endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
 
     def keys(self, prefix: str) -> list[str]:

@@ -47,23 +47,23 @@ def _fire_once() -> bool:
 
 
 def _patch_train(mod):
-    original = mod.train_epoch
+    original = mod.Pack.train_epoch
 
-    def train_epoch(state, *args, **kwargs):
+    def train_epoch(self, *args, **kwargs):
         slow = float(setting("slow_epoch", 0) or 0)
         if slow:
             import time
 
             time.sleep(slow)
-        if state.epoch == int(setting("nan_epoch", -1)) and _fire_once():
-            import torch
+        for g, state in enumerate(self.states):
+            if state.epoch == int(setting("nan_epoch", -1)) and _fire_once():
+                import torch
 
-            with torch.no_grad():
-                for p in state.model.parameters():
-                    p.fill_(float("nan"))
-        return original(state, *args, **kwargs)
+                with torch.no_grad():
+                    self.flat[g].fill_(float("nan"))
+        return original(self, *args, **kwargs)
 
-    mod.train_epoch = train_epoch
+    mod.Pack.train_epoch = train_epoch
 
 
 def _patch_work(mod):
@@ -80,7 +80,7 @@ def _patch_work(mod):
 
 PATCHES = {}
 if any(k.startswith("IWAE_TEST_") for k in os.environ):
-    PATCHES = {"iwae.train": _patch_train, "pipeline.work": _patch_work}
+    PATCHES = {"iwae.pack": _patch_train, "pipeline.work": _patch_work}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
