@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import io
 import os
 import pickle
@@ -84,11 +85,14 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
-        if (module, name) == ("_codecs", "encode"):
-            import _codecs
-
-            return _codecs.encode
-        return np.ndarray if name == "ndarray" else np.dtype if name == "dtype" else np._core.multiarray._reconstruct  # type: ignore[attr-defined]
+        # resolved only after the allow-list check, by the name the pickle gives, from whichever
+        # numpy is installed: numpy 2 has numpy._core (numpy.core re-exports it), numpy 1.26 only numpy.core
+        for where in (module.replace("numpy.core.", "numpy._core."), module.replace("numpy._core.", "numpy.core.")):
+            try:
+                return getattr(importlib.import_module(where), name)
+            except (ImportError, AttributeError):
+                continue
+        raise pickle.UnpicklingError(f"this numpy has no {module}.{name}")
 
 
 def load_numpy_pickle(raw: bytes) -> object:

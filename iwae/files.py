@@ -34,9 +34,25 @@ def write_atomic(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_dir(path.parent)  # the rename itself is durable only once the folder's entry is
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _sync_dir(folder: Path) -> None:
+    """fsync a folder, so that a rename or link into it survives a crash (POSIX; a no-op where
+    folders cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def create_atomic(path: str | Path, data: bytes) -> bool:
@@ -59,6 +75,7 @@ def create_atomic(path: str | Path, data: bytes) -> bool:
             os.link(tmp, path)
         except FileExistsError:
             return False
+        _sync_dir(path.parent)
         return True
     finally:
         os.unlink(tmp)

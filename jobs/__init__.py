@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from iwae.config import RunConfig, ScheduleConfig
+from iwae.config import RunConfig
 from iwae.evaluate import EvalConfig
 
 SIZES = ("full", "smoke")
@@ -87,7 +87,3 @@ def build(name: str, size: str = "full", stages: int | None = None, epoch_scale:
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}")
     return reg[name](size=size, stages=stages, epoch_scale=epoch_scale)
-
-
-def default_schedule() -> ScheduleConfig:
-    return ScheduleConfig()

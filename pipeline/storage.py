@@ -110,9 +110,8 @@ def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
     if "region" in query:
         client["region_name"] = query["region"]
     fs = s3fs.S3FileSystem(anon=query.get("anonymous", "").lower() == "true", client_kwargs=client)
-    bucket, _, key = path.partition("/")
     try:
-        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        fs.pipe_file(path, data, mode="create")  # one PUT with If-None-Match: * (s3fs 2024.12.0+, botocore > 1.35.20)
     except FileExistsError:  # 412 Precondition Failed on If-None-Match: another writer's object is there
         return False
     except OSError as e:  # s3fs's translation of the server's error; its botocore error is the cause
@@ -294,11 +293,16 @@ class Store:
         self.fs.delete_file(self.path(key))
 
     def remove_empty_dir(self) -> None:
-        """Remove this location's folder on a local disk, if it is empty (never anything in it)."""
+        """Remove this location's folder on a local disk if it holds no file: its empty folders
+        (``_check/`` of the storage probe) go first; a folder holding anything stays."""
         import contextlib
 
+        root = Path(self.path())
+        for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                d.rmdir()
         with contextlib.suppress(OSError):
-            Path(self.path()).rmdir()
+            root.rmdir()
 
     def is_empty(self) -> bool:
         sel = pafs.FileSelector(self.path(), recursive=False, allow_not_found=True)

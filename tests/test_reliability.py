@@ -191,6 +191,26 @@ def test_trial_that_keeps_failing_is_named_and_reported(tmp_path, mnist_dir):
 
 
 @pytest.mark.slow
+def test_two_sweeps_started_together_train_each_run_once(tmp_path, mnist_dir):
+    """Two `sweep` commands of one job on one location at once (a re-submit after a lost connection):
+    each run's lease lets one command train it; the other says so, waits, and both end with every
+    run done, trained once (one history row per epoch, no run resumed, one lease generation)."""
+    results = tmp_path / "r"
+    args = ("sweep", "demo", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir)
+    slow = faults(slow_epoch=1)  # 4 s of training per run: the two commands overlap
+    a, b = start_cli(*args, env=slow), start_cli(*args, env=slow)
+    out_a, _ = a.communicate(timeout=300)
+    out_b, _ = b.communicate(timeout=300)
+    assert a.returncode == 0 and b.returncode == 0, out_a[-2000:] + out_b[-2000:]
+    assert "is being trained by another command" in out_a + out_b, out_a[-2000:] + out_b[-2000:]
+    train = pd.read_parquet(results / "tables" / "train")
+    runs = pd.read_parquet(results / "tables" / "runs")
+    assert len(train) == 2 * 4 and not train.duplicated(["run_id", "epoch"]).any()
+    assert len(runs) == 2 and set(runs.resumed_from_epoch) == {0} and set(runs.status) == {"done"}
+    assert sorted(p.name for p in (results / "leases").rglob("*.json")) == ["000001.json"] * 2
+
+
+@pytest.mark.slow
 def test_two_evaluations_at_once_do_not_double_rows(trained, tmp_path, mnist_dir):
     """Two `evaluate` commands on the same folder at the same time: exactly one row per image."""
     results = copy_results(trained, tmp_path / "r")

@@ -296,3 +296,19 @@ def test_report_out_to_s3_writes_there_and_nothing_local(tmp_path, monkeypatch, 
         s3.stop()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]  # no s3: folder, no report beside the results
     assert not (tmp_path / "res" / "report").exists()
+
+
+def test_a_location_is_undone_only_while_nothing_but_its_marker_is_there(tmp_path):
+    """A command that created a location and stops before any work removes what it made (its marker and
+    empty folders); once anything else is there (another command started on it meanwhile) it stays."""
+    from pipeline.results import MARKER, Results
+
+    mine = Results.open(str(tmp_path / "mine"))
+    (tmp_path / "mine" / "_check" / "x").mkdir(parents=True)  # the storage probe's empty folders
+    mine.discard_if_new()
+    assert not (tmp_path / "mine").exists()
+    shared = Results.open(str(tmp_path / "shared"))
+    (tmp_path / "shared" / "leases" / "r1").mkdir(parents=True)
+    (tmp_path / "shared" / "leases" / "r1" / "000001.json").write_text("{}")  # another command's lease
+    shared.discard_if_new()
+    assert (tmp_path / "shared" / MARKER).exists() and (tmp_path / "shared" / "leases" / "r1" / "000001.json").exists()

@@ -41,7 +41,7 @@ def _dashboard_hostport(address: str) -> str:
     return f"{url.hostname}:{url.port or 8265}"
 
 
-def submit(address: str, entrypoint: str, working_dir: Path, submission_id: str | None, env_vars: dict[str, str], num_gpus: float = 0.0) -> str:
+def submit(address: str, entrypoint: str, working_dir: Path, submission_id: str | None, env_vars: dict[str, str]) -> str:
     """Upload ``working_dir`` and run ``entrypoint`` on the cluster; returns the submission id."""
     client = job_client(address)
     runtime_env = {
@@ -50,7 +50,7 @@ def submit(address: str, entrypoint: str, working_dir: Path, submission_id: str 
         "env_vars": env_vars,
     }
     try:
-        return str(client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id, entrypoint_num_gpus=num_gpus or None))
+        return str(client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id))
     except RuntimeError as e:
         if submission_id and "already exists" in str(e):
             raise UserError(f"a job with submission id {submission_id} already exists on {address}; pass a new --submission-id") from None
