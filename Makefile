@@ -41,9 +41,9 @@ CUT   ?= --stages 2
 repro: setup data
 	$(BIN)/iwae-pipeline sweep paper_table1 $(CUT) --where dataset=mnist --where layers=1 --results $(REPRO) --data-dir $(DATA)
 	$(BIN)/iwae-pipeline sweep paper_table1 $(CUT) --where dataset=mnist --where layers=2 --where k=50 --results $(REPRO) --data-dir $(DATA)
-	$(BIN)/iwae-pipeline evaluate paper_table1 $(CUT) --where dataset=mnist --method ais --images 100 --steps 500 --results $(REPRO) --data-dir $(DATA)
-	$(BIN)/iwae-pipeline evaluate paper_table1 $(CUT) --where dataset=mnist --method ais --images 20 --steps 250 --results $(REPRO) --data-dir $(DATA)
-	$(BIN)/iwae-pipeline evaluate paper_table1 $(CUT) --where dataset=mnist --method bdmc --images 50 --steps 500 --results $(REPRO) --data-dir $(DATA)
+	$(BIN)/iwae-pipeline evaluate paper_table1 $(CUT) --where dataset=mnist --method ais --ais-images 100 --ais-steps 500 --results $(REPRO) --data-dir $(DATA)
+	$(BIN)/iwae-pipeline evaluate paper_table1 $(CUT) --where dataset=mnist --method ais --ais-images 20 --ais-steps 250 --results $(REPRO) --data-dir $(DATA)
+	$(BIN)/iwae-pipeline evaluate paper_table1 $(CUT) --where dataset=mnist --method bdmc --bdmc-images 50 --ais-steps 500 --results $(REPRO) --data-dir $(DATA)
 	$(BIN)/iwae-pipeline sweep paper_table2 $(CUT) --results $(REPRO) --data-dir $(DATA)
 	$(BIN)/iwae-pipeline sweep estimators $(CUT) --where objective=iwae,miwae,piwae --results $(REPRO) --data-dir $(DATA)
 	$(BIN)/iwae-pipeline report --results $(REPRO) --out docs/repro

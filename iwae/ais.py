@@ -35,7 +35,7 @@ from torch import Tensor
 from iwae.bounds import log_mean_exp
 from iwae.diagnostics import kish_ess
 from iwae.evaluate import image_seed
-from iwae.models import IWAEModel
+from iwae.latent import LatentModel
 
 _AIS, _REVERSE, _SIMULATE, _BDMC = 2, 3, 4, 5  # stream tags of the per-image seeds (evaluate.py uses 0 and 1)
 JITTER = 0.5  # each transition uses eps * U(1 - JITTER, 1 + JITTER)
@@ -245,14 +245,16 @@ def reverse_ais(
 
 
 @contextmanager
-def _frozen(model: IWAEModel) -> Iterator[None]:
+def _frozen(model: LatentModel) -> Iterator[None]:
     """Parameters out of autograd (gradients reach h only), their flags restored afterwards."""
-    flags = [p.requires_grad for p in model.parameters()]
+    params = list(model.parameters()) if callable(getattr(model, "parameters", None)) else []  # type: ignore[attr-defined]
+    flags = [p.requires_grad for p in params]
     try:
-        model.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(False)
         yield
     finally:
-        for p, f in zip(model.parameters(), flags):
+        for p, f in zip(params, flags):
             p.requires_grad_(f)
 
 
@@ -260,19 +262,20 @@ def _generators(seed: int, image_ids: Sequence[int], stream: int) -> list[torch.
     return [torch.Generator().manual_seed(image_seed(seed, int(i), stream)) for i in image_ids]
 
 
-def _run_model(model: IWAEModel, x: Tensor, cfg: AISConfig, gens: list[torch.Generator], h_exact: list[Tensor] | None, step_sizes: Tensor | None) -> AISResult:
-    """Pilot (unless ``step_sizes`` are given) and final pass on the IWAE model; reverse when ``h_exact``."""
+def _run_model(
+    model: LatentModel, x: Tensor, cfg: AISConfig, gens: list[torch.Generator], h_exact: list[Tensor] | None, step_sizes: Tensor | None
+) -> AISResult:
+    """Pilot (unless ``step_sizes`` are given) and final pass on the model; reverse when ``h_exact``."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError("AIS needs gradients in h: call it outside torch.inference_mode (torch.no_grad is fine)")
-    dims, c = list(model.cfg.latent), cfg.chains
+    c = cfg.chains
 
     def draw() -> tuple[list[Tensor], LogDensity]:
-        e = torch.stack([torch.randn(c, sum(dims), generator=g, dtype=x.dtype) for g in gens], 1)  # (C, B, D)
-        post = model.sample_q(x, c, eps=list(torch.split(e.to(x.device), dims, dim=-1)))  # h joint over layers
-        return post.h, lambda h: model.log_q_at(h, post, stop_params=True)  # layer 1's mu, sigma from x only
+        prop = model.propose(x, c, gens)  # (C, B, D_l) from each image's own generator
+        return [h.detach() for h in prop.h], prop.log_density
 
     def log_joint(h: list[Tensor]) -> Tensor:
-        return model.log_p(x, h)
+        return model.log_joint(x, h)
 
     with _frozen(model):
         if step_sizes is None:
@@ -287,11 +290,11 @@ def _run_model(model: IWAEModel, x: Tensor, cfg: AISConfig, gens: list[torch.Gen
         return reverse_ais(log_init, log_joint, h_start, sigmoid_schedule(cfg.steps), step_sizes, cfg.leapfrog, gens)
 
 
-def ais_log_px(model: IWAEModel, x: Tensor, cfg: AISConfig = AISConfig(), image_ids: Sequence[int] | None = None) -> AISResult:
+def ais_log_px(model: LatentModel, x: Tensor, cfg: AISConfig = AISConfig(), image_ids: Sequence[int] | None = None) -> AISResult:
     """AIS estimate of log p(x) per image, from q(h|x) to p(h|x) (Wu et al. 2017; Cremer et al. 2018).
 
     Args:
-        model: an :class:`IWAEModel` on x's device and dtype; its parameters get no gradients.
+        model: any :class:`~iwae.latent.LatentModel` on x's device and dtype; its parameters get no gradients.
         x: binarised images ``(B, X)``.
         cfg: schedule length, chains, HMC settings and seed.
         image_ids: ``(B,)`` ids that seed each image's noise (default ``0..B-1``); an image's
@@ -304,35 +307,13 @@ def ais_log_px(model: IWAEModel, x: Tensor, cfg: AISConfig = AISConfig(), image_
     return _run_model(model, x, cfg, _generators(cfg.seed, ids, _AIS), None, None)
 
 
-@torch.no_grad()
-def simulate(model: IWAEModel, n: int, generator: torch.Generator) -> tuple[Tensor, list[Tensor]]:
-    """Ancestral samples from the model: h_L ~ N(0, I), h_l ~ p(h_l|h_{l+1}), x ~ Bernoulli(sigmoid(logits)).
-
-    Returns x ``(n, X)`` and the latents ``[(n, D_l)]`` bottom-up; (h, x) is a draw from p(h, x),
-    so h is an exact draw from p(h|x).
-    """
-    ref = next(model.parameters())
-    dims = model.cfg.latent
-
-    def randn(d: int) -> Tensor:
-        return torch.randn(n, d, generator=generator, device=generator.device, dtype=ref.dtype).to(ref.device)
-
-    h = [randn(dims[-1])]
-    for i in reversed(range(len(model.decoders))):
-        mu, log_sigma = model.decoders[i](h[0])  # p(h_{i+1} | h_{i+2}), (n, D)
-        h.insert(0, mu + log_sigma.exp() * randn(dims[i]))
-    probs = torch.sigmoid(model.decoder_x(h[0]))  # (n, X)
-    x = torch.bernoulli(probs.to(generator.device), generator=generator).to(ref.device)
-    return x, h
+def simulate_by_id(model: LatentModel, image_ids: Sequence[int], seed: int) -> tuple[Tensor, list[Tensor]]:
+    """Draws (x, h) from the model, one image per id, each from its own seed: image i is the same in any batch."""
+    with torch.no_grad():
+        return model.simulate(len(image_ids), [torch.Generator().manual_seed(image_seed(seed, int(i), _SIMULATE)) for i in image_ids])
 
 
-def simulate_by_id(model: IWAEModel, image_ids: Sequence[int], seed: int) -> tuple[Tensor, list[Tensor]]:
-    """:func:`simulate` one image per id, each from its own seed: image i is the same in any batch."""
-    draws = [simulate(model, 1, torch.Generator().manual_seed(image_seed(seed, int(i), _SIMULATE))) for i in image_ids]
-    return torch.cat([x for x, _ in draws]), [torch.cat(hs) for hs in zip(*(h for _, h in draws))]
-
-
-def bdmc(model: IWAEModel, n: int, cfg: AISConfig = AISConfig(), image_ids: Sequence[int] | None = None) -> BDMCResult:
+def bdmc(model: LatentModel, n: int, cfg: AISConfig = AISConfig(), image_ids: Sequence[int] | None = None) -> BDMCResult:
     """Bidirectional Monte Carlo (Grosse et al. 2015, 2016; Wu et al. 2017) on n simulated images.
 
     Forward AIS from q gives ``lower``; reverse AIS from the latent that generated each x gives

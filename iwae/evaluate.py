@@ -28,6 +28,7 @@ from torch import Tensor
 
 from iwae.bounds import iwae_bound, jackknife_bound
 from iwae.diagnostics import kish_ess, mc_stderr, pareto_khat
+from iwae.latent import LatentModel
 from iwae.models import IWAEModel
 
 _BIN, _NOISE = 0, 1  # stream tags of the per-image seeds
@@ -66,57 +67,23 @@ def binarize_by_id(x: Tensor, image_ids: Sequence[int], seed: int) -> Tensor:
     return out
 
 
-@dataclass(frozen=True)
-class CommonNoise:
-    """Score a pruned model (:func:`iwae.units.prune`) on the draws of the model it was cut from
-    (common random numbers): the noise is drawn for the original latent sizes ``dims`` and each layer
-    keeps the columns of the units the pruned model kept (``keep``). The difference of the two
-    models' estimates of one image then carries little Monte Carlo noise (paper sec. 5.2's check)."""
-
-    dims: tuple[int, ...]  # the original model's latent sizes
-    keep: tuple[tuple[int, ...], ...]  # per layer, the indices of the units kept
-
-    def __post_init__(self) -> None:
-        if len(self.dims) != len(self.keep) or any(max(k, default=-1) >= d for k, d in zip(self.keep, self.dims)):
-            raise ValueError(f"keep {self.keep} does not fit latent sizes {self.dims}")
+def _compiled_joint(model: IWAEModel, x: Tensor, h: list[Tensor]) -> Tensor:
+    """The paper model's log p(x, h) with the x-term folded into the last hidden layer: a pure
+    function of its inputs, what torch.compile fuses (bias, softplus and row sums: bench +50% on CPU)."""
+    return model.log_joint(x, h, fold_x=True)
 
 
-def _noise(image_ids: Sequence[int], seed: int, block: int, n: int, size: int, dims: Sequence[int], common: CommonNoise | None = None) -> list[Tensor]:
-    """Noise of block ``block`` (its first ``n`` of ``size`` samples) for each image: ``[(n, B, D_l)]``.
-
-    The whole block is always drawn and then cut: torch's normal sampler takes a different path
-    for short tensors, so drawing only ``n`` rows would change the first samples with k. With
-    ``common`` the noise is that of the original model, cut to the kept units.
-    """
-    draw = list(common.dims) if common is not None else list(dims)
-    total = sum(draw)
-    cols = []
-    for i in image_ids:
-        g = torch.Generator().manual_seed(image_seed(seed, int(i), _NOISE, block))
-        cols.append(torch.randn(size, total, generator=g)[:n])
-    e = torch.stack(cols, dim=1)  # (n, B, sum D)
-    layers = list(torch.split(e, draw, dim=-1))
-    if common is None:
-        return layers
-    return [x[..., list(keep)] for x, keep in zip(layers, common.keep)]  # (n, B, D_l kept)
+_compiled: Any = None
 
 
-def _log_w(model: IWAEModel, x: Tensor, eps: list[Tensor], fold_x: bool = False) -> Tensor:
-    """Log-weights ``(K, B)`` of given noise ``[(K, B, D_l)]``: a pure function, compilable."""
-    return model.log_weights(x, eps[0].shape[0], eps=eps, fold_x=fold_x)
-
-
-_compiled_log_w: Any = None
-
-
-def _scorer(use_compile: bool) -> Callable[..., Tensor]:
-    """The eager scorer, or the compiled one (bias, softplus and row sums fused: bench +50% on CPU)."""
-    global _compiled_log_w
-    if not use_compile:
-        return _log_w
-    if _compiled_log_w is None:
-        _compiled_log_w = torch.compile(functools.partial(_log_w, fold_x=True), dynamic=False)
-    return _compiled_log_w  # type: ignore[no-any-return]
+def _scorer(model: LatentModel, use_compile: bool) -> Callable[[Tensor, list[Tensor]], Tensor]:
+    """log p(x, h) of ``model``: eager, or compiled for the paper's model."""
+    global _compiled
+    if not (use_compile and isinstance(model, IWAEModel)):
+        return model.log_joint
+    if _compiled is None:
+        _compiled = torch.compile(_compiled_joint, dynamic=False)
+    return functools.partial(_compiled, model)
 
 
 class LogPxEstimate(NamedTuple):
@@ -132,35 +99,35 @@ class LogPxEstimate(NamedTuple):
 
 @torch.inference_mode()
 def estimate_log_px(
-    model: IWAEModel,
+    model: LatentModel,
     x_bin: Tensor,
     image_ids: Sequence[int],
     cfg: EvalConfig = EvalConfig(),
     progress: Callable[[int], None] | None = None,
-    common: CommonNoise | None = None,
 ) -> LogPxEstimate:
     """Importance-sampled log p(x) per image, the prefix bounds and how reliable each estimate is.
 
     Args:
-        model: the trained model (its device is used).
-        x_bin: binary images ``(N, X)`` (see :func:`binarize_by_id`).
+        model: any :class:`~iwae.latent.LatentModel` (the paper's :class:`IWAEModel`, a user's model
+            through :class:`~iwae.adapter.DistributionModel`, a pruned model on common draws), on
+            the device it computes on.
+        x_bin: images ``(N, X)`` (binary for a Bernoulli likelihood, see :func:`binarize_by_id`).
         image_ids: the images' ids ``(N,)``; they seed the noise.
         cfg: k, seed, block, memory knob.
         progress: called with the number of images finished after each batch.
-        common: score a pruned model on its original model's draws (:class:`CommonNoise`).
 
     Returns:
         A :class:`LogPxEstimate`: ``log_px`` ``(N,)`` = L_k in nats, ``prefix`` ``(N, P)`` = L_m for
         m in ``cfg.prefixes``, and per image the ESS, k-hat, Monte Carlo error and jackknife.
     """
-    model.eval()
-    dev = next(model.parameters()).device
-    dims = list(model.cfg.latent)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    dev = device_of(model, x_bin)
     n_img = x_bin.shape[0]
     imgs_per_pass = max(1, cfg.max_rows // min(cfg.block, cfg.k))
     sub = min(cfg.block, cfg.max_rows)  # samples per decoder pass when one block exceeds max_rows
     use_compile = cfg.compile if cfg.compile is not None else n_img * cfg.k >= 1_000_000
-    score = _scorer(use_compile)
+    score = _scorer(model, use_compile)
     out = {name: torch.empty(n_img, dtype=torch.float64) for name in ("log_px", "ess", "khat", "mcse", "log_px_jk")}
     prefix = torch.empty(n_img, len(cfg.prefixes), dtype=torch.float64)
     for a in range(0, n_img, imgs_per_pass):
@@ -170,17 +137,20 @@ def estimate_log_px(
         done = 0
         for b in range(math.ceil(cfg.k / cfg.block)):
             n = min(cfg.block, cfg.k - done)
-            eps_block = _noise(ids, cfg.seed, b, n, cfg.block, dims, common)
+            # the whole block is always drawn and then cut: torch's normal sampler takes a different
+            # path for short tensors, so drawing only n rows would change the first samples with k
+            prop = model.propose(x, cfg.block, [torch.Generator().manual_seed(image_seed(cfg.seed, i, _NOISE, b)) for i in ids])
             for s in range(0, n, sub):
-                eps = [e[s : s + sub].to(dev) for e in eps_block]  # (c, B, D_l)
+                e = min(s + sub, n)
+                h = [hl[s:e] for hl in prop.h]  # (c, B, D_l)
                 try:
-                    log_w = score(model, x, eps).double()  # (c, B)
-                except Exception as e:  # no compiler on this machine: score eagerly
-                    if score is _log_w:
+                    log_w = (score(x, h) - prop.log_q[s:e]).double()  # (c, B)
+                except Exception as err:  # no compiler on this machine: score eagerly
+                    if score == model.log_joint:
                         raise
-                    warnings.warn(f"torch.compile failed ({type(e).__name__}); evaluating eagerly", stacklevel=2)
-                    score = _log_w
-                    log_w = score(model, x, eps).double()
+                    warnings.warn(f"torch.compile failed ({type(err).__name__}); evaluating eagerly", stacklevel=2)
+                    score = model.log_joint
+                    log_w = (score(x, h) - prop.log_q[s:e]).double()
                 chunks.append(log_w)
                 done += log_w.shape[0]
         all_w = torch.cat(chunks)  # (k, B)
@@ -195,3 +165,13 @@ def estimate_log_px(
         if progress is not None:
             progress(len(ids))
     return LogPxEstimate(prefix=prefix, **out)
+
+
+def device_of(model: object, x: Tensor) -> torch.device:
+    """Where a model computes: its first parameter's (or buffer's) device; x's for a model with neither."""
+    for attr in ("parameters", "buffers"):
+        get = getattr(model, attr, None)
+        first = next(iter(get()), None) if callable(get) else None
+        if first is not None:
+            return first.device
+    return x.device

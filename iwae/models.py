@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iwae.config import ModelConfig
+from iwae.latent import Proposal, normal_draws
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -210,6 +211,47 @@ class IWAEModel(nn.Module):
         """``log_weights`` for given noise: ``(B, X), [(K, B, D_l)] -> (K, B)`` (what
         ``torch.func.functional_call`` calls when :mod:`iwae.pack` maps one model over a pack)."""
         return self.log_weights(x, eps[0].shape[0], eps=eps)
+
+    # ---- the evaluators' protocol (iwae.latent.LatentModel)
+
+    def propose(self, x: Tensor, k: int, generators: Sequence[torch.Generator]) -> Proposal:
+        """``k`` draws from q(h|x) per image, image b's noise from ``generators[b]``: the noise of all
+        layers is one standard normal ``(k, sum D_l)`` per image, split by layer. log q at the draws
+        is the exact form (paper eq. 4's q, from the noise); at any other h, q's density with layer
+        1's (mu, sigma) from x and higher layers' recomputed at the h below, parameters held constant."""
+        dims = list(self.cfg.latent)
+        return self.propose_from_noise(x, list(torch.split(normal_draws(generators, k, sum(dims), x), dims, dim=-1)))
+
+    def propose_from_noise(self, x: Tensor, eps: list[Tensor]) -> Proposal:
+        """:meth:`propose` for given standard normal noise ``[(K, B, D_l)]``."""
+        post = self.sample_q(x, eps[0].shape[0], eps=eps)
+        return Proposal(post.h, self.log_q_standard(post), lambda h: self.log_q_at(h, post, stop_params=True))
+
+    def log_joint(self, x: Tensor, h: list[Tensor], fold_x: bool = False) -> Tensor:
+        """log p(x, h) ``(K, B)`` (:meth:`log_p`)."""
+        return self.log_p(x, h, fold_x=fold_x)
+
+    @torch.no_grad()
+    def simulate(self, n: int, generators: Sequence[torch.Generator]) -> tuple[Tensor, list[Tensor]]:
+        """Ancestral draws: h_L ~ N(0, I), h_l ~ p(h_l|h_{l+1}), x ~ Bernoulli(sigmoid(logits)); draw i
+        from ``generators[i]`` alone. x ``(n, X)``, h ``[(n, D_l)]`` bottom-up."""
+        ref = next(self.parameters())
+        outs = [self._simulate_one(g, ref) for g in generators]
+        return torch.cat([x for x, _ in outs]), [torch.cat(hs) for hs in zip(*(h for _, h in outs))]
+
+    def _simulate_one(self, g: torch.Generator, ref: Tensor) -> tuple[Tensor, list[Tensor]]:
+        dims = self.cfg.latent
+
+        def randn(d: int) -> Tensor:
+            return torch.randn(1, d, generator=g, device=g.device, dtype=ref.dtype).to(ref.device)
+
+        h = [randn(dims[-1])]
+        for i in reversed(range(len(self.decoders))):
+            mu, log_sigma = self.decoders[i](h[0])  # p(h_{i+1} | h_{i+2}), (1, D)
+            h.insert(0, mu + log_sigma.exp() * randn(dims[i]))
+        probs = torch.sigmoid(self.decoder_x(h[0]))  # (1, X)
+        x = torch.bernoulli(probs.to(g.device), generator=g).to(ref.device)
+        return x, h
 
     @torch.no_grad()
     def posterior_means(self, x: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:

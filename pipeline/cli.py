@@ -75,20 +75,6 @@ class Compile(str, Enum):
     off = "off"
 
 
-def _compile_flag(c: Compile) -> bool | str:
-    return "auto" if c == Compile.auto else c == Compile.on
-
-
-TestImagesOpt = Annotated[int | None, typer.Option("--test-images", min=1, help="Evaluate the first N test images (default: the job's, usually all).")]
-TrainImagesOpt = Annotated[
-    int | None, typer.Option("--train-images", min=0, help="Also score the first N training images: the train-test gap (default: the job's).")
-]
-WhereOpt = Annotated[
-    list[str] | None,
-    typer.Option("--where", help="Keep only the job's runs with KEY=VALUE (a runs-table column, e.g. layers=1; KEY=A,B: either); repeat to narrow."),
-]
-
-
 class Method(str, Enum):
     is_ = "is"
     ais = "ais"
@@ -101,7 +87,59 @@ class Estimator(str, Enum):  # the CLI's choices (iwae.config.Estimator is impor
     dreg = "dreg"
 
 
-CompileOpt = Annotated[Compile, typer.Option("--compile", help="torch.compile the training step: auto = runs of >= 500k examples.")]
+# ---------------------------------------------------------------------- one option vocabulary
+# Each option has one name and one meaning in every command that takes it (sweep, evaluate, submit,
+# train, repro); `submit` takes all of sweep's, from these same definitions.
+
+# which runs: a job's grid, cut and narrowed
+JobArg = Annotated[str, typer.Argument(help="Job name (see `iwae-pipeline jobs`).")]
+SizeOpt = Annotated[Size, typer.Option("--size", help="full, or smoke (the same grid on 400 training and 20 test images: for tests).")]
+StagesOpt = Annotated[int | None, typer.Option("--stages", min=1, max=8, help="Cut the paper's schedule to its first N stages (part of each run's id).")]
+EpochScaleOpt = Annotated[float | None, typer.Option("--epoch-scale", min=1e-6, help="Scale every stage's 3^i epochs (part of each run's id).")]
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option("--where", help="Keep only the job's runs with KEY=VALUE (a runs-table column, e.g. layers=1; KEY=A,B: either); repeat to narrow."),
+]
+# how training runs
+TrainCpusOpt = Annotated[float, typer.Option("--train-cpus", min=0.0, help="CPUs per training task (one pack of runs).")]
+TrainGpusOpt = Annotated[
+    float | None, typer.Option("--train-gpus", min=0.0, help="GPUs per training task: whole, or 1/n (default: 1 when the cluster has or can launch GPUs).")
+]
+PackOpt = Annotated[
+    str,
+    typer.Option(
+        "--pack", help="auto: runs of one shape train as one pack on a GPU (on a CPU only where a quick timing shows a gain); N: packs of at most N runs."
+    ),
+]
+CompileOpt = Annotated[Compile, typer.Option("--compile", help="torch.compile the training step: auto = runs of >= 500k examples on a CPU.")]
+RetriesOpt = Annotated[
+    int, typer.Option("--retries", min=0, help="Times a unit of work (a training pack, a range of images) is retried after its worker or node is lost.")
+]
+# what evaluation scores, and with what
+EvalOpt = Annotated[bool, typer.Option("--eval/--no-eval", help="Score the test images after training.")]
+EvalCpusOpt = Annotated[float, typer.Option("--eval-cpus", min=0.0, help="CPUs per evaluation task (one range of images).")]
+EvalGpusOpt = Annotated[float | None, typer.Option("--eval-gpus", min=0.0, help="GPUs per evaluation task: whole, or 1/n (default: as --train-gpus).")]
+EvalWorkersOpt = Annotated[
+    int | None, typer.Option("--eval-workers", min=1, help="Ranges of images scored at once (default: fill the cluster, nodes it can add included).")
+]
+TestImagesOpt = Annotated[int | None, typer.Option("--test-images", min=1, help="Score the first N test images (default: the command's; a job's: all).")]
+TrainImagesOpt = Annotated[
+    int | None, typer.Option("--train-images", min=0, help="Also score the first N training images: the train-test gap (default: the command's).")
+]
+MethodOpt = Annotated[
+    Method, typer.Option("--method", help="is: importance sampling (k=5000); ais: AIS on the first test images; bdmc: AIS bounds on simulated images.")
+]
+AisImagesOpt = Annotated[int | None, typer.Option("--ais-images", min=1, help="AIS on the first N test images (--method ais; default 100).")]
+BdmcImagesOpt = Annotated[
+    int | None, typer.Option("--bdmc-images", min=1, help="BDMC bounds on N images simulated from each model (--method bdmc; default 50).")
+]
+AisStepsOpt = Annotated[int | None, typer.Option("--ais-steps", min=2, help="AIS and BDMC: temperatures T, sigmoid schedule (default 500).")]
+AisChainsOpt = Annotated[int | None, typer.Option("--ais-chains", min=1, help="AIS and BDMC: chains per image (default 16).")]
+AisLeapfrogOpt = Annotated[int | None, typer.Option("--ais-leapfrog", min=1, help="AIS and BDMC: leapfrog steps per HMC transition (default 10).")]
+
+
+def _compile_flag(c: Compile) -> bool | str:
+    return "auto" if c == Compile.auto else c == Compile.on
 
 
 def cli_errors(fn: F) -> F:
@@ -206,14 +244,6 @@ def data_fetch(
 # ------------------------------------------------------------------------------------------ train
 
 
-PackOpt = Annotated[
-    str,
-    typer.Option(
-        "--pack", help="auto: runs of one shape train as one pack on a GPU (on a CPU only where a quick timing shows a gain); N: packs of at most N runs."
-    ),
-]
-
-
 def _pack_limit(pack: str) -> int | None:
     """``--pack``: ``None`` for auto, else the largest pack (1 trains every run alone)."""
     if pack == "auto":
@@ -241,13 +271,15 @@ def train(
     seed: Annotated[list[int] | None, typer.Option(help="Seed; repeat for several runs (default: 0).")] = None,
     pack: PackOpt = "auto",
     train_subset: Annotated[int | None, typer.Option(min=1, help="Train on the first N images only.")] = None,
-    test_images: Annotated[int, typer.Option(min=0, help="Evaluate on the first N test images (0: skip).")] = 500,
-    eval_k: Annotated[int, typer.Option(min=1, help="Importance samples for log p(x).")] = 5000,
+    evaluate_after: EvalOpt = True,
+    test_images: TestImagesOpt = None,
+    eval_k: Annotated[int, typer.Option("--eval-k", min=1, help="Importance samples for log p(x).")] = 5000,
     compile_step: CompileOpt = Compile.auto,
     results: ResultsOpt = DEFAULT_RESULTS,
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
-    """Train runs in this process (no Ray): every --objective with every --seed; then evaluate them.
+    """Train runs in this process (no Ray): every --objective with every --seed; then score the first
+    --test-images test images (500 by default) with --eval-k samples.
 
     The tables are the ones a sweep writes, in --results, so `iwae-pipeline report` renders them.
     """
@@ -287,11 +319,12 @@ def train(
     for row in rows:
         units = f"{row['active_h1']}" + (f"+{row['active_h2']}" if row["active_h2"] is not None else "")
         typer.echo(f"trained {row['run_id']}: final train bound {row['final_train_bound']:.2f}, active units {units}")
-    if test_images:
+    if evaluate_after:
         from pipeline.driver import score_first_images
         from pipeline.report import load
         from pipeline.report.stats import se
 
+        test_images = test_images or 500
         estimate = score_first_images(res, data, [c.run_id for c in cfgs], eval_k, test_images)
         loaded = load(res)  # the one reader: this estimate by name, the first test_images images, each once
         for c in cfgs:
@@ -323,26 +356,22 @@ def list_jobs() -> None:
 @app.command()
 @cli_errors
 def sweep(
-    job: Annotated[str, typer.Argument(help="Job name (see `iwae-pipeline jobs`).")],
-    size: Annotated[Size, typer.Option(help="full, or smoke (tiny, for tests).")] = Size.full,
-    stages: Annotated[int | None, typer.Option(min=1, max=8, help="Cut the schedule to its first N stages.")] = None,
-    epoch_scale: Annotated[float | None, typer.Option(min=1e-6, help="Scale every stage's epochs.")] = None,
-    cpus_per_trial: Annotated[float, typer.Option(min=0.0, help="CPUs per trial.")] = 1.0,
-    gpus_per_trial: Annotated[float | None, typer.Option(min=0.0, help="GPUs per trial; fractions share a GPU (default: 1 when the cluster has GPUs).")] = None,
-    retries: Annotated[
-        int, typer.Option("--retries", min=0, help="Times a unit of work is retried after its worker or node is lost (from its last checkpoint).")
-    ] = 3,
-    evaluate_after: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate (k=5000) after training.")] = True,
-    eval_workers: Annotated[
-        int | None, typer.Option(min=1, help="Ranges of images scored at once (default: fill the cluster, nodes it can add included).")
-    ] = None,
-    eval_cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluation task.")] = 1.0,
-    eval_gpus: Annotated[float | None, typer.Option(min=0.0, help="GPUs per evaluation task (default: 1 when the cluster has GPUs).")] = None,
-    compile_step: CompileOpt = Compile.auto,
+    job: JobArg,
+    size: SizeOpt = Size.full,
+    stages: StagesOpt = None,
+    epoch_scale: EpochScaleOpt = None,
+    where: WhereOpt = None,
+    train_cpus: TrainCpusOpt = 1.0,
+    train_gpus: TrainGpusOpt = None,
     pack: PackOpt = "auto",
+    compile_step: CompileOpt = Compile.auto,
+    retries: RetriesOpt = 3,
+    evaluate_after: EvalOpt = True,
     test_images: TestImagesOpt = None,
     train_images: TrainImagesOpt = None,
-    where: WhereOpt = None,
+    eval_cpus: EvalCpusOpt = 1.0,
+    eval_gpus: EvalGpusOpt = None,
+    eval_workers: EvalWorkersOpt = None,
     address: AddressOpt = None,
     results: ResultsOpt = DEFAULT_RESULTS,
     data_dir: DataOpt = DEFAULT_DATA,
@@ -352,7 +381,7 @@ def sweep(
     from pipeline.ray_backend.resources import check_gpus
     from pipeline.report import build_report
 
-    check_gpus(gpus_per_trial, "--gpus-per-trial")
+    check_gpus(train_gpus, "--train-gpus")
     check_gpus(eval_gpus, "--eval-gpus")
     j = _job(job, size, stages, epoch_scale, where)
     pack_limit = _pack_limit(pack)
@@ -361,66 +390,48 @@ def sweep(
         for dataset in j.datasets():
             data.check_here(dataset)
     t0 = time.monotonic()
-    with driver.ray_session(address, notice=lambda m: typer.echo(m, err=True)) as cluster:
+    say = lambda m: typer.echo(m, err=True)  # noqa: E731
+    with driver.ray_session(address, notice=say) as cluster:
         res = _results(results)
-        ledger = driver.survey_runs(res, j.runs, notice=lambda m: typer.echo(m, err=True))
+        ledger = driver.survey_runs(res, j.runs, notice=say)
         if driver.missing_start(j.runs, ledger):
             req = " and ".join(j.requires) or "the runs it starts from"
             raise UserError(f"{job} starts from {req}'s runs; run `{_command('sweep', req, size, stages, epoch_scale, None, results, data_dir)}` first")
         driver.check_storage(cluster, res)
         ledger = driver.train_job(
-            job,
-            j.runs,
-            res,
-            data,
-            ledger,
-            cluster,
-            cpus=cpus_per_trial,
-            gpus=gpus_per_trial,
-            pack=pack_limit,
-            retries=retries,
-            compile_step=_compile_flag(compile_step),
-            echo=lambda m: typer.echo(m, err=True),
-        )
+            job, j.runs, res, data, ledger, cluster, cpus=train_cpus, gpus=train_gpus, pack=pack_limit, retries=retries,
+            compile_step=_compile_flag(compile_step), echo=say,
+        )  # fmt: skip
         if evaluate_after:
+            gpus = eval_gpus if eval_gpus is not None else train_gpus
             driver.evaluate_job(
-                j,
-                res,
-                data,
-                ledger,
-                cluster,
-                test_images=test_images,
-                train_images=train_images,
-                workers=eval_workers,
-                cpus=eval_cpus,
-                gpus=eval_gpus,
-                retries=retries,
-            )
-    typer.echo(build_report(res).markdown)
+                j, res, data, ledger, cluster, test_images=test_images, train_images=train_images, workers=eval_workers, cpus=eval_cpus,
+                gpus=gpus, retries=retries,
+            )  # fmt: skip
+    typer.echo(build_report(res, data=data).markdown)
     typer.echo(f"{job}: done in {time.monotonic() - t0:.0f} s; tables in {res.store.uri('tables')}, report in {res.store.uri('report')}")
 
 
 @app.command()
 @cli_errors
 def evaluate(
-    job: Annotated[str, typer.Argument(help="Job whose trained runs to evaluate.")],
-    size: Annotated[Size, typer.Option(help="full or smoke.")] = Size.full,
-    stages: Annotated[int | None, typer.Option(min=1, max=8)] = None,
-    epoch_scale: Annotated[float | None, typer.Option(min=1e-6)] = None,
-    workers: Annotated[int | None, typer.Option(min=1, help="Ranges of images scored at once (default: fill the cluster, nodes it can add included).")] = None,
-    cpus: Annotated[float, typer.Option(min=0.0, help="CPUs per evaluation task.")] = 1.0,
-    gpus: Annotated[float | None, typer.Option(min=0.0, help="GPUs per evaluation task (default: 1 when the cluster has GPUs).")] = None,
-    retries: Annotated[int, typer.Option("--retries", min=0, help="Times a range is retried after its worker or node is lost.")] = 3,
-    method: Annotated[
-        Method, typer.Option(help="is: importance sampling (k=5000); ais: AIS on the first --images test images; bdmc: AIS bounds on simulated images.")
-    ] = Method.is_,
-    images: Annotated[int, typer.Option(min=1, help="ais/bdmc: images per run (test images, or simulated ones).")] = 100,
-    steps: Annotated[int, typer.Option(min=1, help="ais/bdmc: intermediate temperatures T (sigmoid schedule).")] = 500,
-    chains: Annotated[int, typer.Option(min=1, help="ais/bdmc: chains per image.")] = 16,
-    leapfrog: Annotated[int, typer.Option(min=1, help="ais/bdmc: leapfrog steps per HMC transition.")] = 10,
+    job: JobArg,
+    size: SizeOpt = Size.full,
+    stages: StagesOpt = None,
+    epoch_scale: EpochScaleOpt = None,
+    where: WhereOpt = None,
+    method: MethodOpt = Method.is_,
     test_images: TestImagesOpt = None,
     train_images: TrainImagesOpt = None,
-    where: WhereOpt = None,
+    ais_images: AisImagesOpt = None,
+    bdmc_images: BdmcImagesOpt = None,
+    ais_steps: AisStepsOpt = None,
+    ais_chains: AisChainsOpt = None,
+    ais_leapfrog: AisLeapfrogOpt = None,
+    eval_cpus: EvalCpusOpt = 1.0,
+    eval_gpus: EvalGpusOpt = None,
+    eval_workers: EvalWorkersOpt = None,
+    retries: RetriesOpt = 3,
     address: AddressOpt = None,
     results: ResultsOpt = DEFAULT_RESULTS,
     data_dir: DataOpt = DEFAULT_DATA,
@@ -430,14 +441,22 @@ def evaluate(
     from pipeline import driver
     from pipeline.ray_backend.resources import check_gpus
 
-    check_gpus(gpus, "--gpus")
+    check_gpus(eval_gpus, "--eval-gpus")
+    _refuse_ignored(
+        method,
+        {"--test-images": test_images, "--train-images": train_images},
+        {"--ais-images": ais_images, "--ais-steps": ais_steps, "--ais-chains": ais_chains, "--ais-leapfrog": ais_leapfrog},
+        {"--bdmc-images": bdmc_images},
+    )
     j = _job(job, size, stages, epoch_scale, where)
     ais = None
     if method != Method.is_:
         from iwae.ais import AISConfig
         from pipeline.estimates import AISPlan
 
-        ais = AISPlan(AISConfig(steps=steps, chains=chains, leapfrog=leapfrog), images, method.value, j.eval.seed)
+        cfg = AISConfig(steps=ais_steps or 500, chains=ais_chains or 16, leapfrog=ais_leapfrog or 10)
+        n = (ais_images or 100) if method == Method.ais else (bdmc_images or 50)
+        ais = AISPlan(cfg, n, method.value, j.eval.seed)
     data = _data(data_dir)
     res = _results(results, create=False)  # never creates: it may be read before the cluster answers
     ledger = driver.survey_runs(res, j.runs, notice=lambda m: typer.echo(m, err=True))
@@ -456,10 +475,23 @@ def evaluate(
     with driver.ray_session(address, notice=lambda m: typer.echo(m, err=True)) as cluster:
         driver.check_storage(cluster, res)
         driver.evaluate_job(
-            j, res, data, ledger, cluster, test_images=test_images, train_images=train_images, workers=workers, cpus=cpus, gpus=gpus, retries=retries, ais=ais
-        )
+            j, res, data, ledger, cluster, test_images=test_images, train_images=train_images, workers=eval_workers, cpus=eval_cpus,
+            gpus=eval_gpus, retries=retries, ais=ais,
+        )  # fmt: skip
     table = ais.table if ais else "eval"
     typer.echo(f"evaluated {job} into {res.store.uri(f'tables/{table}')}")
+
+
+def _refuse_ignored(method: Method, is_only: dict[str, Any], ais_bdmc: dict[str, Any], bdmc_only: dict[str, Any]) -> None:
+    """An option the chosen method would ignore is refused in one line, never dropped without a word."""
+    ignored = {
+        Method.is_: {**ais_bdmc, **bdmc_only},
+        Method.ais: {**is_only, **bdmc_only},
+        Method.bdmc: {**is_only, "--ais-images": ais_bdmc["--ais-images"]},
+    }[method]
+    given = [name for name, value in ignored.items() if value is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} does nothing with --method {method.value}; drop it, or choose the method it belongs to")
 
 
 @app.command()
@@ -467,12 +499,13 @@ def evaluate(
 def report(
     results: ResultsOpt = DEFAULT_RESULTS,
     out: Annotated[str | None, typer.Option(help="Output folder or URI, e.g. s3://BUCKET/PREFIX (default: RESULTS/report).")] = None,
+    data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:
     """Render Table 1 (ours beside the paper's), all runs, and PNG plots from the Parquet results."""
     from pipeline.report import build_report
 
     res = _results(results, create=False)
-    rep = build_report(res, out)
+    rep = build_report(res, out, data=_data(data_dir))  # the test images beside their reconstructions, where the data is here
     if rep.summary.empty:
         raise UserError(f"no runs in {res} yet; fill it with `iwae-pipeline sweep demo --results {shlex.quote(results)}` (see `iwae-pipeline jobs`)")
     typer.echo(rep.markdown)
@@ -480,38 +513,62 @@ def report(
 
 # ------------------------------------------------------------------------------------------ Ray Jobs
 
-SubmitAddress = Annotated[str, typer.Option("--address", envvar="RAY_API_SERVER_ADDRESS", help="Ray dashboard address, e.g. http://HEAD:8265.")]
+SubmitAddress = Annotated[str, typer.Option("--address", envvar="RAY_API_SERVER_ADDRESS", help="Ray dashboard (Jobs API) address, e.g. http://HEAD:8265.")]
+SubmitResultsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--results",
+        help="Results location the cluster writes: s3://BUCKET/PREFIX (or gs://), or an absolute path every node shares.",
+        envvar="IWAE_RESULTS",
+    ),
+]
+STILL_RUNNING = 3  # `submit --wait --timeout T`: the job outlived the wait (it goes on on the cluster)
 
 
-@app.command()
+def _submit_help() -> str:
+    from pipeline.ray_backend.jobs import UPLOAD_EXCLUDES
+
+    return (
+        "Submit `iwae-pipeline sweep JOB` to a Ray cluster (Ray Jobs): every sweep option is accepted and passed on, environment defaults"
+        " (IWAE_RESULTS, IWAE_DATA_DIR) included. The project's source tree is uploaded (found from the installed package, not the current"
+        f" folder), without: {', '.join(UPLOAD_EXCLUDES)}. --wait waits until the job ends; --timeout T stops waiting after T s (exit"
+        f" {STILL_RUNNING}, the job goes on); Ctrl-C detaches and the job goes on."
+    )
+
+
+@app.command(help=_submit_help())
 @cli_errors
 def submit(
-    job: Annotated[str, typer.Argument(help="Job to run on the cluster.")],
+    job: JobArg,
     address: SubmitAddress,
-    size: Annotated[Size, typer.Option()] = Size.full,
-    stages: Annotated[int | None, typer.Option(min=1, max=8)] = None,
-    epoch_scale: Annotated[float | None, typer.Option(min=1e-6)] = None,
-    gpus_per_trial: Annotated[float | None, typer.Option(min=0.0, help="GPUs per trial (default: 1 when the cluster has GPUs).")] = None,
-    cpus_per_trial: Annotated[float, typer.Option(min=0.0)] = 1.0,
-    pack: PackOpt = "auto",
+    size: SizeOpt = Size.full,
+    stages: StagesOpt = None,
+    epoch_scale: EpochScaleOpt = None,
     where: WhereOpt = None,
-    results: Annotated[
-        str | None,
-        typer.Option(
-            "--results",
-            help="Results location the cluster writes: s3://BUCKET/PREFIX (or gs://), or an absolute path every node shares.",
-            envvar="IWAE_RESULTS",
-        ),
-    ] = None,
-    data_dir: Annotated[str, typer.Option("--data-dir", help="Data folder on the cluster's nodes, or a URI; nodes without MNIST fetch it.")] = "data",
+    train_cpus: TrainCpusOpt = 1.0,
+    train_gpus: TrainGpusOpt = None,
+    pack: PackOpt = "auto",
+    compile_step: CompileOpt = Compile.auto,
+    retries: RetriesOpt = 3,
+    evaluate_after: EvalOpt = True,
+    test_images: TestImagesOpt = None,
+    train_images: TrainImagesOpt = None,
+    eval_cpus: EvalCpusOpt = 1.0,
+    eval_gpus: EvalGpusOpt = None,
+    eval_workers: EvalWorkersOpt = None,
+    results: SubmitResultsOpt = None,
+    data_dir: DataOpt = DEFAULT_DATA,
     submission_id: Annotated[str | None, typer.Option(help="Submission id (default: Ray picks one).")] = None,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job and exit non-zero if it fails.")] = False,
-    timeout: Annotated[float, typer.Option(min=1.0, help="Seconds to wait with --wait.")] = 3600.0,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the job ends and exit non-zero if it fails.")] = False,
+    timeout: Annotated[float | None, typer.Option(min=1.0, help=f"With --wait: stop waiting after this many seconds (exit {STILL_RUNNING}).")] = None,
 ) -> None:
-    """Submit `iwae-pipeline sweep JOB` to a Ray cluster (Ray Jobs), uploading this working directory."""
     from pipeline.ray_backend import jobs as rb
+    from pipeline.ray_backend.resources import check_gpus
     from pipeline.storage import is_uri, refuse_credentials
 
+    given = dict(locals())
+    check_gpus(train_gpus, "--train-gpus")
+    check_gpus(eval_gpus, "--eval-gpus")
     _job(job, size, stages, epoch_scale, where)  # validate locally before uploading anything
     _pack_limit(pack)
     if results is None or not (is_uri(results) or Path(results).is_absolute()):
@@ -519,32 +576,55 @@ def submit(
         raise UserError(f"{got}; pass --results s3://BUCKET/PREFIX (or an absolute path every node shares)")
     refuse_credentials(results)  # the entrypoint is shown by the dashboard and `ray job list`
     refuse_credentials(data_dir)
-    args = [
-        f"sweep {job}",
-        f"--size {size.value}",
-        f"--results {shlex.quote(results)}",
-        f"--data-dir {shlex.quote(data_dir)}",
-        f"--cpus-per-trial {cpus_per_trial}",
-        f"--pack {pack}",
-    ]
-    if gpus_per_trial is not None:
-        args.append(f"--gpus-per-trial {gpus_per_trial}")
-    if stages:
-        args.append(f"--stages {stages}")
-    if epoch_scale:
-        args.append(f"--epoch-scale {epoch_scale}")
-    args += [f"--where {shlex.quote(w)}" for w in where or []]
-    # the preflight says in one line when the cluster's python lacks the project; each node fetches (or copies) its data
-    entry = "python -m pipeline.preflight && python -m pipeline.cli " + " ".join(args)
+    argv = sweep_argv(given)
+    # the preflight says in one line when the cluster's python lacks the project; python3: what cluster.yaml installs into
+    entry = "python3 -m pipeline.preflight && python3 -m pipeline.cli " + " ".join(shlex.quote(a) for a in argv)
     env = {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    sid = rb.submit(address, entry, Path.cwd(), submission_id, env)
+    sid = rb.submit(address, entry, rb.project_root(), submission_id, env)
     typer.echo(sid)
-    if wait:
+    if not wait:
+        return
+    try:
         st = rb.wait(address, sid, timeout)
-        typer.echo(f"{sid}: {st}")
-        if not st.endswith("SUCCEEDED"):
-            why = rb.last_error(address, sid)  # the job's own one-line error, when it printed one
-            raise RunFailed(f"job {sid} ended {st}" + (f": {why}" if why else "") + f"; see `iwae-pipeline logs {sid} --address {address}`")
+    except KeyboardInterrupt:
+        typer.echo(f"detached: job {sid} goes on on the cluster; follow it with `iwae-pipeline logs {sid} --follow --address {address}`", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(f"{sid}: {st}")
+    if st.split(".")[-1] not in rb.ENDED:
+        typer.echo(f"job {sid} is still running after {timeout:g} s and goes on on the cluster; see `iwae-pipeline status {sid} --address {address}`", err=True)
+        raise typer.Exit(STILL_RUNNING)
+    if not st.endswith("SUCCEEDED"):
+        why = rb.last_error(address, sid)  # the job's own one-line error, when it printed one
+        raise RunFailed(f"job {sid} ended {st}" + (f": {why}" if why else "") + f"; see `iwae-pipeline logs {sid} --address {address}`")
+
+
+SUBMIT_ONLY = ("address", "submission_id", "wait", "timeout")
+
+
+def sweep_argv(values: dict[str, Any]) -> list[str]:
+    """The `sweep` command line for ``values`` (submit's parameters by name): every sweep option,
+    rendered from sweep's own parameter definitions, so submit can never forget one."""
+    cmd = typer.main.get_command(app).commands["sweep"]  # type: ignore[attr-defined]
+    argv = ["sweep", str(values["job"])]
+    for p in cmd.params:
+        if p.name in ("job", "address") or values.get(p.name) is None:
+            continue
+        v = values[p.name]
+        if getattr(p, "is_flag", False) and p.secondary_opts:  # --eval/--no-eval
+            argv.append(p.opts[0] if v else p.secondary_opts[0])
+            continue
+        for x in v if getattr(p, "multiple", False) else [v]:
+            argv += [p.opts[0], str(x.value if isinstance(x, Enum) else x)]
+    return argv
+
+
+def _job_command(fn: Callable[[], Any]) -> Any:
+    """`status`, `logs`, `stop`: Ctrl-C detaches (the job goes on)."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        typer.echo("detached: the job goes on on the cluster", err=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -553,7 +633,7 @@ def status(submission_id: str, address: SubmitAddress) -> None:
     """Status of a submitted job (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
     from pipeline.ray_backend import jobs as rb
 
-    typer.echo(rb.status(address, submission_id))
+    typer.echo(_job_command(lambda: rb.status(address, submission_id)))
 
 
 @app.command()
@@ -561,10 +641,10 @@ def status(submission_id: str, address: SubmitAddress) -> None:
 def logs(
     submission_id: str, address: SubmitAddress, follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False
 ) -> None:
-    """Logs of a submitted job."""
+    """Logs of a submitted job (Ctrl-C stops following; the job goes on)."""
     from pipeline.ray_backend import jobs as rb
 
-    rb.logs(address, submission_id, follow, lambda s: typer.echo(s, nl=False))
+    _job_command(lambda: rb.logs(address, submission_id, follow, lambda s: typer.echo(s, nl=False)))
 
 
 @app.command()
@@ -573,7 +653,7 @@ def stop(submission_id: str, address: SubmitAddress) -> None:
     """Stop a submitted job."""
     from pipeline.ray_backend import jobs as rb
 
-    typer.echo("stopped" if rb.stop(address, submission_id) else "not running")
+    typer.echo("stopped" if _job_command(lambda: rb.stop(address, submission_id)) else "not running")
 
 
 @app.command("cluster-check")
@@ -597,13 +677,13 @@ def repro(
     minutes: Annotated[float, typer.Option(min=0.1, help="The whole budget: measuring, training, evaluation and report.")],
     seed: Annotated[list[int] | None, typer.Option(help="Seeds of the VAE/IWAE k=50 pair; repeat (default: 0 and 1).")] = None,
     stages: Annotated[int | None, typer.Option(min=1, max=8, help="Train this many stages instead of what the budget fits.")] = None,
-    test_images: Annotated[int, typer.Option(min=0, max=10_000, help="Score the first N test images with k=5000.")] = 10_000,
-    train_images: Annotated[int, typer.Option(min=0, help="Also score the first N training images (the train-test gap).")] = 1_000,
+    test_images: Annotated[int, typer.Option("--test-images", min=1, max=10_000, help="Score the first N test images with k=5000 (default: all).")] = 10_000,
+    train_images: Annotated[int, typer.Option("--train-images", min=0, help="Also score the first N training images: the train-test gap.")] = 1_000,
     train_subset: Annotated[int | None, typer.Option(min=20, help="Train on the first N images only (tests; changes the run ids).")] = None,
     two_layer: Annotated[bool, typer.Option("--two-layer", help="Also train the two-layer VAE/IWAE k=50 pair of the first seed.")] = False,
-    ais_images: Annotated[int, typer.Option(min=0, max=10_000, help="AIS on the first N of the test images (with a T/2 check on 20).")] = 0,
-    bdmc_images: Annotated[int, typer.Option(min=0, help="BDMC bounds on N images simulated from each model.")] = 0,
-    ais_steps: Annotated[int, typer.Option(min=2, help="AIS/BDMC temperatures T.")] = 500,
+    ais_images: Annotated[int, typer.Option("--ais-images", min=0, max=10_000, help="AIS on the first N test images (with a T/2 check on 20).")] = 0,
+    bdmc_images: Annotated[int, typer.Option("--bdmc-images", min=0, help="BDMC bounds on N images simulated from each model.")] = 0,
+    ais_steps: Annotated[int, typer.Option("--ais-steps", min=2, help="AIS and BDMC: temperatures T, sigmoid schedule.")] = 500,
     results: ResultsOpt = "results/repro-budget",
     data_dir: DataOpt = DEFAULT_DATA,
 ) -> None:

@@ -183,7 +183,7 @@ def run_repro(
         fig["ais_seconds"] = sum(e["seconds"] for e in fig["ais_evaluations"])
         fig["ais"] = ais_vs_l5000(results, cfgs, ais_steps)
     fig["runs"], fig["gains"] = table1_k50(results, cfgs)
-    build_report(results)
+    build_report(results, data=data)
     fig["total_seconds"] = time.monotonic() - t_start
     _write_json(results, fig)
     for r in fig["runs"]:

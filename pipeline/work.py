@@ -29,11 +29,12 @@ import torch
 from iwae import checkpoint
 from iwae.config import RunConfig
 from iwae.data import Dataset
-from iwae.evaluate import CommonNoise, binarize_by_id, estimate_log_px
+from iwae.evaluate import binarize_by_id, estimate_log_px
+from iwae.latent import LatentModel
 from iwae.models import IWAEModel
 from iwae.pack import train_pack
 from iwae.state import TrainResult, model_from_checkpoint, pick_device
-from iwae.units import active_masks, common_noise, prune, unit_variances
+from iwae.units import PrunedOnCommonDraws, active_masks, unit_variances
 from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
 from pipeline.estimates import AISPlan, EvalPlan, Plan, Span
@@ -296,7 +297,7 @@ class Scorer:
         if span.last >= len(images):
             raise UserError(f"--{self.plan.images}-images {self.plan.num_images} exceeds the {len(images)} {self.plan.images} images of run {span.run_id}")
         ids = span.ids.tolist()
-        common: CommonNoise | None = None
+        scored: LatentModel = model
         if self.plan.pruned:
             masks = self._masks(span.run_id)
             if masks is None or not all(m.any() for m in masks):  # no units measured, or a layer with none active: nothing to prune to
@@ -306,10 +307,9 @@ class Scorer:
                 if same is not None:
                     return same.set_column(same.schema.get_field_index("eval_pruned"), "eval_pruned", pa.array([True] * same.num_rows))
             else:
-                common = common_noise(model, masks)
-                model = prune(model, masks)
+                scored = PrunedOnCommonDraws(model, masks)
         x = binarize_by_id(torch.as_tensor(images[ids]), ids, ec.seed)
-        return self._rows(span, cfg, estimate_log_px(model, x, ids, ec, common=common))
+        return self._rows(span, cfg, estimate_log_px(scored, x, ids, ec))
 
     def _rows(self, span: Span, cfg: RunConfig, est: Any) -> pa.Table:
         """The range's rows from an estimate (``None``: NaN figures, a pruned model that cannot exist)."""
@@ -338,7 +338,7 @@ class Scorer:
         if plan.method == "ais":
             images = self.images(cfg)
             if span.last >= len(images):
-                raise UserError(f"--images {plan.num_images} exceeds the {len(images)} test images of run {span.run_id}")
+                raise UserError(f"--ais-images {plan.num_images} exceeds the {len(images)} test images of run {span.run_id}")
             x = binarize_by_id(torch.as_tensor(images[ids]), ids, plan.binarize_seed).to(self.device)
             fwd = ais_log_px(model, x, plan.config, ids)
             upper = [None] * len(ids)

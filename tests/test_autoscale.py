@@ -46,7 +46,7 @@ def test_mixed_node_sizes_refuse_a_request_no_single_node_meets(offers):
     c, _ = offers([node(cpu=2), node(cpu=1, gpu=1)], [])
     with pytest.raises(
         UserError,
-        match=r"asked for 2 CPU and 1 GPU per worker but no node has that \(the largest offers 1 CPU and 1 GPU\); ask for fewer CPUs .*--cpus-per-trial",
+        match=r"asked for 2 CPU and 1 GPU per worker but no node has that \(the largest offers 1 CPU and 1 GPU\); ask for fewer CPUs .*--train-cpus",
     ):
         c.check_resources(Resources(2, 1))
     c.check_resources(Resources(2, 0))
@@ -66,7 +66,7 @@ def test_a_request_only_a_launchable_type_meets_waits_for_the_autoscaler(offers)
         c.check_resources(Resources(8, 1))
     c, _ = offers([], [NodeType("cpu_worker", {"CPU": 4.0}, 2)])
     assert c.default_gpus(None) == 0.0
-    with pytest.raises(UserError, match="ask for no GPU .*--gpus-per-trial 0"):
+    with pytest.raises(UserError, match="ask for no GPU .*--train-gpus 0"):
         c.check_resources(Resources(1, 1))
 
 
@@ -147,7 +147,7 @@ def cli(cluster, *args, cwd, timeout=600):
 def test_an_impossible_request_is_refused_in_one_line(autoscaling, mnist_dir, tmp_path):
     """8 CPUs per trial, which no node and no node type has: exit 2 within a minute, one line naming the largest offer."""
     t0 = time.monotonic()
-    r = cli(autoscaling, "sweep", "demo", "--size", "smoke", "--cpus-per-trial", "8", "--results", tmp_path / "r", "--data-dir", mnist_dir, cwd=tmp_path)
+    r = cli(autoscaling, "sweep", "demo", "--size", "smoke", "--train-cpus", "8", "--results", tmp_path / "r", "--data-dir", mnist_dir, cwd=tmp_path)
     seconds = time.monotonic() - t0
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]

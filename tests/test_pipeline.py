@@ -76,9 +76,9 @@ def test_estimates_do_not_depend_on_the_ranges_they_were_scored_in(swept, tmp_pa
     results, _ = swept
     other = tmp_path / "reranged"
     shutil.copytree(results, other, ignore=shutil.ignore_patterns("eval", "tune", "report"))
-    r = cli("evaluate", "demo", "--size", "smoke", "--test-images", "7", "--results", other, "--data-dir", mnist_dir, "--workers", "2")
+    r = cli("evaluate", "demo", "--size", "smoke", "--test-images", "7", "--results", other, "--data-dir", mnist_dir, "--eval-workers", "2")
     assert r.exit_code == 0, r.output
-    r = cli("evaluate", "demo", "--size", "smoke", "--results", other, "--data-dir", mnist_dir, "--workers", "2")
+    r = cli("evaluate", "demo", "--size", "smoke", "--results", other, "--data-dir", mnist_dir, "--eval-workers", "2")
     assert r.exit_code == 0, r.output
     names = sorted(p.name for p in (other / "tables" / "eval").glob(f"*/{SMOKE}/*.parquet"))
     assert names == sorted(["images-00000-00006.parquet", "images-00007-00019.parquet"] * 2), names
@@ -141,14 +141,14 @@ def test_ais_and_bdmc_ranges_give_the_same_estimates(swept, tmp_path, mnist_dir)
     """`evaluate --method ais`: 5 images at once, or 2 and then the other 3, give the same estimates
     (seeds by image id), each image once; BDMC's bounds land in their own table."""
     results, _ = swept
-    tiny = ["--steps", "4", "--chains", "2", "--leapfrog", "2"]
+    tiny = ["--ais-steps", "4", "--ais-chains", "2", "--ais-leapfrog", "2"]
     ais = "T4-C2-L2-P100-seed0"
     out = {}
     for steps in (["5"], ["2", "5"]):
         other = tmp_path / f"s{len(steps)}"
         shutil.copytree(results, other, ignore=shutil.ignore_patterns("tune", "report"))
         for n in steps:
-            r = cli("evaluate", "demo", "--size", "smoke", "--results", other, "--data-dir", mnist_dir, "--method", "ais", *tiny, "--images", n)
+            r = cli("evaluate", "demo", "--size", "smoke", "--results", other, "--data-dir", mnist_dir, "--method", "ais", *tiny, "--ais-images", n)
             assert r.exit_code == 0, r.output
         out[len(steps)] = read_estimates(str(other), "ais", ais).set_index(["run_id", "image_id"]).sort_index()
     a, b = out[1], out[2]
@@ -160,7 +160,7 @@ def test_ais_and_bdmc_ranges_give_the_same_estimates(swept, tmp_path, mnist_dir)
     ev = estimate(results)
     assert (a.log_px_ais - ev.log_px.reindex(a.index)).abs().max() < 20  # the same images as the k-sample estimate
     assert a.accept.between(0, 1).all() and a.log_px_upper.isna().all()
-    r = cli("evaluate", "demo", "--size", "smoke", "--results", tmp_path / "s2", "--data-dir", mnist_dir, "--method", "bdmc", *tiny, "--images", "5")
+    r = cli("evaluate", "demo", "--size", "smoke", "--results", tmp_path / "s2", "--data-dir", mnist_dir, "--method", "bdmc", *tiny, "--bdmc-images", "5")
     assert r.exit_code == 0, r.output
     bd = read_estimates(str(tmp_path / "s2"), "bdmc", ais)
     assert len(bd) == 10 and bd.log_px_upper.notna().all() and set(bd.method) == {"bdmc"}

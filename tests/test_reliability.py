@@ -103,7 +103,7 @@ def test_evaluation_survives_a_killed_worker(trained, tmp_path, mnist_dir):
         mnist_dir,
         "--test-images",
         "2000",
-        "--workers",
+        "--eval-workers",
         "2",
         env=faults(slow_score=2),
     )
@@ -272,7 +272,7 @@ def one_line_error(capsys, argv, match, code=2):
         (["sweep", "nojob"], "unknown job"),
         (["train", "--k", "0"], "--k"),
         (["train", "--batch-size", "0"], "--batch-size"),
-        (["sweep", "demo", "--gpus-per-trial", "-1"], "--gpus-per-trial"),
+        (["sweep", "demo", "--train-gpus", "-1"], "--train-gpus"),
         (["train", "--objective", "elbo9"], "--objective"),
         (["sweep", "demo", "--stages", "9"], "--stages"),
         (["sweep", "demo", "--where", "colour=red"], "--where"),
@@ -333,7 +333,7 @@ def test_unreachable_address(capsys, tmp_path):
 def test_gpu_request_the_cluster_cannot_meet(capsys, ray_local, tmp_path, mnist_dir):
     """Asking for a GPU on a CPU-only cluster fails at once (Ray would wait forever)."""
     t0 = time.monotonic()
-    one_line_error(capsys, ["sweep", "demo", "--size", "smoke", "--gpus-per-trial", "1", "--results", tmp_path / "r", "--data-dir", mnist_dir], "GPU")
+    one_line_error(capsys, ["sweep", "demo", "--size", "smoke", "--train-gpus", "1", "--results", tmp_path / "r", "--data-dir", mnist_dir], "GPU")
     assert time.monotonic() - t0 < 60
 
 
@@ -345,7 +345,7 @@ def test_range_out_of_retries_exits_1_in_one_line_and_the_rerun_completes(traine
     """A range whose worker is killed more often than --retries: exit 1, one line naming run and images,
     no traceback, the other ranges kept; the same command again completes with exact rows."""
     results = copy_results(trained, tmp_path / "r")
-    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--test-images", "2000", "--workers", "1")
+    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--test-images", "2000", "--eval-workers", "1")
     proc = start_cli(*args, "--retries", "0", env=faults(slow_score=3))
     assert wait_for(lambda: pids_matching("ray::_call"), timeout=120), "no evaluation task started"
     time.sleep(0.5)

@@ -123,11 +123,11 @@ def test_submit_takes_iwae_results_and_refuses_credentials_in_it(capsys, monkeyp
 
     secret = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"
     monkeypatch.setenv("IWAE_RESULTS", f"s3://AKIDEXAMPLE:{secret}@bucket/iwae")
-    assert main(["submit", "demo", "--address", "http://127.0.0.1:9", "--gpus-per-trial", "0.25"]) == 2
+    assert main(["submit", "demo", "--address", "http://127.0.0.1:9", "--train-gpus", "0.25"]) == 2
     out = capsys.readouterr()
     err = out.err.strip().splitlines()
     assert len(err) == 1 and "holds credentials" in err[0] and "IAM role" in err[0], err
     assert secret not in out.out + out.err and "AKIDEXAMPLE" not in out.out + out.err
     monkeypatch.setenv("IWAE_RESULTS", "s3://bucket/iwae")  # accepted: the command goes on to the Jobs address (nothing listens there)
-    assert main(["submit", "demo", "--address", "http://127.0.0.1:9", "--gpus-per-trial", "0.25"]) == 2
+    assert main(["submit", "demo", "--address", "http://127.0.0.1:9", "--train-gpus", "0.25"]) == 2
     assert "cannot reach" in capsys.readouterr().err

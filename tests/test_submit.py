@@ -1,13 +1,13 @@
 """Ray Jobs: submit a smoke job from the CLI to a real `ray start --head` on 127.0.0.1."""
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -49,8 +49,17 @@ def head(tmp_path_factory):
         "--include-dashboard=true",
     ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    TEMPS[f"http://127.0.0.1:{dash}"] = tmp / "ray"
     yield f"http://127.0.0.1:{dash}", env
     stop_ray_under(tmp / "ray")
+
+
+TEMPS: dict = {}
+
+
+def head_temp(address):
+    """The head's Ray temp folder (where it unpacks a job's working folder)."""
+    return TEMPS[address]
 
 
 def stop_ray_under(temp_dir):
@@ -82,7 +91,9 @@ def test_submit_status_logs_on_a_local_head(head, tmp_path, mnist_dir, monkeypat
         logs = runner.invoke(app, ["logs", sid, "--address", address]).output if sid else ""
         pytest.fail(f"submit failed: {r.output[-2000:]}\n--- job logs ---\n{logs[-4000:]}")
     assert "SUCCEEDED" in r.output
-    ev = pd.read_parquet(results / "tables" / "eval")
+    from pipeline.estimates import read_estimates
+
+    ev = read_estimates(str(results), estimate="k100-seed123-block50")
     assert len(ev) == 40 and not ev.duplicated(["run_id", "image_id"]).any()
     st = runner.invoke(app, ["status", sid, "--address", address])
     assert st.exit_code == 0 and "SUCCEEDED" in st.output
@@ -92,7 +103,73 @@ def test_submit_status_logs_on_a_local_head(head, tmp_path, mnist_dir, monkeypat
     assert again.exit_code == 2 and "already exists" in again.output
 
 
+def test_submit_uploads_the_project_not_the_folder_it_is_run_from(head, tmp_path, mnist_dir, monkeypatch):
+    """Run from a folder outside the project that holds secret-looking files: the job's working folder
+    on the head is the project's source tree (its pyproject.toml is there), and no file of that folder
+    reaches the head; a `.env` in the project itself is excluded too. `--wait --timeout 1` on a job that
+    runs longer says it is still running and exits 3; the job is then stopped, and `stop`/`logs` of an
+    unknown id are one line each."""
+    address, env = head
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "deploy-key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (elsewhere / "notes.txt").write_text("mine")
+    dotenv = ROOT / ".env"
+    assert not dotenv.exists()
+    dotenv.write_text("AWS_SECRET_ACCESS_KEY=example\n")
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    runner = CliRunner()
+    try:
+        argv = ["submit", "demo", "--size", "smoke", "--address", address, "--results", str(tmp_path / "r"), "--data-dir", str(mnist_dir)]
+        r = runner.invoke(app, [*argv, "--wait", "--timeout", "1"])
+    finally:
+        dotenv.unlink()
+    sid = next(w for w in r.output.split() if w.startswith("raysubmit_"))
+    assert r.exit_code == 3 and "is still running after 1 s and goes on on the cluster" in r.output, r.output
+    assert runner.invoke(app, ["stop", sid, "--address", address]).exit_code == 0
+    uploaded = [
+        p
+        for p in (head_temp(address) / "session_latest" / "runtime_resources").rglob("pyproject.toml")
+        if p.read_text() == (ROOT / "pyproject.toml").read_text()
+    ]
+    assert uploaded, "the project's source tree is not the job's working folder"
+    tree = {p.name for p in uploaded[0].parent.rglob("*")}
+    assert {"iwae", "pipeline", "jobs"} <= tree and not {"deploy-key.pem", "notes.txt", ".env"} & tree, sorted(tree)[:50]
+    for cmd in (["stop", "raysubmit_nope"], ["logs", "raysubmit_nope"], ["status", "raysubmit_nope"]):
+        out = runner.invoke(app, [*cmd, "--address", address])
+        assert out.exit_code == 2 and out.output.count("\n") == 1 and "no job raysubmit_nope" in out.output, out.output
+
+
 def test_unreachable_address_fails_fast_with_one_line():
     """An address where nothing listens gives exit 2 and a one-line error, in seconds."""
     r = CliRunner().invoke(app, ["status", "raysubmit_x", "--address", f"http://127.0.0.1:{free_port()}"])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "cannot reach" in r.output
+
+
+def test_every_sweep_option_reaches_the_submitted_job(monkeypatch, capsys):
+    """submit takes every option of sweep (one definition for both) and the job's command line carries
+    each, environment defaults included; parsed by sweep's own parser, it gives back every value."""
+    from typer.main import get_command
+
+    from pipeline import cli
+    from pipeline.ray_backend import jobs as rb
+
+    sent = {}
+    monkeypatch.setattr(rb, "submit", lambda address, entry, root, sid, env: sent.update(entry=entry) or "raysubmit_x")
+    monkeypatch.setenv("IWAE_DATA_DIR", "s3://bucket/data")
+    argv = ["submit", "paper_table1", "--address", "http://127.0.0.1:9", "--results", "s3://bucket/r", "--size", "smoke", "--stages", "2"]
+    argv += ["--epoch-scale", "0.5", "--where", "k=5", "--where", "seed=0", "--train-cpus", "2", "--train-gpus", "1", "--pack", "4", "--compile", "off"]
+    argv += ["--retries", "5", "--no-eval", "--test-images", "30", "--train-images", "7", "--eval-cpus", "3", "--eval-gpus", "0.5", "--eval-workers", "9"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    entry = sent["entry"]
+    assert entry.startswith("python3 -m pipeline.preflight && python3 -m pipeline.cli sweep ")
+    sweep = get_command(cli.app).commands["sweep"]
+    ctx = sweep.make_context("sweep", shlex.split(entry.split("python3 -m pipeline.cli ", 1)[1])[1:])
+    got = {k: (v.value if hasattr(v, "value") else v) for k, v in ctx.params.items()}
+    want = {"job": "paper_table1", "size": "smoke", "stages": 2, "epoch_scale": 0.5, "where": ["k=5", "seed=0"], "train_cpus": 2.0, "train_gpus": 1.0}
+    want |= {"pack": "4", "compile_step": "off", "retries": 5, "evaluate_after": False, "test_images": 30, "train_images": 7, "eval_cpus": 3.0}
+    want |= {"eval_gpus": 0.5, "eval_workers": 9, "results": "s3://bucket/r", "data_dir": "s3://bucket/data"}
+    assert {k: got[k] for k in want} == want, got
+    untested = {p.name for p in sweep.params} - set(want) - {"address"}
+    assert not untested, f"sweep options this test does not set: {untested}"

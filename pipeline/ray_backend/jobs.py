@@ -41,14 +41,53 @@ def _dashboard_hostport(address: str) -> str:
     return f"{url.hostname}:{url.port or 8265}"
 
 
+# what `submit` never uploads: environments, data, results, caches, and anything that looks like a secret
+UPLOAD_EXCLUDES = [
+    ".venv",
+    ".git",
+    "data",
+    "results",
+    "cache",
+    "docs",
+    "**/__pycache__",
+    "*.pt",
+    ".env",
+    ".env.*",
+    "*.env",
+    ".aws",
+    ".ssh",
+    ".netrc",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "id_rsa*",
+    "id_ed25519*",
+    "credentials*",
+    "*secret*",
+    "*token*",
+]
+ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def project_root() -> Path:
+    """The project's source tree, found from the package itself (not the current folder): what
+    ``submit`` uploads as the job's working folder."""
+    import pipeline
+
+    root = Path(pipeline.__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").exists() or not (root / "iwae").is_dir():
+        raise UserError(
+            f"submit uploads the project's source tree, and {root} is not one (an installed wheel); install the project"
+            " from its checkout (`pip install -e .`) and submit from there"
+        )
+    return root
+
+
 def submit(address: str, entrypoint: str, working_dir: Path, submission_id: str | None, env_vars: dict[str, str]) -> str:
-    """Upload ``working_dir`` and run ``entrypoint`` on the cluster; returns the submission id."""
+    """Upload ``working_dir`` (less :data:`UPLOAD_EXCLUDES`) and run ``entrypoint`` on the cluster; returns the submission id."""
     client = job_client(address)
-    runtime_env = {
-        "working_dir": str(working_dir),
-        "excludes": [".venv", ".git", "data", "results", "cache", "docs", "**/__pycache__", "*.pt"],
-        "env_vars": env_vars,
-    }
+    runtime_env = {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars}
     try:
         return str(client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id))
     except RuntimeError as e:
@@ -57,38 +96,51 @@ def submit(address: str, entrypoint: str, working_dir: Path, submission_id: str 
         raise UserError(f"the cluster refused the job ({' '.join(str(e).split())[:300]})") from None
 
 
-def status(address: str, submission_id: str) -> str:
-    client = job_client(address)
+def _asking(address: str, submission_id: str, call: Callable[[Any], Any]) -> Any:
+    """One call of the Jobs API about a job: an unknown id, or a dashboard that stopped answering,
+    each as its own one line."""
+    client = job_client(address)  # an unreachable dashboard: one line already
     try:
-        return str(client.get_job_status(submission_id))
+        return call(client)
     except RuntimeError as e:
-        raise UserError(f"no job {submission_id} on {address} ({str(e).splitlines()[0][:100]}); list jobs with `ray job list`") from None
+        text = " ".join(str(e).split())
+        if "does not exist" in text or "404" in text or "not found" in text.lower():
+            raise UserError(f"no job {submission_id} on {address}; list the jobs there with `ray job list --address {address}`") from None
+        raise UserError(f"the Ray Jobs API at {address} failed ({text[:160]}); check that the cluster's dashboard is up") from None
+    except (ConnectionError, OSError) as e:
+        raise UserError(f"lost the Ray Jobs API at {address} ({type(e).__name__}); check that the cluster's dashboard is up") from None
+
+
+def status(address: str, submission_id: str) -> str:
+    return str(_asking(address, submission_id, lambda c: c.get_job_status(submission_id)))
 
 
 def logs(address: str, submission_id: str, follow: bool, echo: Callable[[str], None]) -> None:
-    client = job_client(address)
     if not follow:
-        echo(client.get_job_logs(submission_id))
+        echo(_asking(address, submission_id, lambda c: c.get_job_logs(submission_id)))
         return
     import asyncio
 
-    async def tail() -> None:
+    status(address, submission_id)  # an unknown id: one line before streaming
+
+    async def tail(client: Any) -> None:
         async for chunk in client.tail_job_logs(submission_id):
             echo(chunk)
 
-    asyncio.run(tail())
+    _asking(address, submission_id, lambda c: asyncio.run(tail(c)))
 
 
 def stop(address: str, submission_id: str) -> bool:
-    return bool(job_client(address).stop_job(submission_id))
+    return bool(_asking(address, submission_id, lambda c: c.stop_job(submission_id)))
 
 
-def wait(address: str, submission_id: str, timeout: float) -> str:
-    """Poll until the job ends (SUCCEEDED/FAILED/STOPPED) or ``timeout`` seconds pass."""
+def wait(address: str, submission_id: str, timeout: float | None = None) -> str:
+    """Poll until the job ends (SUCCEEDED/FAILED/STOPPED), or until ``timeout`` seconds pass when one
+    is given (then the job's current status)."""
     t0 = time.monotonic()
     while True:
         st = status(address, submission_id)
-        if st.split(".")[-1] in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() - t0 > timeout:
+        if st.split(".")[-1] in ENDED or (timeout is not None and time.monotonic() - t0 > timeout):
             return st
         time.sleep(2)
 

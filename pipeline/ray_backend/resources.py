@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 # the options that set a worker's request, in each command that has them
-FEWER_CPUS_FIX = "ask for fewer CPUs per worker (sweep --cpus-per-trial or --eval-cpus, evaluate --cpus)"
-NO_GPU_FIX = "ask for no GPU (sweep --gpus-per-trial 0 or --eval-gpus 0, evaluate --gpus 0) or use a cluster with GPUs"
+FEWER_CPUS_FIX = "ask for fewer CPUs per task (--train-cpus, --eval-cpus)"
+NO_GPU_FIX = "ask for no GPU (--train-gpus 0, --eval-gpus 0) or use a cluster with GPUs"
 
 
 @dataclass(frozen=True)

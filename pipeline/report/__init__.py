@@ -12,12 +12,14 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
 from pipeline.report.ais import ais_convergence_table, ais_gain_table, ais_table, ais_vs_lk
 from pipeline.report.findings import NR, findings, flip
+from pipeline.report.pictures import pictures
 from pipeline.report.plots import plots
 from pipeline.report.summary import Loaded, load
 from pipeline.report.tables import (
@@ -46,21 +48,23 @@ class Report:
     files: tuple[str, ...]  # where each file was written (a path or a URI)
 
 
-def build_report(results: Results, out: str | Path | None = None) -> Report:
+def build_report(results: Results, out: str | Path | None = None, data: Any = None) -> Report:
     """Render the report into ``out`` (default ``RESULTS/report``; a folder or a URI, opened through
-    :meth:`Store.open`): report.md, PNGs, summary.parquet."""
+    :meth:`Store.open`): report.md, PNGs, summary.parquet. ``data`` (a
+    :class:`~pipeline.datasource.DataSource`): where the test images shown beside their
+    reconstructions come from (without it, the pictures show samples only)."""
     dest = Store.open(out) if out is not None else results.store.sub("report")
     loaded = load(results)
     if loaded.summary.empty:
         return Report("No runs in this results folder yet.", loaded.summary, ())
     with tempfile.TemporaryDirectory(prefix="iwae-report-") as tmp:
-        md, files = _render(loaded, Path(tmp))
+        md, files = _render(loaded, Path(tmp), results, data)
         for f in files:
             dest.write_bytes(f.name, f.read_bytes())
         return Report(md, loaded.summary, tuple(dest.uri(f.name) for f in files))
 
 
-def _render(loaded: Loaded, out_dir: Path) -> tuple[str, list[Path]]:
+def _render(loaded: Loaded, out_dir: Path, results: Results | None = None, data: Any = None) -> tuple[str, list[Path]]:
     """Write report.md, the PNGs and summary.parquet into a local folder; returns the markdown and files."""
     parts = [
         "# iwae-pipeline report",
@@ -179,6 +183,11 @@ def _render(loaded: Loaded, out_dir: Path) -> tuple[str, list[Path]]:
         parts += [f"**{len(failed)} run(s) failed**: " + ", ".join(f"{r.run_id} ({r.label})" for r in failed.itertuples()), ""]
     files = plots(loaded, out_dir)
     parts += [f"![{p.stem}]({p.name})" for p in files]
+    drawn = pictures(results, loaded, out_dir, data) if results is not None else []
+    if drawn:
+        parts += ["", "## What the models learned: samples, and test images beside their reconstructions", ""]
+        parts += [f"**{label}**\n\n![{p.stem}]({p.name})\n" for label, p in drawn]
+        files += [p for _, p in drawn]
     md = "\n".join(parts) + "\n"
     (out_dir / "report.md").write_text(md)
     flat = summary.drop(columns=[c for c in ("unit_var_h1", "unit_var_h2", "config") if c in summary])

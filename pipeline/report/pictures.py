@@ -1,0 +1,68 @@
+"""The report's pictures: per trained model, samples and test images beside their reconstructions
+(:mod:`iwae.pictures`), read from each run's final checkpoint in the results location."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iwae.checkpoint import CheckpointError
+from iwae.evaluate import EvalConfig, binarize_by_id
+from iwae.pictures import grid, reconstruction_means, sample_means
+from iwae.state import model_from_checkpoint
+from pipeline.ledger import load_final
+from pipeline.report.summary import Loaded
+from pipeline.report.tables import run_labels
+from pipeline.results import Results
+
+RECONSTRUCTED = 16  # test images shown with their reconstructions, the first ones (binarised as the evaluation does)
+
+
+def pictures(results: Results, loaded: Loaded, out_dir: Path, data: Any = None) -> list[tuple[str, Path]]:
+    """One PNG per done run: 64 samples, and the first test images over their reconstructions (when
+    ``data``, a :class:`~pipeline.datasource.DataSource`, has the run's dataset here). Returns
+    ``(run label, path)`` pairs in the summary's order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = run_labels(loaded.summary)
+    out: list[tuple[str, Path]] = []
+    for r in loaded.summary[loaded.summary.status == "done"].itertuples():
+        try:
+            model, cfg = model_from_checkpoint(load_final(results, str(r.run_id)), f"run {r.run_id}'s final checkpoint", "cpu")
+        except (CheckpointError, OSError):
+            continue  # the runs table says done, its checkpoint is not there (yet): no picture, the tables still stand
+        fortran = cfg.dataset == "omniglot"  # chardata.mat's pixels are column-major
+        panels = [("samples from p(x)", grid(sample_means(model, 64), 8, fortran))]
+        test = _test_images(data, cfg)
+        if test is not None:
+            ids = list(range(len(test)))
+            x = binarize_by_id(torch.as_tensor(test), ids, EvalConfig().seed)
+            both = torch.cat([x.reshape(2, -1, x.shape[1]), reconstruction_means(model, x).reshape(2, -1, x.shape[1])], 1).reshape(-1, x.shape[1])
+            panels.append(("test images (rows 1, 3) and reconstructions (rows 2, 4)", grid(both, RECONSTRUCTED // 2, fortran)))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4))
+        for ax, (title, img) in zip(list(getattr(axes, "flat", [axes])), panels):
+            ax.imshow(img.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+        fig.suptitle(labels[str(r.run_id)], fontsize=9)
+        path = out_dir / f"pictures-{r.run_id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        out.append((labels[str(r.run_id)], path))
+    return out
+
+
+def _test_images(data: Any, cfg: Any) -> Any:
+    """The run's first test images (grey levels), or None when its dataset is not here."""
+    if data is None:
+        return None
+    try:
+        return data.load(cfg.dataset, cfg.split).test[:RECONSTRUCTED]
+    except Exception:  # noqa: BLE001  # a missing or foreign data file: the pictures go without reconstructions
+        return None
