@@ -242,7 +242,7 @@ def eval_throughput(data: DataSource, mnist: Any, n_images: int, ray_path: bool,
         half = n_images // 2
         parts = [Span(run_id, 0, half - 1), Span(run_id, half, n_images - 1)]  # two tasks' worth, as the Ray path splits them
         ev = Scorer(EstimateLedger(res, plan), data)
-        ev.images(RunConfig())  # load the data before timing
+        ev.images(run_id)  # load the model and the data before timing
         ev.score(parts[0])  # load the model and compile (start-up, not measured)
         t0 = time.perf_counter()
         for span in parts:

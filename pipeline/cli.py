@@ -482,6 +482,168 @@ def evaluate(
     typer.echo(f"evaluated {job} into {res.store.uri(f'tables/{table}')}")
 
 
+@app.command()
+@cli_errors
+def score(
+    factory: Annotated[
+        str,
+        typer.Argument(
+            help="MODULE:FACTORY: a function of no arguments that returns the model (an iwae.latent.LatentModel, e.g. an"
+            " iwae.adapter.DistributionModel), loading its own weights; MODULE is importable from here, or a .py file."
+        ),
+    ],
+    name: Annotated[
+        str | None, typer.Option("--name", help="The model's name in the tables (default: the module's); its key adds a digest of the weights and the data.")
+    ] = None,
+    data_spec: Annotated[
+        str,
+        typer.Option("--data", help="mnist: the test images, binarised as Table 1's evaluation binarises them; or an .npy, .npz or .parquet file of vectors."),
+    ] = "mnist",
+    binarize: Annotated[
+        bool | None, typer.Option("--binarize/--no-binarize", help="Binarise each image by its id (default: for mnist yes, for a file no).")
+    ] = None,
+    method: MethodOpt = Method.is_,
+    eval_k: Annotated[int | None, typer.Option("--eval-k", min=1, help="Importance samples per image (--method is; default 5000).")] = None,
+    eval_block: Annotated[
+        int | None,
+        typer.Option("--eval-block", min=1, help="Samples per seeded noise block, part of the estimate's name (--method is; default 500; smoke jobs: 50)."),
+    ] = None,
+    test_images: TestImagesOpt = None,
+    ais_images: AisImagesOpt = None,
+    bdmc_images: BdmcImagesOpt = None,
+    ais_steps: AisStepsOpt = None,
+    ais_chains: AisChainsOpt = None,
+    ais_leapfrog: AisLeapfrogOpt = None,
+    eval_cpus: EvalCpusOpt = 1.0,
+    eval_gpus: EvalGpusOpt = None,
+    eval_workers: EvalWorkersOpt = None,
+    retries: RetriesOpt = 3,
+    address: AddressOpt = None,
+    results: ResultsOpt = DEFAULT_RESULTS,
+    data_dir: DataOpt = DEFAULT_DATA,
+) -> None:
+    """Score anyone's model: k=5000 importance sampling (or AIS, or BDMC) of a latent-variable model
+    you bring, per image, with its reliability columns, sharded on Ray like `evaluate`. Its module's
+    folder reaches every node (Ray's working_dir); the rows are keyed by --name, a digest of the
+    weights and the data, and `report` puts it in the models table beside the others."""
+    import numpy as np
+
+    from pipeline import driver
+    from pipeline import user_models as um
+    from pipeline.ray_backend.resources import check_gpus
+
+    check_gpus(eval_gpus, "--eval-gpus")
+    _refuse_ignored(
+        method,
+        {"--test-images": test_images, "--eval-k": eval_k, "--eval-block": eval_block},
+        {"--ais-images": ais_images, "--ais-steps": ais_steps, "--ais-chains": ais_chains, "--ais-leapfrog": ais_leapfrog},
+        {"--bdmc-images": bdmc_images},
+    )
+    root, target = um.locate(factory)
+    name = um.check_name(name or um.default_name(factory))
+    binarize = (data_spec == um.MNIST) if binarize is None else binarize
+    data = _data(data_dir)
+    if data_spec == um.MNIST:
+        if driver.on_local_ray(address):
+            data.check_here(um.MNIST)
+        array = None
+        pool = data.load(um.MNIST).test  # the probe's images here; the nodes read their own
+    else:
+        array = um.load_array(data_spec)
+        pool = array
+    if binarize and (pool.min() < 0 or pool.max() > 1):
+        raise UserError(f"{data_spec} has values outside [0, 1] ({pool.min():g}..{pool.max():g}); --binarize draws 1[u < x]: scale it, or pass --no-binarize")
+    ec = _eval_config(eval_k, eval_block)
+    if method == Method.is_:
+        from pipeline.estimates import EvalPlan
+
+        n = test_images or len(pool)
+        plan: Any = EvalPlan(ec, num_images=n)
+    else:
+        from iwae.ais import AISConfig
+        from pipeline.estimates import AISPlan
+
+        n = (ais_images or 100) if method == Method.ais else (bdmc_images or 50)
+        plan = AISPlan(AISConfig(steps=ais_steps or 500, chains=ais_chains or 16, leapfrog=ais_leapfrog or 10), n, method.value, ec.seed)
+    if method != Method.bdmc and n > len(pool):
+        raise UserError(f"{data_spec} has {len(pool)} images; ask for at most that many (--test-images / --ais-images)")
+    model, digest = um.build(target, root, _cpu())
+    if um.build(target, root, _cpu())[1] != digest:  # every node calls it: it must return the same weights each time
+        raise UserError(f"{factory} returns other weights on each call; make it load saved weights (or seed it), so every node scores one model")
+    probe_x = _probe_images(pool, binarize, ec.seed)
+    um.probe(model, probe_x)
+    ref = um.ModelRef(factory, name, digest, um.data_tag(data_spec, binarize, array), target, root)
+    likelihood = "density" if getattr(model, "continuous", False) else "probability"
+    res = _results(results)
+    say = lambda m: typer.echo(m, err=True)  # noqa: E731
+    with driver.ray_session(address, notice=say, working_dir=root) as cluster:
+        if cluster.shipped:
+            ref = ref.shipped()  # the workers import it from the folder Ray gave them, not from this machine's disk
+        driver.check_storage(cluster, res)
+        written = driver.score_model(
+            ref, data_spec, res, data, cluster, plan, binarize=binarize, likelihood=likelihood, images=None if array is None else array[:n],
+            cpus=eval_cpus, gpus=eval_gpus, workers=eval_workers, retries=retries, echo=say,
+        )  # fmt: skip
+    failed = um.failed_images(res, plan, ref.key)
+    typer.echo(_score_summary(res, plan, ref, likelihood, written))
+    if failed:
+        first = failed[0]
+        why = um.why_failed(model, _probe_images(np.asarray(pool), binarize, ec.seed, [first]), first) if method != Method.bdmc else "a simulated image"
+        ids = ", ".join(map(str, failed[:10])) + (", ..." if len(failed) > 10 else "")
+        raise RunFailed(
+            f"{ref.name} gives no finite log p(x) on {len(failed)} of {n} images (ids {ids}; image {first}: {why}); the other {n - len(failed)}"
+            " are scored and reported; fix the model there and score it again (new weights are a new key)"
+        )
+
+
+def _cpu() -> Any:
+    import torch
+
+    return torch.device("cpu")
+
+
+def _eval_config(k: int | None, block: int | None) -> Any:
+    from iwae.evaluate import EvalConfig
+
+    d = EvalConfig()
+    return EvalConfig(k=k or d.k, block=block or d.block)
+
+
+def _probe_images(pool: Any, binarize: bool, seed: int, ids: list[int] | None = None) -> Any:
+    """A few images as the scoring sees them (binarised by id where it binarises)."""
+    import numpy as np
+    import torch
+
+    from iwae.evaluate import binarize_by_id
+
+    ids = ids if ids is not None else list(range(min(4, len(pool))))
+    x = torch.as_tensor(np.asarray(pool[ids]), dtype=torch.float32)
+    return binarize_by_id(x, ids, seed) if binarize else x
+
+
+def _score_summary(res: Any, plan: Any, ref: Any, likelihood: str, written: int) -> str:
+    """One line: the model's mean NLL on the images scored, with its standard error."""
+    import numpy as np
+
+    from pipeline.estimates import read
+    from pipeline.report.stats import se
+
+    df = read(res, plan.table)
+    df = df[(df.run_id == ref.key) & (df.estimate == plan.estimate) & (df.image_id < plan.num_images)]
+    col = "log_px" if plan.table == "eval" else "log_px_ais"
+    ok = df[np.isfinite(df[col].astype(float))]
+    lp = ok[col]
+    where = f"({written} scored now); rows in {res.store.uri(f'tables/{plan.table}/{ref.key}')}"
+    kind = "minus log density" if likelihood == "density" else "NLL"
+    if plan.table == "bdmc":
+        gap = ok.log_px_upper - ok.log_px_ais
+        return (
+            f"{ref.name} ({ref.key}) BDMC {plan.estimate} on {len(ok)} images simulated from it: {kind} between {-ok.log_px_upper.mean():.2f}"
+            f" and {-lp.mean():.2f} nats, gap {gap.mean():.2f} ± {se(gap):.2f} {where}"
+        )
+    return f"{ref.name} ({ref.key}) {plan.table} {plan.estimate}: {kind} {-lp.mean():.2f} ± {se(lp):.2f} nats on {len(lp)} images {where}"
+
+
 def _refuse_ignored(method: Method, is_only: dict[str, Any], ais_bdmc: dict[str, Any], bdmc_only: dict[str, Any]) -> None:
     """An option the chosen method would ignore is refused in one line, never dropped without a word."""
     ignored = {
@@ -506,7 +668,7 @@ def report(
 
     res = _results(results, create=False)
     rep = build_report(res, out, data=_data(data_dir))  # the test images beside their reconstructions, where the data is here
-    if rep.summary.empty:
+    if not rep.files:
         raise UserError(f"no runs in {res} yet; fill it with `iwae-pipeline sweep demo --results {shlex.quote(results)}` (see `iwae-pipeline jobs`)")
     typer.echo(rep.markdown)
 

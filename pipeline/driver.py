@@ -47,12 +47,13 @@ def on_local_ray(address: str | None) -> bool:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, notice: Echo | None = None) -> Iterator[Any]:
+def ray_session(address: str | None, notice: Echo | None = None, working_dir: str | None = None) -> Iterator[Any]:
     """Connected to Ray for the block: the :class:`~pipeline.ray_backend.cluster.Cluster` the steps
-    get; a connection this opened is closed after it."""
+    get; a connection this opened is closed after it. ``working_dir``: a folder every worker gets
+    (Ray's runtime environment: a user's model module reaches the nodes so, with no shared disk)."""
     from pipeline.ray_backend import cluster
 
-    c = cluster.connect(address, notice=notice)
+    c = cluster.connect(address, notice=notice, working_dir=working_dir)
     try:
         yield c
     finally:
@@ -363,3 +364,65 @@ def score_first_images(results: Results, data: DataSource, run_ids: Sequence[str
     plan = EvalPlan(EvalConfig(k=k), num_images=n)
     evaluate_here(results, data, run_ids, plan)
     return plan.estimate
+
+
+def score_model(
+    ref: Any,
+    data_spec: str,
+    results: Results,
+    data: DataSource,
+    cluster: Any,
+    plan: Plan,
+    *,
+    binarize: bool,
+    likelihood: str,
+    images: Any,
+    cpus: float,
+    gpus: float | None,
+    workers: int | None,
+    retries: int,
+    echo: Echo,
+) -> int:
+    """`score`: a user's model (:class:`pipeline.user_models.ModelRef`) through the executor, in the
+    ranges every evaluation uses, under its key (name and weights digest). ``images``: the rows of a
+    user's data file (they travel with each range), or None for MNIST's test images on the nodes.
+    Writes the model's row once; returns the estimate rows written."""
+    import json
+
+    from pipeline.ray_backend import executor
+    from pipeline.ray_backend.resources import Resources
+    from pipeline.results import versions
+    from pipeline.user_models import row_fields, score_user_range
+
+    if results.run_row(ref.key) is None:
+        row = {
+            **row_fields(ref),
+            "label": ref.name,
+            "status": "done",
+            "error": "",
+            "scored_model": ref.factory,
+            "likelihood": likelihood,
+            "config": json.dumps({"factory": ref.factory, "name": ref.name, "digest": ref.digest, "data": data_spec, "binarize": binarize}, sort_keys=True),
+            **versions(),
+        }
+        results.write_rows(results.row_key(ref.key), [row], "runs")
+    sl = EstimateLedger(results, plan)
+    items = sl.prepare([ref.key], echo)
+    if not items:
+        return 0
+    res = Resources(cpus, cluster.default_gpus(gpus))
+    b = bar(len(items), f"{ref.name}: {plan.table} {plan.estimate}", "range")
+    units = [
+        executor.Unit(str(span), score_user_range, (sl, data, ref, binarize, span, None if images is None else images[span.first : span.last + 1]))
+        for span in items
+    ]
+    rows = [0]
+
+    def write(unit: Any, table: Any) -> None:
+        rows[0] += sl.write(unit.args[4], table)
+
+    try:
+        executor.run(cluster, executor.Ready(results, units, write, b.update), res, what="scoring", workers=workers, retries=retries, notice=echo)
+    finally:
+        b.close()
+    return rows[0]

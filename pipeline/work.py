@@ -260,7 +260,11 @@ class Scorer:
     """Loads a run's model once (and its pruned version) and scores ranges of its images.
 
     One per worker process (see :func:`scorer`): consecutive ranges of a run reuse the loaded model.
+    What a subclass changes is which model (:meth:`model`) and which images (:meth:`images`): a
+    user's model (:mod:`pipeline.user_models`) is scored by the same code.
     """
+
+    binarize = True  # images are grey levels, binarised per image id as the k=5000 evaluation does
 
     def __init__(self, ledger: EstimateLedger, data: DataSource, device: str | None = None):
         self.ledger, self.results, self.plan, self.data = ledger, ledger.results, ledger.plan, data
@@ -274,6 +278,11 @@ class Scorer:
             self._run_id = run_id
         return self._loaded
 
+    def model(self, run_id: str) -> tuple[LatentModel, dict[str, Any]]:
+        """The model to score and the config columns of its rows."""
+        model, cfg = self._load(run_id)
+        return model, cfg.flat()
+
     def _masks(self, run_id: str) -> list[torch.Tensor] | None:
         """The run's active units per layer, from its row (None when the row has no unit variances)."""
         row = self.results.run_row(run_id)
@@ -282,39 +291,49 @@ class Scorer:
         variances = [torch.tensor(row["unit_var_h1"])] + ([torch.tensor(row["unit_var_h2"])] if row["unit_var_h2"] is not None else [])
         return active_masks(variances)
 
-    def images(self, cfg: RunConfig) -> np.ndarray:
+    def images(self, run_id: str) -> np.ndarray:
         """The test set, or the training images the run was trained on (its subset, if any)."""
+        _, cfg = self._load(run_id)
         ds = self.data.load(cfg.dataset, cfg.split)
         return ds.test if self.plan.images == "test" else ds.train[: cfg.train_subset or None]
 
-    def score(self, span: Span) -> pa.Table:
+    def _x(self, span: Span, images: np.ndarray | None, seed: int, option: str) -> torch.Tensor:
+        """The range's images ``(n, X)`` (``images``: given for exactly the range), binarised by id."""
+        ids = span.ids.tolist()
+        if images is None:
+            every = self.images(span.run_id)
+            if span.last >= len(every):
+                raise UserError(f"{option} {self.plan.num_images} exceeds the {len(every)} {self.plan.images} images of {span.run_id}")
+            images = every[ids]
+        x = torch.as_tensor(np.asarray(images))
+        return (binarize_by_id(x, ids, seed) if self.binarize else x).to(self.device)
+
+    def score(self, span: Span, images: np.ndarray | None = None) -> pa.Table:
         """Score one range: its rows, one per image, as an Arrow table of its table's schema."""
         if isinstance(self.plan, AISPlan):
-            return self._score_ais(span, self.plan)
-        model, cfg = self._load(span.run_id)
-        images = self.images(cfg)
+            return self._score_ais(span, self.plan, images)
+        model, flat = self.model(span.run_id)
         ec = self.plan.config
-        if span.last >= len(images):
-            raise UserError(f"--{self.plan.images}-images {self.plan.num_images} exceeds the {len(images)} {self.plan.images} images of run {span.run_id}")
         ids = span.ids.tolist()
         scored: LatentModel = model
         if self.plan.pruned:
             masks = self._masks(span.run_id)
             if masks is None or not all(m.any() for m in masks):  # no units measured, or a layer with none active: nothing to prune to
-                return self._rows(span, cfg, None)
+                return self._rows(span, flat, None)
             if all(m.all() for m in masks):  # every unit active: the pruned model is this one, on the same draws
                 same = EstimateLedger(self.results, self.plan.unpruned).rows(span.run_id, ids)
                 if same is not None:
                     return same.set_column(same.schema.get_field_index("eval_pruned"), "eval_pruned", pa.array([True] * same.num_rows))
             else:
+                assert isinstance(model, IWAEModel)
                 scored = PrunedOnCommonDraws(model, masks)
-        x = binarize_by_id(torch.as_tensor(images[ids]), ids, ec.seed)
-        return self._rows(span, cfg, estimate_log_px(scored, x, ids, ec))
+        x = self._x(span, images, ec.seed, f"--{self.plan.images}-images")
+        return self._rows(span, flat, estimate_log_px(scored, x, ids, ec))
 
-    def _rows(self, span: Span, cfg: RunConfig, est: Any) -> pa.Table:
+    def _rows(self, span: Span, flat: dict[str, Any], est: Any) -> pa.Table:
         """The range's rows from an estimate (``None``: NaN figures, a pruned model that cannot exist)."""
         assert isinstance(self.plan, EvalPlan), "an importance-sampling plan"
-        ec, flat = self.plan.config, cfg.flat()
+        ec = self.plan.config
         rows = []
         for j, image_id in enumerate(span.ids.tolist()):
             row = {**flat, "eval_k": ec.k, "eval_seed": ec.seed, "eval_block": ec.block, "eval_pruned": self.plan.pruned, "image_id": int(image_id)}
@@ -326,27 +345,24 @@ class Scorer:
             rows.append(row)
         return rows_table(rows, EVAL_SCHEMA)
 
-    def _score_ais(self, span: Span, plan: AISPlan) -> pa.Table:
+    def _score_ais(self, span: Span, plan: AISPlan, images: np.ndarray | None = None) -> pa.Table:
         """AIS on the range's test images (binarised as the k=5000 evaluation does), or BDMC on the
         range's simulated images (:mod:`iwae.ais`)."""
         from iwae.ais import ais_log_px, bdmc
 
-        model, cfg = self._load(span.run_id)
+        model, flat = self.model(span.run_id)
         ids = span.ids.tolist()
         t0 = time.perf_counter()
         upper: list[float | None]
         if plan.method == "ais":
-            images = self.images(cfg)
-            if span.last >= len(images):
-                raise UserError(f"--ais-images {plan.num_images} exceeds the {len(images)} test images of run {span.run_id}")
-            x = binarize_by_id(torch.as_tensor(images[ids]), ids, plan.binarize_seed).to(self.device)
+            x = self._x(span, images, plan.binarize_seed, "--ais-images")
             fwd = ais_log_px(model, x, plan.config, ids)
             upper = [None] * len(ids)
         else:
             b = bdmc(model, len(ids), plan.config, ids)
             fwd, upper = b.forward, b.upper.tolist()
         per_image = (time.perf_counter() - t0) / len(ids)
-        c, flat = plan.config, cfg.flat()
+        c = plan.config
         common = {"method": plan.method, "ais_steps": c.steps, "ais_chains": c.chains, "ais_leapfrog": c.leapfrog, "ais_seed": c.seed}
         rows = [
             {

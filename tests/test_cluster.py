@@ -272,3 +272,50 @@ def test_a_node_joining_mid_evaluation_with_a_stale_cache_rebuilds_it_and_scores
     assert len(ev) == 2 * 1000 and not ev.duplicated(["run_id", "image_id"]).any()
     seen = Path(f"/proc/{node.pid}/root") / cluster.private.relative_to("/") / cached
     assert seen.read_bytes() == (mnist_dir / "mnist.npz").read_bytes(), "the joined node kept its stale cache (or never scored a range)"
+
+
+USER_VAE = '''
+"""A researcher's VAE, outside the project: its weights in a file beside it."""
+from pathlib import Path
+
+import torch
+from torch.distributions import Bernoulli, Independent
+
+from iwae.adapter import DistributionModel, gaussian_encoder
+
+enc, dec = torch.nn.Linear(784, 8), torch.nn.Linear(4, 784)
+
+
+def make_model():
+    state = torch.load(Path(__file__).with_name("weights.pt"))
+    enc.load_state_dict(state["enc"]), dec.load_state_dict(state["dec"])
+    m = DistributionModel(gaussian_encoder(lambda x: enc(x).chunk(2, -1)), lambda h: Independent(Bernoulli(logits=dec(h)), 1), 4)
+    m.enc, m.dec = enc, dec
+    return m
+'''
+
+
+def test_a_user_model_outside_the_project_is_scored_on_the_cluster(cluster, s3, s3_data):
+    """A user's module and its weights in a folder that no worker node can see (each mounts its own
+    empty tmpfs there): `score` ships the folder through Ray's runtime environment, the nodes import
+    it from there, every test image is scored once into S3, nothing lands on local disk, and a re-run
+    scores nothing."""
+    import torch
+
+    folder = cluster.private / "user-model"  # the driver sees it; the worker nodes see an empty folder of their own
+    folder.mkdir()
+    (folder / "user_vae.py").write_text(USER_VAE)
+    torch.manual_seed(5)
+    torch.save({"enc": torch.nn.Linear(784, 8).state_dict(), "dec": torch.nn.Linear(4, 784).state_dict()}, folder / "weights.pt")
+    cwd = driver_dir(cluster, "score-driver")
+    args = ["score", f"{folder}/user_vae.py:make_model", "--name", "theirs", "--test-images", 600, "--eval-k", 20]
+    r = cli(cluster, *args, "--results", s3.uri("scored"), "--data-dir", s3_data, cwd=cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "600 scored now" in r.stdout, r.stdout
+    rows = read_estimate(s3, "scored", "k20-seed123-block500")
+    assert len(rows) == 600 and sorted(rows.image_id) == list(range(600)) and rows.run_id.nunique() == 1
+    assert rows.run_id.iloc[0].startswith("theirs-") and rows.log_px.notna().all()
+    assert len(raw_rows(s3, "scored", "k20-seed123-block500")) == 600  # each image once in the files too
+    assert list(cwd.iterdir()) == []  # nothing local
+    r = cli(cluster, *args, "--results", s3.uri("scored"), "--data-dir", s3_data, cwd=cwd)
+    assert r.returncode == 0 and "0 scored now" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

@@ -217,3 +217,52 @@ def test_jobs_sharing_one_location_are_paired_only_within_their_cells(tmp_path, 
     ev = read_estimates(str(results), estimate=None)
     assert not ev.duplicated(["run_id", "estimate", "image_id"]).any()
     assert set(ev[ev.run_id.isin(runs[runs.train_subset == 400].run_id)].estimate) == {SMOKE, SMOKE + "-pruned"}
+
+
+DEMO_AS_A_USER_MODEL = '''
+"""The demo's IWAE as a researcher would bring it: its encoder and decoder as distributions."""
+import torch
+from torch.distributions import Bernoulli, Independent
+
+from iwae.adapter import DistributionModel, gaussian_encoder
+from iwae.state import model_from_checkpoint
+from pipeline.ledger import load_final
+from pipeline.results import Results
+
+RESULTS, RUN = {results!r}, {run!r}
+
+
+def make_model():
+    m, _ = model_from_checkpoint(load_final(Results.open(RESULTS, create=False), RUN), RUN, "cpu")
+    adapted = DistributionModel(gaussian_encoder(m.encoders[0]), lambda h: Independent(Bernoulli(logits=m.decoder_x(h)), 1), m.cfg.latent[0])
+    adapted.paper = m  # its weights: the key's digest
+    return adapted
+'''
+
+
+def test_the_demo_model_through_score_and_the_adapter_gives_evaluates_numbers(swept, tmp_path, mnist_dir):
+    """The demo's IWAE run, brought back as a user's model (encoder and decoder distributions through
+    the adapter) and scored by `score` on MNIST with the smoke estimate's k and block, gives the same
+    per-image numbers as `evaluate` gave the run (same images, binarisation and seeds); the report's
+    models table sets it beside the trained runs with a paired difference of zero."""
+    results, _ = swept
+    mine = tmp_path / "results"
+    shutil.copytree(results, mine)
+    runs = pd.read_parquet(mine / "tables" / "runs")
+    run = runs[runs.objective == "iwae"].run_id.iloc[0]
+    (tmp_path / "demo_model.py").write_text(DEMO_AS_A_USER_MODEL.format(results=str(mine), run=run))
+    r = cli("score", tmp_path / "demo_model.py:make_model", "--name", "demo-as-user", "--eval-k", 100, "--eval-block", 50, "--test-images", 20,
+            "--results", mine, "--data-dir", mnist_dir)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    ev = estimate(mine)
+    user = [i for i in ev.index.get_level_values(0).unique() if i.startswith("demo-as-user-")]
+    assert len(user) == 1
+    theirs, ours = ev.loc[user[0]], ev.loc[run]
+    assert len(theirs) == 20
+    for col in ("log_px", "l_1", "l_5", "l_50", "ess", "khat", "mcse", "log_px_jk"):
+        pd.testing.assert_series_equal(theirs[col], ours[col], atol=1e-4, rtol=0, check_names=False)
+    r = cli("report", "--results", mine, "--data-dir", mnist_dir)
+    assert r.exit_code == 0, r.output
+    iwae = runs[runs.objective == "iwae"].label.iloc[0]
+    pair = next(ln for ln in r.output.splitlines() if ln.startswith(f"| mnist | demo-as-user - {iwae} (trained here) |"))
+    assert "| 20 | 0.00 ± 0.00 |" in pair, pair

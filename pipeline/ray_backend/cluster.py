@@ -38,6 +38,8 @@ from pipeline.results import Results
 from pipeline.storage import Store
 
 ENV_ADDRESS = "RAY_ADDRESS"
+# what a user's model folder never uploads (Ray's runtime environment): environments, data, caches, secrets
+_EXCLUDES = [".venv", ".git", "**/__pycache__", "results", "*.env", ".env", ".aws", ".ssh", "*.pem", "*.key", "id_rsa*", "credentials*"]
 CONNECT_TIMEOUT_S = float(os.environ.get("IWAE_CONNECT_TIMEOUT", "30"))
 Notice = Callable[[str], None]
 
@@ -94,6 +96,7 @@ class Cluster:
     owned: bool  # this command started the Ray (the embedded one) and shuts it down
     capabilities: adapter.Capabilities
     local: bool = False  # the embedded Ray: no autoscaler, one node
+    shipped: bool = False  # the working_dir asked for reached every worker (Ray's runtime environment): their current folder
     checked: set[tuple[str, str]] = field(default_factory=set)  # (results location, node id) whose storage access was checked
     interrupted: threading.Event = field(default_factory=threading.Event)
     _types: list[NodeType] | None = None
@@ -288,7 +291,12 @@ class Cluster:
 
 
 def connect(
-    address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, timeout: float | None = None, notice: Notice | None = None
+    address: str | None = None,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    timeout: float | None = None,
+    notice: Notice | None = None,
+    working_dir: str | None = None,
 ) -> Cluster:
     """Start the embedded local Ray (no address) or connect to ``address``/``$RAY_ADDRESS``.
 
@@ -315,7 +323,11 @@ def connect(
     if caps.missing and notice is not None:
         notice(f"note: {caps.line()}")
     address = address or os.environ.get(ENV_ADDRESS) or None
+    runtime_env = {"working_dir": working_dir, "excludes": _EXCLUDES} if working_dir else None
     if ray.is_initialized():  # attached already (a test's session Ray): not ours to shut down
+        if runtime_env is not None and address is not None:
+            raise UserError("a user's model needs its own Ray connection (this process is attached to one already); run the command on its own")
+        # attached to a Ray on this machine (a notebook's, a test's): its workers read the folder from this disk, nothing is shipped
         return Cluster(ray.get_runtime_context().gcs_address, owned=False, capabilities=caps, local=address is None)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray's start-up lines (the token-auth notice on a loopback-only Ray, "Connecting to ...") are
@@ -332,10 +344,11 @@ def connect(
             object_store_memory=256 * 2**20,
             log_to_driver=False,
             configure_logging=False,
+            runtime_env=runtime_env,
         )
-        return Cluster(ray.get_runtime_context().gcs_address, owned=True, capabilities=caps, local=True)
+        return Cluster(ray.get_runtime_context().gcs_address, owned=True, capabilities=caps, local=True, shipped=runtime_env is not None)
     probe_address(address)
-    kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.ERROR}
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.ERROR, "runtime_env": runtime_env}
     if _is_loopback(address):
         adapter.driver_on_loopback()
         kwargs["_node_ip_address"] = "127.0.0.1"
@@ -360,7 +373,7 @@ def connect(
     err = outcome.get("error")
     if err is not None:
         raise UserError(f"cannot connect to Ray at {address} ({str(err).splitlines()[0][:120]}); check --address and RAY_AUTH_MODE") from None
-    return Cluster(ray.get_runtime_context().gcs_address, owned=True, capabilities=caps)
+    return Cluster(ray.get_runtime_context().gcs_address, owned=True, capabilities=caps, shipped=runtime_env is not None)
 
 
 # ---------------------------------------------------------------------------------------- on a node

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -96,6 +96,7 @@ class Loaded:
     bdmc: pd.DataFrame
     train: pd.DataFrame  # training history, one row per epoch
     notes: tuple[str, ...] = ()  # one-line notices (a cell holding two runs of one kind and seed)
+    models: pd.DataFrame = field(default_factory=pd.DataFrame)  # the models scored with `score` (their runs-table rows): the models table
 
     def values(self, run_id: str, estimate: str, table: str = "eval") -> pd.DataFrame:
         """One run's rows of one estimate, indexed by image id."""
@@ -173,6 +174,8 @@ def _units(a: object, b: object) -> str:
 def load(results: Results) -> Loaded:
     """Read the runs, their histories and every estimate once, and summarise each run."""
     runs = results.read("runs")
+    scored = runs.scored_model.notna() if "scored_model" in runs else pd.Series(False, index=runs.index)
+    models, runs = runs[scored].reset_index(drop=True), runs[~scored].reset_index(drop=True)
     ev, ev_train = estimates.read(results, "eval"), estimates.read(results, "eval_train")
     ais, bdmc = estimates.read(results, "ais"), estimates.read(results, "bdmc")
     train = results.read("train")
@@ -207,7 +210,7 @@ def load(results: Results) -> Loaded:
     summary["test_images"] = summary["test_images"].fillna(0).astype(int)
     summary["train_images"] = summary["train_images"].fillna(0).astype(int)
     summary = summary.sort_values(["dataset", "layers", "k", "objective", "estimator", "epochs", "seed", "run_id"]).reset_index(drop=True)
-    return Loaded(summary, ev, ev_train, ais, bdmc, train, tuple(_crowded(summary)))
+    return Loaded(summary, ev, ev_train, ais, bdmc, train, tuple(_crowded(summary)), models)
 
 
 def _crowded(summary: pd.DataFrame) -> list[str]:

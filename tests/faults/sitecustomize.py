@@ -69,11 +69,11 @@ def _patch_train(mod):
 def _patch_work(mod):
     original = mod.Scorer.score
 
-    def score(self, span):
+    def score(self, span, *args, **kwargs):
         import time
 
         time.sleep(float(setting("slow_score", 0) or 0))
-        return original(self, span)
+        return original(self, span, *args, **kwargs)
 
     mod.Scorer.score = score
 

@@ -1,0 +1,380 @@
+"""Score anyone's model: a researcher's latent-variable model, built by their own factory, through the
+same sharded k=5000, AIS and BDMC evaluation, retries, repair and tables as the project's models.
+
+``MODULE:FACTORY`` names a function of no arguments that returns the model (loading its own weights
+from a path or URI): a :class:`~iwae.latent.LatentModel`, for example an
+:class:`~iwae.adapter.DistributionModel` of an encoder and a decoder. MODULE is a module importable
+from the current folder (``mymodels.vae``) or a file (``path/to/vae.py``). The model is stored under
+its **key**: the name the user chooses plus a digest of its weights, so a changed model is never
+mixed with an old one. On a cluster the module's folder reaches every node through Ray's runtime
+environment (``working_dir``): no shared disk, no install.
+
+Data is the project's binarised MNIST (the same test images and binarisation as the Table 1
+evaluation, so a user's model and the paper's sit side by side), or the user's own array file
+(``.npy``, ``.npz`` with one array, or Parquet of equal-length vectors), scored as it is (binarised
+only with ``binarize``); its rows travel with each unit of work, so the nodes need no copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import math
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.datasource import DataSource
+from pipeline.errors import UserError
+from pipeline.estimates import AISPlan, EvalPlan, Span
+from pipeline.ledger import EstimateLedger
+from pipeline.results import AIS_SCHEMA, rows_table
+from pipeline.work import Scorer
+
+MNIST = "mnist"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A user's model as the work refers to it: the factory as the user named it, where it is found,
+    the name, and the digest of its weights.
+
+    ``target`` is the factory relative to ``root`` (``vae.py:make_model``, ``mymodels.vae:make_model``);
+    ``root`` is the folder it is imported from, or ``None`` where that folder reached the worker as
+    its working directory (Ray's runtime environment on a cluster)."""
+
+    factory: str  # MODULE:FACTORY, as given
+    name: str
+    digest: str
+    data: str  # what it scores (:func:`data_tag`): images of one kind share it, and only those are paired
+    target: str
+    root: str | None
+
+    @property
+    def key(self) -> str:
+        """The model's id in the results location (its run id): name, weights and data, so changed
+        weights are another model, and scores of other data are never mixed into its ranges."""
+        return f"{self.name}-{self.digest[:12]}-{self.data}"
+
+    def shipped(self) -> ModelRef:
+        """The same model, imported on the workers from their working directory (the folder shipped to them)."""
+        return replace(self, root=None)
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    module, sep, factory = spec.rpartition(":")
+    if not sep or not module or not factory.isidentifier():
+        raise UserError(f"{spec!r} is not MODULE:FACTORY; name a module (or a .py file) and a function in it, e.g. my_vae.py:make_model")
+    return module, factory
+
+
+def default_name(spec: str) -> str:
+    """A model's name when the user gives none: its module's (``my_vae`` for ``my_vae.py:make_model``)."""
+    module, _ = split_spec(spec)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(module).stem if _is_file(module) else module.rsplit(".", 1)[-1])[:64]
+
+
+def _is_file(module: str) -> bool:
+    return module.endswith(".py") or "/" in module
+
+
+def locate(spec: str) -> tuple[str, str]:
+    """``(root, target)``: the folder that holds the factory's module (or its top package), which is
+    what reaches the nodes, and the factory relative to it."""
+    module, factory = split_spec(spec)
+    if _is_file(module):
+        path = Path(module).expanduser().resolve()
+        if not path.is_file():
+            raise UserError(f"{path} does not exist; pass MODULE:FACTORY with a module importable from here or a .py file")
+        return str(path.parent), f"{path.name}:{factory}"
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        found = importlib.util.find_spec(module.split(".")[0])
+    except (ImportError, ValueError):
+        found = None
+    finally:
+        sys.path.pop(0)
+    if found is not None and found.origin is None and found.submodule_search_locations:  # a namespace package
+        return str(Path(next(iter(found.submodule_search_locations))).parent), spec
+    if found is None or found.origin is None or found.origin in ("built-in", "frozen"):
+        raise UserError(f"no module {module!r} here; pass MODULE:FACTORY with a module importable from {Path.cwd()} or a .py file")
+    origin = Path(found.origin)
+    return str(origin.parent.parent if origin.name == "__init__.py" else origin.parent), spec
+
+
+def load_factory(target: str, root: str | None = None) -> Any:
+    """The factory function of ``target`` (``MODULE:FACTORY``), imported from ``root`` (default: the
+    current folder, which is the shipped folder on a Ray worker)."""
+    module, name = split_spec(target)
+    where = Path(root) if root is not None else Path.cwd()
+    try:
+        if _is_file(module):
+            path = (where / Path(module).expanduser()).resolve()
+            mod_name = f"iwae_user_{path.stem}"
+            if getattr(sys.modules.get(mod_name), "__file__", None) != str(path):
+                loader = importlib.util.spec_from_file_location(mod_name, path)
+                if loader is None or loader.loader is None:
+                    raise UserError(f"cannot load {path} as a Python module")
+                mod = importlib.util.module_from_spec(loader)
+                sys.modules[mod_name] = mod
+                loader.loader.exec_module(mod)
+            mod = sys.modules[mod_name]
+        else:
+            sys.path.insert(0, str(where))  # a module beside the user, as `python -m` would find it
+            try:
+                mod = importlib.import_module(module)
+            finally:
+                sys.path.remove(str(where))
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001  # an import that fails in the user's code: one line
+        raise UserError(f"cannot import {module} ({type(e).__name__}: {_first(e)}); fix the module, or run from its folder") from None
+    factory = getattr(mod, name, None)
+    if not callable(factory):
+        raise UserError(f"{module} has no function {name}; name the factory that returns the model")
+    return factory
+
+
+def build(target: str, root: str | None, device: torch.device) -> tuple[Any, str]:
+    """Call the factory; the model (checked against the protocol) on ``device``, and its weights' digest."""
+    from iwae.latent import check
+
+    spec = target
+    try:
+        model = load_factory(target, root)()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001  # the factory raised: one line
+        raise UserError(f"{spec} raised {type(e).__name__}: {_first(e)}; fix the factory") from None
+    try:
+        model = check(model)
+    except TypeError as e:
+        raise UserError(f"{spec} returned {_first(e)}") from None
+    if isinstance(model, torch.nn.Module):
+        model = model.to(device)
+    return model, digest(model)
+
+
+def digest(model: Any) -> str:
+    """A sha256 of the model's weights (its ``state_dict``: names, dtypes, shapes and bytes), or of
+    its class's qualified name when it has none."""
+    h = hashlib.sha256()
+    state = model.state_dict() if callable(getattr(model, "state_dict", None)) else {}
+    if not state:
+        h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_array(path: str) -> np.ndarray:
+    """A user's data file as ``(N, X)`` float32: ``.npy``, ``.npz`` with one array, or Parquet."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{p} does not exist; pass --data mnist or an .npy, .npz or .parquet file of vectors")
+    try:
+        if p.suffix == ".npy":
+            a = np.load(p, allow_pickle=False)
+        elif p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                if len(z.files) != 1:
+                    raise UserError(f"{p} holds {len(z.files)} arrays ({', '.join(z.files)}); save the one to score alone")
+                a = z[z.files[0]]
+        elif p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(p)
+            a = np.stack([np.asarray(v, dtype=np.float32) for v in t.column(0).to_pylist()]) if t.num_columns == 1 else t.to_pandas().to_numpy()
+        else:
+            raise UserError(f"{p}: unknown data file; use .npy, .npz (one array) or .parquet (a column of vectors, or one column per feature)")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001  # a damaged or foreign file: one line
+        raise UserError(f"{p} does not read as an array ({type(e).__name__}: {_first(e)})") from None
+    if a.ndim != 2 or not np.issubdtype(a.dtype, np.number):
+        raise UserError(f"{p} holds an array of shape {a.shape} ({a.dtype}); the data must be vectors, shape (N, X)")
+    return a.astype(np.float32)
+
+
+def probe(model: Any, x: torch.Tensor) -> None:
+    """A few images through the model: one line naming the expected shape or dtype when its outputs
+    do not fit (x ``(B, X)``, latents ``[(K, B, D)]``, log q and log p(x, h) ``(K, B)``, floating)."""
+    b = x.shape[0]
+    gens = [torch.Generator().manual_seed(i) for i in range(b)]
+    try:
+        prop = model.propose(x, 3, gens)
+        h, log_q = prop.h, prop.log_q
+        joint = model.log_joint(x, h)
+    except Exception as e:  # noqa: BLE001  # the user's code raised on data of this width: one line
+        why = f"{type(e).__name__}: {_first(e)}"
+        raise UserError(f"the model raised on data of width {x.shape[1]} ({why}); check the data's width against the model's") from None
+    if not isinstance(h, (list, tuple)) or not all(isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[:2]) == (3, b) for t in h):
+        got = [tuple(t.shape) for t in h] if isinstance(h, (list, tuple)) else type(h).__name__
+        raise UserError(f"the model's propose(x, k=3, ...) returned latents {got}; expected a list of tensors of shape (K, B, D) = (3, {b}, D)")
+    for what, t in (("log q(h|x)", log_q), ("log p(x, h)", joint)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (3, b) or not t.is_floating_point():
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise UserError(f"the model's {what} is {got}; expected a floating tensor of shape (K, B) = (3, {b})")
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------- scoring
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(name: str) -> str:
+    if not NAME.fullmatch(name):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (at most 64, a letter or digit first)")
+    return name
+
+
+def data_tag(data_spec: str, binarize: bool, array: np.ndarray | None) -> str:
+    """What a model scores, as a name: ``mnist`` (the binarised test images of Table 1's evaluation),
+    ``mnist-grey``, or a user's file by its stem and the digest of its values (``-bin`` binarised)."""
+    if array is None:
+        return MNIST if binarize else f"{MNIST}-grey"
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(data_spec).stem)[:32] or "data"
+    return f"file-{stem}-{hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:8]}" + ("-bin" if binarize else "")
+
+
+def row_fields(ref: ModelRef) -> dict[str, Any]:
+    """The config columns of a user model's rows."""
+    return {"run_id": ref.key, "dataset": ref.data}
+
+
+class UserScorer(Scorer):
+    """Scores ranges of images with a user's model: the model comes from its factory (built once per
+    worker process and checked against the digest the command scored), the images from MNIST on the
+    node or from the unit of work itself. The scoring is :class:`pipeline.work.Scorer`'s."""
+
+    def __init__(self, ledger: EstimateLedger, data: DataSource, ref: ModelRef, binarize: bool):
+        super().__init__(ledger, data)
+        self.ref, self.binarize = ref, binarize
+        self._user: Any = None
+
+    def model(self, run_id: str) -> tuple[Any, dict[str, Any]]:
+        if self._user is None:
+            model, got = build(self.ref.target, self.ref.root, self.device)
+            if got != self.ref.digest:
+                raise UserError(
+                    f"{self.ref.factory} returns other weights here (digest {got[:12]}, scored {self.ref.digest[:12]}); make the factory load"
+                    " the same weights on every node (a URI, or a file in the module's folder, which travels with it)"
+                )
+            self._user = model
+        return self._user, row_fields(self.ref)
+
+    def images(self, run_id: str) -> np.ndarray:
+        return np.asarray(self.data.load(MNIST).test)
+
+    def score(self, span: Span, images: np.ndarray | None = None) -> pa.Table:
+        """The range's rows, as :class:`~pipeline.work.Scorer` scores them; where the model raises or
+        gives a non-finite log density for some images, those images are scored one at a time (each
+        image is seeded by its id, so the others' numbers are the same) and the failing ones keep
+        NaN rows: named by the command, left out of every mean, the rest scored. Only the model's own
+        computation is caught so: a model that does not build or images that do not load fail the range."""
+        self.model(span.run_id)
+        if images is None and self.plan.images == "test" and not (isinstance(self.plan, AISPlan) and self.plan.method == "bdmc"):
+            self.images(span.run_id)
+        try:
+            table = super().score(span, images)
+            if _finite(table):
+                return table
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001  # the model raised on this range: find the images it raises on
+            if span.first == span.last:
+                return self._failed(span)  # one image (the command names it, with what the model raises on it)
+        parts, raised = [], []
+        for j, i in enumerate(span.ids.tolist()):
+            one = Span(span.run_id, i, i)
+            try:
+                parts.append(super().score(one, None if images is None else images[j : j + 1]))
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001  # this image: a NaN row, named by the command
+                parts.append(self._failed(one))
+                raised.append(e)
+        if len(raised) == len(parts) and len(parts) > 1:  # not an image's trouble: the model (or its set-up here) fails on all
+            e = raised[0]
+            raise RuntimeError(f"{self.ref.factory} raised on every image of {span} ({type(e).__name__}: {_first(e)})") from e
+        return pa.concat_tables(parts)
+
+    def _failed(self, span: Span) -> pa.Table:
+        """NaN rows for images the model fails on."""
+        _, flat = self.model(span.run_id)
+        if isinstance(self.plan, EvalPlan):
+            return self._rows(span, flat, None)
+        c = self.plan.config
+        rows = [
+            {**flat, "method": self.plan.method, "ais_steps": c.steps, "ais_chains": c.chains, "ais_leapfrog": c.leapfrog, "ais_seed": c.seed,
+             "eval_seed": self.plan.binarize_seed if self.plan.method == "ais" else None, "image_id": int(i), "log_px_ais": math.nan,
+             "log_px_upper": math.nan if self.plan.method == "bdmc" else None, "accept": math.nan, "ess": math.nan, "seconds": math.nan}
+            for i in span.ids.tolist()
+        ]  # fmt: skip
+        return rows_table(rows, AIS_SCHEMA)
+
+
+def _bad(table: pa.Table) -> np.ndarray:
+    """The image ids of a scored table without a finite log p(x) (or a finite BDMC upper bound)."""
+    cols = ["log_px"] if "log_px" in table.column_names else ["log_px_ais"]
+    if "log_px_upper" in table.column_names and table.column("log_px_upper").null_count < table.num_rows:
+        cols.append("log_px_upper")
+    ok = np.ones(table.num_rows, dtype=bool)
+    for c in cols:
+        ok &= np.isfinite(np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=float))
+    return np.asarray(table.column("image_id").to_numpy())[~ok]
+
+
+def _finite(table: pa.Table) -> bool:
+    return len(_bad(table)) == 0
+
+
+def failed_images(results: Any, plan: Any, key: str) -> list[int]:
+    """The images of a user model's estimate that it failed on (NaN rows, see :meth:`UserScorer.score`)."""
+    from pipeline.estimates import dir_key
+
+    bad: set[int] = set()
+    for name in results.store.list(dir_key(plan, key), ".parquet"):
+        bad.update(int(i) for i in _bad(results.read_file(name, plan.table)))
+    return sorted(bad)
+
+
+def why_failed(model: Any, x: torch.Tensor, image_id: int) -> str:
+    """Why the model fails on one image, in a few words: the error it raises, or the figure it gives."""
+    gen = [torch.Generator().manual_seed(image_id)]
+    try:
+        with torch.no_grad():
+            prop = model.propose(x, 4, gen)
+            joint = model.log_joint(x, prop.h)
+    except Exception as e:  # noqa: BLE001  # the user's model raised: its message
+        return f"{type(e).__name__}: {_first(e)[:120]}"
+    lw = joint - prop.log_q
+    return f"log p(x, h) - log q(h|x) = {float(lw.flatten()[0]):g}"
+
+
+_USER_SCORERS: dict[tuple[Any, ...], Any] = {}
+
+
+def score_user_range(ledger: Any, data: Any, ref: ModelRef, binarize: bool, span: Any, images: np.ndarray | None) -> Any:
+    """A unit of the executor: one range of images scored with a user's model (``images``: the range's
+    own rows of a user's data file; None: MNIST's test images on the node)."""
+    key = (ledger.results.location, ledger.plan, ref, binarize)
+    if key not in _USER_SCORERS:
+        _USER_SCORERS.clear()
+        _USER_SCORERS[key] = UserScorer(ledger, data, ref, binarize)
+    return _USER_SCORERS[key].score(span, images)
