@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import adam as torch_adam
 
 from iwae import checkpoint
@@ -118,19 +118,6 @@ class FlatAdam:
             )
 
 
-class _Surrogate(nn.Module):
-    """A run's (bound, surrogate) for given noise, for estimators whose gradient is not autograd of
-    the bound (:func:`iwae.estimators.bound_and_surrogate`): what a pack of one calls through
-    ``torch.func.functional_call`` with the member's views of the flat buffer."""
-
-    def __init__(self, model: IWAEModel, objective: Any, estimator: str):
-        super().__init__()
-        self.model, self.objective, self.estimator = model, objective, estimator
-
-    def forward(self, x: Tensor, eps: list[Tensor]) -> tuple[Tensor, Tensor]:
-        return bound_and_surrogate(self.model, x, self.objective, self.estimator, eps=eps)
-
-
 class Pack:
     """G unfinished :class:`~iwae.state.TrainState` s trained as one; see the module docstring.
 
@@ -147,12 +134,27 @@ class Pack:
         self.G, dev, dt = len(states), x_train.device, x_train.dtype
         self.objectives = [s.cfg.objective for s in states]
         self.fast = uses_fast_path(cfg.objective, cfg.estimator.value)
+        self.estimator = cfg.estimator.value
         self.summed = cfg.schedule.authors_code  # the authors' code sums the minibatch gradient
         named = [dict(s.model.named_parameters()) for s in states]
         self.names = list(named[0])
         self.shapes = [tuple(named[0][n].shape) for n in self.names]
         self.sizes = [math.prod(sh) for sh in self.shapes]
-        self.flat = torch.stack([torch.cat([m[n].detach().reshape(-1) for n in self.names]) for m in named]).requires_grad_()  # (G, P)
+        self.flat = torch.stack([torch.cat([m[n].detach().reshape(-1) for n in self.names]) for m in named])  # (G, P)
+        self.solo: IWAEModel | None = None
+        if self.G == 1:
+            # a run alone: its own module, called directly, its parameters and their gradients views
+            # of the pack's rows (``p.data``, ``p.grad``); backward accumulates into the gradient row in
+            # place, so the step has no split, select or functional_call and no copy into a flat grad
+            self.grad = torch.zeros_like(self.flat)  # (1, P)
+            with torch.no_grad():
+                for n, sh, v, gv in zip(self.names, self.shapes, torch.split(self.flat[0], self.sizes), torch.split(self.grad[0], self.sizes)):
+                    p = named[0][n]
+                    p.data = v.view(sh)
+                    p.grad = gv.view(sh)
+            self.solo = states[0].model
+        else:
+            self.flat.requires_grad_()  # vmap over the members' views of the rows; autograd fills flat.grad
         moments = []
         for key in ("exp_avg", "exp_avg_sq"):
             rows = []
@@ -167,10 +169,9 @@ class Pack:
         self.adam = FlatAdam(moments[0], moments[1], steps, tuple(group["betas"]), float(group["eps"]))
         self.template = copy.deepcopy(states[0].model).to("meta")  # the code of the model; weights come from the pack
         self._log_w = torch.func.vmap(self._member_log_w)
-        self._surrogate = _Surrogate(self.template, cfg.objective, cfg.estimator.value)
-        self._bound: Any = self._fast_bound
+        self._bound: Any = self._solo_bound
         if compile_step and self.fast and self.G == 1:
-            self._bound = torch.compile(self._fast_bound, dynamic=False)
+            self._bound = torch.compile(self._solo_bound, dynamic=False)
         bs, k = cfg.schedule.batch_size, cfg.objective.num_samples
         # static inputs of one step (a CUDA graph reads them from fixed addresses)
         self.idx = torch.zeros((self.G, bs), dtype=torch.long, device=dev)
@@ -216,36 +217,36 @@ class Pack:
     def _member_log_w(self, params: dict[str, Tensor], x: Tensor, eps: list[Tensor]) -> Tensor:
         return torch.func.functional_call(self.template, params, (x, eps))  # (B, X) -> (K, B)
 
-    def _fast_bound(self, params: dict[str, Tensor], x: Tensor, eps: list[Tensor]) -> Tensor:
-        """One run's per-example bound ``(B,)``: autograd of it is the standard estimator."""
-        return self.objectives[0].bound(self._member_log_w(params, x, eps))
+    def _solo_bound(self, x: Tensor, eps: list[Tensor]) -> Tensor:
+        """A run alone: its per-example bound ``(B,)``; autograd of it is the standard estimator."""
+        assert self.solo is not None
+        return self.objectives[0].bound(self.solo(x, eps))
 
     def _step(self) -> None:
         """Everything of one step after the random draws: no host reads (graph-capturable)."""
         x = (self.u < self.x_train[self.idx]).to(self.u.dtype)  # (G, B, X): dynamic binarisation, as iwae.data.binarize
-        params = self.params()
-        if self.G == 1:  # a run alone: the model called directly, with any estimator
-            one = {n: p[0] for n, p in params.items()}
+        if self.solo is not None:  # a run alone: its model called directly, with any estimator
+            self.grad.zero_()
             eps = [e[0] for e in self.eps]
             if self.fast:
                 try:
-                    b = self._bound(one, x[0], eps)  # (B,)
+                    b = self._bound(x[0], eps)  # (B,)
                 except Exception as e:  # a compiler missing on this machine must not stop training
-                    if self._bound == self._fast_bound:
+                    if self._bound == self._solo_bound:
                         raise
                     warnings.warn(f"torch.compile failed ({type(e).__name__}); training eagerly", stacklevel=2)
-                    self._bound = self._fast_bound
-                    b = self._bound(one, x[0], eps)
+                    self._bound = self._solo_bound
+                    b = self._bound(x[0], eps)
                 bound = surrogate = b[None]  # (1, B)
             else:
-                b, s = torch.func.functional_call(self._surrogate, {f"model.{n}": p for n, p in one.items()}, (x[0], eps))
+                b, s = bound_and_surrogate(self.solo, x[0], self.objectives[0], self.estimator, eps=eps)
                 bound, surrogate = b[None], s[None]  # (1, B)
         else:
-            log_w = self._log_w(params, x, self.eps)  # (G, K, B)
+            log_w = self._log_w(self.params(), x, self.eps)  # (G, K, B)
             bound = surrogate = torch.stack([obj.bound(log_w[g]) for g, obj in enumerate(self.objectives)])  # (G, B)
         per = surrogate.sum(1) if self.summed else surrogate.mean(1)  # (G,): each member's own loss is -per[g]
         (-per).sum().backward()  # members share no parameter: each gets the gradient of its own loss
-        grad = self.flat.grad  # (G, P)
+        grad = self.grad if self.solo is not None else self.flat.grad  # (G, P)
         assert grad is not None
         gnorm = grad.square().sum(1).sqrt()  # (G,)
         ok = torch.isfinite(gnorm) & torch.isfinite(per)
@@ -364,8 +365,9 @@ class Pack:
                     "exp_avg": a.view(p.shape).clone(),
                     "exp_avg_sq": b.view(p.shape).clone(),
                 }
-            for n, view in self.params().items():
-                named[n].copy_(view[g])
+            if self.solo is None:  # a run alone's parameters are the buffer already
+                for n, view in self.params().items():
+                    named[n].copy_(view[g])
             for group in s.opt.param_groups:
                 group["lr"] = lrs[g]
 

@@ -14,7 +14,10 @@ repeats, medians reported. Figures:
   16 k-sample runs, and on a GPU the step replayed as a CUDA graph against the eager one. Packs are
   timed after a few hundred training steps, not from a fresh model: a fresh model hides the
   subnormal floats that training produces; the CPU figures include the step with and without
-  flushing them.
+  flushing them;
+- the operators one training step runs (:func:`step_operators`): every aten operator that reaches
+  the dispatcher during one eager step of a pack of one and of two (k=50), counted by a dispatch
+  mode, the number a GPU launches as kernels before fusion.
 """
 
 from __future__ import annotations
@@ -95,6 +98,49 @@ def train_throughput(
     return pack.examples_per_s(steps, repeats)
 
 
+def step_operators(x: torch.Tensor, size: int = 1, k: int = 50, warm: int = 3) -> dict[str, Any]:
+    """The aten operators of one eager training step (forward, backward, Adam, the draws) of a pack of
+    ``size`` k-sample runs on the CPU, as a dispatch mode sees them: ``total``, ``views``, and the ten
+    most frequent ``(name, count)``. The count does not depend on the device; on a GPU each one is
+    (at least) one kernel launch unless fused."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: Counter[str] = Counter()
+    views = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            counts[func.overloadpacket.__name__] += 1
+            views[0] += bool(getattr(func, "is_view", False))
+            return func(*args, **(kwargs or {}))
+
+    pack = Pack.fresh([RunConfig(model=ModelConfig.paper(1), objective=IWAE(k=k), seed=s) for s in range(size)], x[:2000].cpu(), graph=False)
+    orders = pack.epoch_orders()
+    pack.run_steps(orders, 0, warm)
+    with Count():
+        pack.run_steps(orders, warm, 1)
+    return {"total": sum(counts.values()), "views": views[0], "top": counts.most_common(10)}
+
+
+def graph_kernels(model_cfg: ModelConfig, k: int, size: int, x: torch.Tensor, dev: torch.device) -> int:
+    """The GPU kernels one replayed training step launches, the random draws outside the graph
+    included (torch.profiler's CUDA activity); -1 where the profiler cannot say."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        pack = warm_pack(model_cfg, k, size, x, dev, True, 3)
+        orders = pack.epoch_orders()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            pack.run_steps(orders, 3, 1)
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception:  # noqa: BLE001  # a profiler without CUDA support (CUPTI): the figure is missing, the window goes on
+        return -1
+
+
 def warm_pack(model_cfg: ModelConfig, k: int, size: int, x: torch.Tensor, dev: torch.device, graph: bool, warm_steps: int) -> Pack:
     """A pack of ``size`` k-sample IWAE runs (seeds 0..size-1) on ``x``, trained ``warm_steps`` steps."""
     pack = Pack.fresh([RunConfig(model=model_cfg, objective=IWAE(k=k), seed=s) for s in range(size)], x.to(dev), graph=graph)
@@ -114,6 +160,16 @@ def bench_packing(
     base_steps = 10 if quick else (400 if cuda else 60)
     repeats = 2 if quick else 3
     torch.set_flush_denormal(True)
+    for g in (1, 2):
+        ops = step_operators(x, g, k)
+        fig[f"step_ops_k{k}_G{g}"], fig[f"step_views_k{k}_G{g}"] = ops["total"], ops["views"]
+        top = ", ".join(f"{n} {c}" for n, c in ops["top"][:6])
+        line = f"operators in one eager training step, 1-layer k={k}, pack of {g}: {ops['total']} ({ops['views']} views; {top})"
+        if cuda:
+            kernels = graph_kernels(mcfg, k, g, x, dev)
+            fig[f"graph_kernels_k{k}_G{g}"] = kernels
+            line += f"; GPU kernels in one graphed step: {kernels}"
+        echo(line)
     echo(f"packed training, 1-layer k={k}, examples/s at batch 20 per member (after {warm} warm-up steps):")
     for g in sizes:
         steps = max(5, base_steps // (1 if cuda else g))

@@ -310,8 +310,8 @@ class UserScorer(Scorer):
                 parts.append(self._failed(one))
                 raised.append(e)
         if len(raised) == len(parts) and len(parts) > 1:  # not an image's trouble: the model (or its set-up here) fails on all
-            e = raised[0]
-            raise RuntimeError(f"{self.ref.factory} raised on every image of {span} ({type(e).__name__}: {_first(e)})") from e
+            first = raised[0]
+            raise RuntimeError(f"{self.ref.factory} raised on every image of {span} ({type(first).__name__}: {_first(first)})") from first
         return pa.concat_tables(parts)
 
     def _failed(self, span: Span) -> pa.Table:
