@@ -449,14 +449,7 @@ def evaluate(
         {"--bdmc-images": bdmc_images},
     )
     j = _job(job, size, stages, epoch_scale, where)
-    ais = None
-    if method != Method.is_:
-        from iwae.ais import AISConfig
-        from pipeline.estimates import AISPlan
-
-        cfg = AISConfig(steps=ais_steps or 500, chains=ais_chains or 16, leapfrog=ais_leapfrog or 10)
-        n = (ais_images or 100) if method == Method.ais else (bdmc_images or 50)
-        ais = AISPlan(cfg, n, method.value, j.eval.seed)
+    ais = _ais_plan(method, ais_images, bdmc_images, ais_steps, ais_chains, ais_leapfrog, j.eval.seed) if method != Method.is_ else None
     data = _data(data_dir)
     res = _results(results, create=False)  # never creates: it may be read before the cluster answers
     ledger = driver.survey_runs(res, j.runs, notice=lambda m: typer.echo(m, err=True))
@@ -560,11 +553,8 @@ def score(
         n = test_images or len(pool)
         plan: Any = EvalPlan(ec, num_images=n)
     else:
-        from iwae.ais import AISConfig
-        from pipeline.estimates import AISPlan
-
-        n = (ais_images or 100) if method == Method.ais else (bdmc_images or 50)
-        plan = AISPlan(AISConfig(steps=ais_steps or 500, chains=ais_chains or 16, leapfrog=ais_leapfrog or 10), n, method.value, ec.seed)
+        plan = _ais_plan(method, ais_images, bdmc_images, ais_steps, ais_chains, ais_leapfrog, ec.seed)
+        n = plan.num_images
     if method != Method.bdmc and n > len(pool):
         raise UserError(f"{data_spec} has {len(pool)} images; ask for at most that many (--test-images / --ais-images)")
     model, digest = um.build(target, root, _cpu())
@@ -642,6 +632,16 @@ def _score_summary(res: Any, plan: Any, ref: Any, likelihood: str, written: int)
             f" and {-lp.mean():.2f} nats, gap {gap.mean():.2f} ± {se(gap):.2f} {where}"
         )
     return f"{ref.name} ({ref.key}) {plan.table} {plan.estimate}: {kind} {-lp.mean():.2f} ± {se(lp):.2f} nats on {len(lp)} images {where}"
+
+
+def _ais_plan(method: Method, images: int | None, bdmc_images: int | None, steps: int | None, chains: int | None, leapfrog: int | None, seed: int) -> Any:
+    """AIS (``--method ais``) or BDMC (``bdmc``) as the options ask, with the defaults every command
+    shares: T=500, 16 chains, 10 leapfrog steps, 100 test images or 50 simulated ones."""
+    from iwae.ais import AISConfig
+    from pipeline.estimates import AISPlan
+
+    n = (images or 100) if method == Method.ais else (bdmc_images or 50)
+    return AISPlan(AISConfig(steps=steps or 500, chains=chains or 16, leapfrog=leapfrog or 10), n, method.value, seed)
 
 
 def _refuse_ignored(method: Method, is_only: dict[str, Any], ais_bdmc: dict[str, Any], bdmc_only: dict[str, Any]) -> None:

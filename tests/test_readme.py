@@ -45,3 +45,93 @@ def test_pandas_snippet_runs_on_the_demo_results(mnist_dir, tmp_path):
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert len(scope["t"]) == 2 and scope["t"]["nll"].notna().all()
+
+
+def blocks() -> list[tuple[str, str]]:
+    """Every fenced block of the README: (its language, its text)."""
+    return re.findall(r"```(\w*)\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+# each README block, by its first line, and the test that runs or checks it
+COVERED = {
+    "make demo": "test_make_targets_exist",
+    "import torch, iwae": "test_notebook_snippet_runs",
+    "iwae-pipeline data fetch mnist": "test_every_command_line_parses",
+    "# my_vae.py: a VAE trained elsewhere": "test_the_user_vae_and_its_notebook_scoring_run",
+    "import torch": "test_the_user_vae_and_its_notebook_scoring_run",
+    "import pandas as pd": "test_pandas_snippet_runs_on_the_demo_results",
+    "from pipeline.estimates import read_estimates": "tests/test_cluster.py::test_readme_pandas_snippet_reads_results_from_s3",
+}
+
+
+def test_every_block_has_a_test():
+    """A block added to the README without a test that runs it fails here."""
+    firsts = [text.splitlines()[0] for _, text in blocks()]
+    missing = [f for f in firsts if not any(f.startswith(k) for k in COVERED)]
+    assert not missing, f"README blocks with no test: {missing}"
+    assert len(firsts) == len(COVERED), firsts
+
+
+def test_make_targets_exist():
+    """The two commands at the top are targets of the Makefile."""
+    (make,) = [t for _, t in blocks() if t.startswith("make demo")]
+    targets = re.findall(r"^([a-z-]+):", (ROOT / "Makefile").read_text(), re.M)
+    for line in make.splitlines():
+        assert line.split()[1] in targets, line
+
+
+def test_every_command_line_parses():
+    """Each `iwae-pipeline ...` line of the command-line block names a command and options that exist,
+    with values they accept (click parses it as the CLI would, without running it)."""
+    import shlex
+
+    import typer
+
+    from pipeline.cli import app
+
+    (cli_block,) = [t for _, t in blocks() if t.startswith("iwae-pipeline data fetch mnist")]
+    group = typer.main.get_command(app)
+    lines = [ln.split("  #")[0].strip() for ln in cli_block.splitlines() if ln.strip()]
+    assert len(lines) >= 15 and all(ln.startswith("iwae-pipeline ") for ln in lines)
+    for line in lines:
+        args = shlex.split(line)[1:]
+        cmd = group
+        while hasattr(cmd, "commands"):  # a group (`data`): descend to the command
+            name, args = args[0], args[1:]
+            assert name in cmd.commands, f"{line}: no command {name}"
+            cmd = cmd.commands[name]
+        try:
+            cmd.make_context(cmd.name, list(args))  # typer's own click: its errors are TyperExceptions
+        except typer.TyperException as e:
+            pytest.fail(f"{line}: {e.format_message() if hasattr(e, 'format_message') else e}")
+    bad = group.commands["evaluate"]
+    with pytest.raises(typer.TyperException):  # the check can fail: an option evaluate does not have
+        bad.make_context("evaluate", ["paper_table1", "--steps", "3"])
+
+
+def test_the_user_vae_and_its_notebook_scoring_run(mnist_dir, tmp_path, monkeypatch):
+    """'Score anyone's model': the user's VAE module as written (its weights saved beside it), and the
+    notebook form that scores it without Ray (8 images at k=50 here)."""
+    text = (ROOT / "README.md").read_text()
+    module = re.search(r"<!-- user-vae -->\s*```python\n(.*?)```", text, re.S).group(1)
+    notebook = re.search(r"<!-- notebook-score -->\s*```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "my_vae.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    import torch
+
+    mod = importlib.import_module("my_vae")
+    state = {f"enc.{k}": v for k, v in mod.enc.state_dict().items()} | {f"dec.{k}": v for k, v in mod.dec.state_dict().items()}
+    torch.save(state, tmp_path / "my_vae.pt")
+    assert 'load_mnist("data")' in notebook and "k=5000" in notebook and "[:500]" in notebook and "range(500)" in notebook
+    code = notebook.replace('load_mnist("data")', f"load_mnist({str(mnist_dir)!r})").replace("k=5000", "k=50")
+    code = code.replace("[:500]", "[:8]").replace("range(500)", "range(8)")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["est"].log_px.shape == (8,) and torch.isfinite(scope["est"].log_px).all()
+
+
+def test_the_readme_picture_is_there():
+    for path in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (ROOT / "README.md").read_text()):
+        assert (ROOT / path).is_file(), path

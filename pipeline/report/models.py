@@ -154,7 +154,7 @@ def models_table(loaded: Loaded) -> str | None:
             ]
         )
     head = [
-        "model", "weights", "data", "estimate", "images", "NLL by L_k", "AIS images", "L_k there", "NLL by AIS", "AIS - L_k", "jackknife - L_k",
+        "model", "id", "data", "estimate", "images", "NLL by L_k", "AIS images", "L_k there", "NLL by AIS", "AIS - L_k", "jackknife - L_k",
         "median ESS", "k-hat > 0.7", "MC s.e.", "BDMC gap", "failed images",
     ]  # fmt: skip
     return markdown(head, rows)
