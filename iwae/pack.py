@@ -326,6 +326,7 @@ class Pack:
         self.run_steps(orders, 0, steps)
         skipped, bound_sum, gnorm_sum = (t.tolist() for t in (self.skipped, self.bound_sum, self.gnorm_sum))  # one host sync per epoch
         dt = time.perf_counter() - t0
+        self._check_views()
         self._write_back()
         out: list[dict[str, Any] | NonFiniteError] = []
         for g, s in enumerate(self.states):
@@ -350,6 +351,17 @@ class Pack:
             s.history.append(row)
             out.append(row)
         return out
+
+    def _check_views(self) -> None:
+        """A run alone: its parameters and gradients must still be views of the pack's rows. Anything
+        that set ``p.grad = None`` (an ``optimizer.zero_grad()``) would leave the gradient row at zero
+        and Adam stepping on nothing: stop in one line instead."""
+        if self.solo is None:
+            return
+        rows = (self.flat.untyped_storage().data_ptr(), self.grad.untyped_storage().data_ptr())
+        for n, p in self.solo.named_parameters():
+            if p.grad is None or (p.untyped_storage().data_ptr(), p.grad.untyped_storage().data_ptr()) != rows:
+                raise RuntimeError(f"parameter {n} of the run no longer views the pack's buffers (was its .grad reset?); training cannot go on")
 
     @torch.no_grad()
     def _write_back(self) -> None:

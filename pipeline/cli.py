@@ -564,6 +564,8 @@ def score(
     um.probe(model, probe_x)
     ref = um.ModelRef(factory, name, digest, um.data_tag(data_spec, binarize, array), target, root)
     likelihood = "density" if getattr(model, "continuous", False) else "probability"
+    if not driver.on_local_ray(address):
+        um.check_folder(root)  # shipped to the nodes
     res = _results(results)
     say = lambda m: typer.echo(m, err=True)  # noqa: E731
     with driver.ray_session(address, notice=say, working_dir=root) as cluster:
@@ -615,11 +617,10 @@ def _score_summary(res: Any, plan: Any, ref: Any, likelihood: str, written: int)
     """One line: the model's mean NLL on the images scored, with its standard error."""
     import numpy as np
 
-    from pipeline.estimates import read
     from pipeline.report.stats import se
+    from pipeline.user_models import model_rows
 
-    df = read(res, plan.table)
-    df = df[(df.run_id == ref.key) & (df.estimate == plan.estimate) & (df.image_id < plan.num_images)]
+    df = model_rows(res, plan, ref.key).to_pandas()
     col = "log_px" if plan.table == "eval" else "log_px_ais"
     ok = df[np.isfinite(df[col].astype(float))]
     lp = ok[col]

@@ -162,7 +162,11 @@ class Training:
         if self.held and time.monotonic() - self.last_look > 5.0:
             self.last_look = time.monotonic()
             for rid in list(self.held):
-                if run_state(self.results, rid).state == RunState.done:  # the other command finished it
+                try:
+                    state = run_state(self.results, rid).state
+                except OSError:
+                    continue  # a store blip: looked at again with the others
+                if state == RunState.done:  # the other command finished it
                     del self.held[rid]
                     self.by_others.append(rid)
                     self.bar.update(1)
@@ -173,7 +177,12 @@ class Training:
         for members in candidates:
             got, leases = [], []
             for c in members:
-                lease = self.leases.acquire(c.run_id)
+                try:
+                    lease = self.leases.acquire(c.run_id)
+                except OSError as e:  # the store did not answer (a blip, a raced conditional PUT): look again in a few seconds
+                    self.held[c.run_id] = c
+                    self.echo(f"run {c.run_id}: its lease could not be read or written ({type(e).__name__}: {str(e)[:120]}); trying again")
+                    continue
                 if isinstance(lease, Held):
                     self.held[c.run_id] = c
                     if c.run_id not in self.told:
@@ -239,7 +248,11 @@ class Training:
                         pass
         if now - self.last_show > 10.0 and self.inflight:
             self.last_show = now
-            epochs = [self.leases.epoch(lease.run_id) or 0 for leases in self.inflight.values() for lease in leases]
+            shown = [lease for leases in self.inflight.values() for lease in leases][:8]  # a progress hint: a few reads, not one per run
+            try:
+                epochs = [self.leases.epoch(lease.run_id) or 0 for lease in shown]
+            except OSError:
+                return  # a store blip: the hint waits for the next tick
             self.bar.set_postfix_str(f"epochs reached: {', '.join(map(str, epochs))}"[:60])
 
 

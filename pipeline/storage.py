@@ -116,7 +116,7 @@ def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
         return False
     except OSError as e:  # s3fs's translation of the server's error; its botocore error is the cause
         code = (getattr(e.__cause__, "response", None) or {}).get("Error", {}).get("Code")
-        if code in ("PreconditionFailed", "412"):  # a server that names no Condition
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):  # another writer's object, or its PUT racing ours
             return False
         if code in ("NotImplemented", "501") or e.errno == errno.ENOSYS:  # no conditional writes here
             return None

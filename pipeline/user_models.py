@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -109,11 +110,39 @@ def locate(spec: str) -> tuple[str, str]:
     return str(origin.parent.parent if origin.name == "__init__.py" else origin.parent), spec
 
 
+PROJECT_PACKAGES = ("iwae", "pipeline", "jobs")
+SHIP_LIMIT_MIB = 200  # Ray's working_dir travels through the GCS (512 MiB at most): weights that large belong at a URI
+_NOT_SHIPPED = {".venv", ".git", "__pycache__", "results"}
+
+
+def check_folder(root: str) -> None:
+    """Before a model's folder is shipped to a cluster's nodes (Ray's working_dir, first on their
+    import path): it must not hold a module named like one of the project's packages, which would
+    shadow it there, nor be too large to ship. One line naming the fix otherwise."""
+    folder = Path(root)
+    clash = [n for n in PROJECT_PACKAGES if (folder / n).is_dir() or (folder / f"{n}.py").is_file()]
+    if clash:
+        raise UserError(
+            f"{folder} holds {', '.join(clash)}, which would shadow this project's own package on the nodes; move the model's module into a folder of its own"
+        )
+    size = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d not in _NOT_SHIPPED]
+        size += sum((Path(dirpath) / f).stat().st_size for f in filenames if (Path(dirpath) / f).is_file())
+    if size > SHIP_LIMIT_MIB * 2**20:
+        raise UserError(
+            f"{folder} holds {size / 2**20:.0f} MiB, all of which would be shipped to every node; put the model's module in a folder of its own"
+            f" (under {SHIP_LIMIT_MIB} MiB), and have the factory read large weights from a URI"
+        )
+
+
 def load_factory(target: str, root: str | None = None) -> Any:
     """The factory function of ``target`` (``MODULE:FACTORY``), imported from ``root`` (default: the
     current folder, which is the shipped folder on a Ray worker)."""
     module, name = split_spec(target)
     where = Path(root) if root is not None else Path.cwd()
+    if str(where) not in sys.path:  # the module's siblings import as they do beside it (`python vae.py`), now and later
+        sys.path.insert(0, str(where))
     try:
         if _is_file(module):
             path = (where / Path(module).expanduser()).resolve()
@@ -127,11 +156,7 @@ def load_factory(target: str, root: str | None = None) -> Any:
                 loader.loader.exec_module(mod)
             mod = sys.modules[mod_name]
         else:
-            sys.path.insert(0, str(where))  # a module beside the user, as `python -m` would find it
-            try:
-                mod = importlib.import_module(module)
-            finally:
-                sys.path.remove(str(where))
+            mod = importlib.import_module(module)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001  # an import that fails in the user's code: one line
@@ -147,10 +172,11 @@ def build(target: str, root: str | None, device: torch.device) -> tuple[Any, str
     from iwae.latent import check
 
     spec = target
+    factory = load_factory(target, root)
     try:
-        model = load_factory(target, root)()
-    except UserError:
-        raise
+        model = factory()
+    except (UserError, OSError):
+        raise  # an OSError (weights at a URI that did not answer) is the executor's to retry on a node
     except Exception as e:  # noqa: BLE001  # the factory raised: one line
         raise UserError(f"{spec} raised {type(e).__name__}: {_first(e)}; fix the factory") from None
     try:
@@ -159,16 +185,30 @@ def build(target: str, root: str | None, device: torch.device) -> tuple[Any, str
         raise UserError(f"{spec} returned {_first(e)}") from None
     if isinstance(model, torch.nn.Module):
         model = model.to(device)
-    return model, digest(model)
+    return model, digest(model, _source(factory))
 
 
-def digest(model: Any) -> str:
-    """A sha256 of the model's weights (its ``state_dict``: names, dtypes, shapes and bytes), or of
-    its class's qualified name when it has none."""
-    h = hashlib.sha256()
+def _source(factory: Any) -> bytes:
+    """The text of the factory's module (its code is part of the model: a fixed log_joint is another model)."""
+    import inspect
+
+    try:
+        return Path(inspect.getfile(factory)).read_bytes()
+    except (TypeError, OSError):
+        return b""
+
+
+def digest(model: Any, source: bytes = b"") -> str:
+    """A sha256 of the model's weights (its ``state_dict``: names, dtypes, shapes and bytes) and of
+    its module's code. A model without weights that a ``state_dict`` shows is refused: two such
+    models could not be told apart."""
+    h = hashlib.sha256(source)
     state = model.state_dict() if callable(getattr(model, "state_dict", None)) else {}
     if not state:
-        h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+        raise UserError(
+            f"the model ({type(model).__name__}) shows no weights in its state_dict, so a changed model could not get a new key; register its"
+            " networks and tensors on it (model.enc = enc; model.register_buffer('W', W)), which also moves them to the model's device"
+        )
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -282,20 +322,19 @@ class UserScorer(Scorer):
         return np.asarray(self.data.load(MNIST).test)
 
     def score(self, span: Span, images: np.ndarray | None = None) -> pa.Table:
-        """The range's rows, as :class:`~pipeline.work.Scorer` scores them; where the model raises or
-        gives a non-finite log density for some images, those images are scored one at a time (each
-        image is seeded by its id, so the others' numbers are the same) and the failing ones keep
-        NaN rows: named by the command, left out of every mean, the rest scored. Only the model's own
-        computation is caught so: a model that does not build or images that do not load fail the range."""
+        """The range's rows, as :class:`~pipeline.work.Scorer` scores them. An image with a non-finite
+        log density keeps its row as it is; where the model raises, the range's images are scored one
+        at a time (each image is seeded by its id, so the others' numbers are the same) and those it
+        raises on get NaN rows. Both are named by the command and left out of every mean; the rest
+        are scored. A model that does not build, images that do not load, storage, network and
+        memory errors fail the range instead (the executor retries what may pass on another try)."""
         self.model(span.run_id)
         if images is None and self.plan.images == "test" and not (isinstance(self.plan, AISPlan) and self.plan.method == "bdmc"):
             self.images(span.run_id)
         try:
-            table = super().score(span, images)
-            if _finite(table):
-                return table
-        except UserError:
-            raise
+            return super().score(span, images)  # non-finite figures are the rows of images the model fails on, as they are
+        except TRANSIENT:
+            raise  # the executor's to retry: not the images' fault
         except Exception:  # noqa: BLE001  # the model raised on this range: find the images it raises on
             if span.first == span.last:
                 return self._failed(span)  # one image (the command names it, with what the model raises on it)
@@ -304,7 +343,7 @@ class UserScorer(Scorer):
             one = Span(span.run_id, i, i)
             try:
                 parts.append(super().score(one, None if images is None else images[j : j + 1]))
-            except UserError:
+            except TRANSIENT:
                 raise
             except Exception as e:  # noqa: BLE001  # this image: a NaN row, named by the command
                 parts.append(self._failed(one))
@@ -340,18 +379,23 @@ def _bad(table: pa.Table) -> np.ndarray:
     return np.asarray(table.column("image_id").to_numpy())[~ok]
 
 
-def _finite(table: pa.Table) -> bool:
-    return len(_bad(table)) == 0
+def model_rows(results: Any, plan: Any, key: str) -> pa.Table:
+    """A user model's rows of one estimate, its first ``plan.num_images`` images, each once (its own
+    folder only, not the whole table)."""
+    from pipeline.estimates import dir_key
+    from pipeline.results import SCHEMAS
+
+    files = [results.read_file(name, plan.table) for name in results.store.list(dir_key(plan, key), ".parquet")]
+    t = pa.concat_tables(files) if files else SCHEMAS[plan.table].empty_table()
+    ids = np.asarray(t.column("image_id").to_numpy())
+    first = np.unique(ids, return_index=True)[1]  # an image held by two files counts once
+    keep = first[ids[first] < plan.num_images]
+    return t.take(pa.array(np.sort(keep)))
 
 
 def failed_images(results: Any, plan: Any, key: str) -> list[int]:
     """The images of a user model's estimate that it failed on (NaN rows, see :meth:`UserScorer.score`)."""
-    from pipeline.estimates import dir_key
-
-    bad: set[int] = set()
-    for name in results.store.list(dir_key(plan, key), ".parquet"):
-        bad.update(int(i) for i in _bad(results.read_file(name, plan.table)))
-    return sorted(bad)
+    return sorted(int(i) for i in _bad(model_rows(results, plan, key)))
 
 
 def why_failed(model: Any, x: torch.Tensor, image_id: int) -> str:
@@ -366,6 +410,9 @@ def why_failed(model: Any, x: torch.Tensor, image_id: int) -> str:
     lw = joint - prop.log_q
     return f"log p(x, h) - log q(h|x) = {float(lw.flatten()[0]):g}"
 
+
+# never an image's fault: a user error, storage or network, memory (retried by the executor, or one line)
+TRANSIENT = (UserError, OSError, torch.OutOfMemoryError)
 
 _USER_SCORERS: dict[tuple[Any, ...], Any] = {}
 

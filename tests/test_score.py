@@ -201,11 +201,19 @@ def raises():
     raise RuntimeError("weights not found at s3://nowhere")
 
 
+def unregistered():
+    return DistributionModel(gaussian_encoder(lambda x: enc(x).chunk(2, -1)), lambda h: Independent(Bernoulli(logits=dec(h)), 1), 4)
+
+
 def not_a_model():
     return torch.nn.Linear(2, 2)
 
 
 class Transposed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.zeros(1))
+
     def propose(self, x, k, generators):
         from iwae.latent import Proposal
         h = torch.zeros(x.shape[0], k, 4)  # (B, K, D): the wrong way round
@@ -245,6 +253,7 @@ def mnist_vae(tmp_path):
         ("broken.py:make_model", [], "cannot import broken.py (SyntaxError"),
         ("vae.py:nothing", [], "has no function nothing"),
         ("vae.py:raises", [], "raised RuntimeError: weights not found at s3://nowhere"),
+        ("vae.py:unregistered", [], "shows no weights in its state_dict"),
         ("vae.py:not_a_model", [], "it has no propose"),
         ("vae.py:transposed", [], "expected a list of tensors of shape (K, B, D) = (3, 4, D)"),
         ("vae.py:unstable", [], "returns other weights on each call"),
@@ -279,3 +288,27 @@ def test_a_module_importable_from_here_is_scored_under_its_name(capsys, monkeypa
     assert got.groupby("run_id").size().tolist() == [12, 12] and all(r.startswith("vae-") and r.endswith("-mnist") for r in set(got.run_id))
     runs = pd.read_parquet(results / "tables" / "runs")
     assert set(runs.scored_model) == {"vae:make_model"} and set(runs.likelihood) == {"probability"}
+
+
+def test_the_key_changes_with_the_code_and_a_file_module_imports_its_siblings(tmp_path):
+    """A model's digest covers its module's code as well as its weights (a fixed log_joint is another
+    model); a .py module finds the modules beside it; a folder that would shadow the project's own
+    packages on the nodes is refused before anything is shipped."""
+    from pipeline.errors import UserError
+    from pipeline.user_models import build, check_folder, locate
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "nets.py").write_text("import torch\nenc, dec = torch.nn.Linear(6, 4), torch.nn.Linear(2, 6)\n")
+    body = FAILING.replace("torch.manual_seed(0)\nenc, dec = torch.nn.Linear(6, 4), torch.nn.Linear(2, 6)", "torch.manual_seed(0)\nfrom nets import enc, dec")
+    assert body != FAILING
+    (folder / "sib.py").write_text(body)
+    root, target = locate(f"{folder}/sib.py:make_model")
+    _, before = build(target, root, torch.device("cpu"))
+    (folder / "sib.py").write_text(body + "\n# a comment, or a fixed log_joint: the module's code changed\n")
+    _, after = build(target, root, torch.device("cpu"))
+    assert before != after
+    check_folder(str(folder))  # nothing to refuse
+    (folder / "pipeline.py").write_text("")
+    with pytest.raises(UserError, match="would shadow this project's own package"):
+        check_folder(str(folder))

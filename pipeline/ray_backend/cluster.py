@@ -97,6 +97,7 @@ class Cluster:
     capabilities: adapter.Capabilities
     local: bool = False  # the embedded Ray: no autoscaler, one node
     shipped: bool = False  # the working_dir asked for reached every worker (Ray's runtime environment): their current folder
+    requested: bool = False  # this command asked the autoscaler for room (request_resources): withdrawn when it ends
     checked: set[tuple[str, str]] = field(default_factory=set)  # (results location, node id) whose storage access was checked
     interrupted: threading.Event = field(default_factory=threading.Event)
     _types: list[NodeType] | None = None
@@ -163,7 +164,7 @@ class Cluster:
                 f"waiting for the autoscaler: 0 of {what} up ({waited:.0f} s)" if node_type else f"waiting for the autoscaler to start {what} ({waited:.0f} s)"
             )
 
-        autoscaler.request(res, 1)
+        self.ask(res, 1)
         t0 = time.monotonic()
         shown = -1e9
         launch_seen = node_type is not None
@@ -280,10 +281,23 @@ class Cluster:
         if self.interrupted.is_set():
             raise KeyboardInterrupt
 
+    def ask(self, res: Resources, count: int) -> None:
+        """Ask the autoscaler for room for ``count`` units of ``res`` (0: withdraw); remembered, so
+        that a command that ends in any way leaves no request behind to keep paid nodes up."""
+        autoscaler.request(res, count)
+        self.requested = count > 0
+
     def shutdown(self) -> None:
-        """End a connection this command opened (the embedded Ray stops with it)."""
+        """End a connection this command opened (the embedded Ray stops with it), withdrawing any
+        request for room this command left with the autoscaler."""
         import ray
 
+        if self.requested and ray.is_initialized():
+            try:
+                autoscaler.request(Resources(0.0, 0.0), 0)
+            except Exception:  # noqa: BLE001  # a head already gone: nothing is left to withdraw from
+                pass
+            self.requested = False
         if self.owned and ray.is_initialized():
             ray.shutdown()
         if self.local:
@@ -323,9 +337,14 @@ def connect(
     if caps.missing and notice is not None:
         notice(f"note: {caps.line()}")
     address = address or os.environ.get(ENV_ADDRESS) or None
-    runtime_env = {"working_dir": working_dir, "excludes": _EXCLUDES} if working_dir else None
+    # a user's model folder reaches a cluster's nodes as Ray's working_dir; the embedded Ray's workers
+    # read it from this disk. Our excludes decide what is left out, not the folder's .gitignore (which
+    # often names the very weights the model loads)
+    runtime_env = {"working_dir": working_dir, "excludes": _EXCLUDES} if working_dir and address else None
+    if runtime_env is not None:
+        os.environ["RAY_RUNTIME_ENV_IGNORE_GITIGNORE"] = "1"
     if ray.is_initialized():  # attached already (a test's session Ray): not ours to shut down
-        if runtime_env is not None and address is not None:
+        if runtime_env is not None:
             raise UserError("a user's model needs its own Ray connection (this process is attached to one already); run the command on its own")
         # attached to a Ray on this machine (a notebook's, a test's): its workers read the folder from this disk, nothing is shipped
         return Cluster(ray.get_runtime_context().gcs_address, owned=False, capabilities=caps, local=address is None)
@@ -346,7 +365,7 @@ def connect(
             configure_logging=False,
             runtime_env=runtime_env,
         )
-        return Cluster(ray.get_runtime_context().gcs_address, owned=True, capabilities=caps, local=True, shipped=runtime_env is not None)
+        return Cluster(ray.get_runtime_context().gcs_address, owned=True, capabilities=caps, local=True)
     probe_address(address)
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.ERROR, "runtime_env": runtime_env}
     if _is_loopback(address):
@@ -410,5 +429,9 @@ def _answer(ref: Any) -> str:
         return str(ray.get(ref))
     except RayTaskError as e:  # the node's own error: one line of it
         return str(getattr(e, "cause", None) or e).strip().splitlines()[-1][:160]
-    except ray.exceptions.RayError:  # NodeDiedError, WorkerCrashedError, TaskUnschedulableError, ...: no answer about the store
-        return LOST
+    except ray.exceptions.RayError as e:
+        gone = ("NodeDiedError", "WorkerCrashedError", "OwnerDiedError", "ObjectLostError", "TaskCancelledError")
+        if any(c.__name__ in gone for c in type(e).__mro__):  # the node or its worker went away: no answer about the store
+            return LOST
+        text = str(e).strip()  # a node that cannot even run the probe (its runtime environment, its memory): it cannot run work either
+        return f"{type(e).__name__}: {text.splitlines()[-1][:140] if text else ''}"

@@ -211,7 +211,7 @@ def run(
                 live = sum(per_node(res, n["Resources"]) for n in cluster.work_nodes())
                 want = min(len(queue) + len(pending), max(1, live + launchable_slots(res, types, len(queue) + len(pending))))
                 if types and want != demand:  # room for the work left, asked of the autoscaler (nothing to ask of a fixed cluster)
-                    autoscaler.request(res, want)
+                    cluster.ask(res, want)
                     demand = want
                 cap = workers or max(1, 2 * live, want if types else 1)
                 while queue and len(pending) < cap:
@@ -256,8 +256,8 @@ def run(
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
-            if demand > 0:
-                autoscaler.request(res, 0)
+            if demand > 0 or cluster.requested:
+                cluster.ask(res, 0)
             source.close()
     if timings is not None:
         timings["work_seconds"] = time.perf_counter() - t0

@@ -71,6 +71,9 @@ def ais_table(loaded: Loaded) -> str | None:
         return None
     names = {str(r.run_id): name(r) for r in loaded.summary.itertuples()}
     keys = sorted(set(map(tuple, ais[["run_id", "estimate"]].values.tolist())) | set(map(tuple, bdmc[["run_id", "estimate"]].values.tolist())))
+    keys = [k for k in keys if str(k[0]) in names]  # trained runs; models scored with `score` are in the models table
+    if not keys:
+        return None
     rows = []
     for rid, est in keys:
         r = ais_vs_lk(loaded, str(rid), str(est))
@@ -107,6 +110,8 @@ def ais_convergence_table(loaded: Loaded) -> str | None:
     rows = []
     groups = ais.assign(rest=ais.estimate.str.split("-", n=1).str[1]).groupby(["run_id", "rest"], sort=True)
     for (rid, _), g in groups:
+        if str(rid) not in names:  # a model scored with `score`: the models table
+            continue
         ests = sorted(set(g.estimate), key=steps_of)
         for small, large in zip(ests, ests[1:]):
             a, b = loaded.values(str(rid), small, "ais").log_px_ais, loaded.values(str(rid), large, "ais").log_px_ais

@@ -52,7 +52,7 @@ def _shared_estimate(ev: pd.DataFrame, a: str, b: str) -> str:
 
 
 def _ais_estimate(ais: pd.DataFrame, run_id: str) -> str:
-    """The run's AIS estimate to show: the most temperatures, then the most images."""
+    """The run's AIS (or BDMC) estimate to show: the most temperatures, then the most images."""
     a = ais[ais.run_id == run_id]
     if not len(a):
         return ""
@@ -102,7 +102,10 @@ def model_figures(loaded: Loaded, run_id: str, estimate: str | None = None) -> d
         "mcse_mean": float(finite.mcse.mean()) if len(finite) else math.nan,
     }
     a_est = _ais_estimate(loaded.ais, run_id)
-    a = loaded.values(run_id, a_est, "ais").log_px_ais.astype(float) if a_est else pd.Series(dtype=float)
+    a_rows = loaded.values(run_id, a_est, "ais") if a_est else pd.DataFrame(columns=["log_px_ais", "eval_seed"])
+    if len(e) and len(a_rows) and set(e.eval_seed.dropna()) != set(a_rows.eval_seed.dropna()):
+        a_rows = a_rows.iloc[:0]  # binarised with another seed: other images, nothing to pair
+    a = a_rows.log_px_ais.astype(float)
     a = a[np.isfinite(a)]
     both = a.index.intersection(lp.index)
     d = paired(lp.reindex(both), a.reindex(both))
@@ -117,7 +120,8 @@ def model_figures(loaded: Loaded, run_id: str, estimate: str | None = None) -> d
             "gap_se": d.se,
         }
     )
-    b = loaded.bdmc[loaded.bdmc.run_id == run_id]
+    b_est = _ais_estimate(loaded.bdmc, run_id)  # one BDMC setting: the most temperatures, then the most images
+    b = loaded.values(run_id, b_est, "bdmc") if b_est else loaded.bdmc.iloc[:0]
     bgap = (b.log_px_upper - b.log_px_ais).astype(float)
     bgap = bgap[np.isfinite(bgap)]
     out.update({"bdmc_gap": float(bgap.mean()) if len(bgap) else math.nan, "bdmc_gap_se": se(bgap), "bdmc_images": len(bgap)})
