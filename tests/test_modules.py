@@ -58,10 +58,16 @@ def _package_of(a: str, b: str) -> bool:
 
 @pytest.mark.parametrize("name", sorted(modules()))
 def test_every_module_imports_on_its_own(name):
-    """Imported first, with no other module of the project loaded before it."""
-    for mod in [m for m in sys.modules if m.split(".")[0] in PACKAGES]:
-        del sys.modules[mod]
-    importlib.import_module(name)
+    """Imported first, with no other module of the project loaded before it. The modules loaded
+    before are put back afterwards: the tests after this one must see the classes they imported
+    (a second ``UserError`` class is not caught by the first one's ``except``)."""
+    saved = {m: sys.modules.pop(m) for m in [m for m in sys.modules if m.split(".")[0] in PACKAGES]}
+    try:
+        importlib.import_module(name)
+    finally:
+        for m in [m for m in sys.modules if m.split(".")[0] in PACKAGES]:
+            del sys.modules[m]
+        sys.modules.update(saved)
 
 
 def test_the_science_never_imports_ray_typer_or_pyarrow_and_only_the_backend_imports_ray():

@@ -130,7 +130,7 @@ enc, dec = torch.nn.Linear(6, 4), torch.nn.Linear(2, 6)
 
 
 def decoder(h):
-    return Independent(Bernoulli(logits=dec(h)), 1)
+    return Independent(Bernoulli(logits=dec(h), validate_args=True), 1)  # raises on values outside {0, 1}, whatever the global default
 
 
 def make_model():
