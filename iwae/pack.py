@@ -155,6 +155,8 @@ class Pack:
             self.solo = states[0].model
         else:
             self.flat.requires_grad_()  # vmap over the members' views of the rows; autograd fills flat.grad
+            self.template = copy.deepcopy(states[0].model).to("meta")  # the code of the model; weights come from the pack
+            self._log_w = torch.func.vmap(self._member_log_w)
         moments = []
         for key in ("exp_avg", "exp_avg_sq"):
             rows = []
@@ -167,8 +169,6 @@ class Pack:
         steps = [torch.tensor(float(x["step"]) if x else 0.0, device=dev, dtype=torch.float32) for x in first]
         group = states[0].opt.param_groups[0]
         self.adam = FlatAdam(moments[0], moments[1], steps, tuple(group["betas"]), float(group["eps"]))
-        self.template = copy.deepcopy(states[0].model).to("meta")  # the code of the model; weights come from the pack
-        self._log_w = torch.func.vmap(self._member_log_w)
         self._bound: Any = self._solo_bound
         if compile_step and self.fast and self.G == 1:
             self._bound = torch.compile(self._solo_bound, dynamic=False)

@@ -36,8 +36,7 @@ from pipeline.datasource import DataSource
 from pipeline.errors import UserError
 from pipeline.estimates import AISPlan, EvalPlan, Span
 from pipeline.ledger import EstimateLedger
-from pipeline.results import AIS_SCHEMA, rows_table
-from pipeline.work import Scorer
+from pipeline.work import Scorer, cached_scorer
 
 MNIST = "mnist"
 
@@ -358,14 +357,8 @@ class UserScorer(Scorer):
         _, flat = self.model(span.run_id)
         if isinstance(self.plan, EvalPlan):
             return self._rows(span, flat, None)
-        c = self.plan.config
-        rows = [
-            {**flat, "method": self.plan.method, "ais_steps": c.steps, "ais_chains": c.chains, "ais_leapfrog": c.leapfrog, "ais_seed": c.seed,
-             "eval_seed": self.plan.binarize_seed if self.plan.method == "ais" else None, "image_id": int(i), "log_px_ais": math.nan,
-             "log_px_upper": math.nan if self.plan.method == "bdmc" else None, "accept": math.nan, "ess": math.nan, "seconds": math.nan}
-            for i in span.ids.tolist()
-        ]  # fmt: skip
-        return rows_table(rows, AIS_SCHEMA)
+        upper = [math.nan if self.plan.method == "bdmc" else None] * len(span.ids)
+        return self._ais_rows(span, flat, None, upper, math.nan)
 
 
 def _bad(table: pa.Table) -> np.ndarray:
@@ -380,17 +373,12 @@ def _bad(table: pa.Table) -> np.ndarray:
 
 
 def model_rows(results: Any, plan: Any, key: str) -> pa.Table:
-    """A user model's rows of one estimate, its first ``plan.num_images`` images, each once (its own
-    folder only, not the whole table)."""
-    from pipeline.estimates import dir_key
+    """A user model's rows of one estimate, its first ``plan.num_images`` images, each once, read
+    through the estimate's ledger (its own folder, files written whole)."""
     from pipeline.results import SCHEMAS
 
-    files = [results.read_file(name, plan.table) for name in results.store.list(dir_key(plan, key), ".parquet")]
-    t = pa.concat_tables(files) if files else SCHEMAS[plan.table].empty_table()
-    ids = np.asarray(t.column("image_id").to_numpy())
-    first = np.unique(ids, return_index=True)[1]  # an image held by two files counts once
-    keep = first[ids[first] < plan.num_images]
-    return t.take(pa.array(np.sort(keep)))
+    t = EstimateLedger(results, plan).rows(key, range(plan.num_images))
+    return t if t is not None else SCHEMAS[plan.table].empty_table()
 
 
 def failed_images(results: Any, plan: Any, key: str) -> list[int]:
@@ -414,14 +402,9 @@ def why_failed(model: Any, x: torch.Tensor, image_id: int) -> str:
 # never an image's fault: a user error, storage or network, memory (retried by the executor, or one line)
 TRANSIENT = (UserError, OSError, torch.OutOfMemoryError)
 
-_USER_SCORERS: dict[tuple[Any, ...], Any] = {}
-
 
 def score_user_range(ledger: Any, data: Any, ref: ModelRef, binarize: bool, span: Any, images: np.ndarray | None) -> Any:
     """A unit of the executor: one range of images scored with a user's model (``images``: the range's
     own rows of a user's data file; None: MNIST's test images on the node)."""
-    key = (ledger.results.location, ledger.plan, ref, binarize)
-    if key not in _USER_SCORERS:
-        _USER_SCORERS.clear()
-        _USER_SCORERS[key] = UserScorer(ledger, data, ref, binarize)
-    return _USER_SCORERS[key].score(span, images)
+    key = (ledger.results.location, data.location, ledger.plan, ref, binarize)
+    return cached_scorer(key, lambda: UserScorer(ledger, data, ref, binarize)).score(span, images)

@@ -37,7 +37,7 @@ from iwae.state import TrainResult, model_from_checkpoint, pick_device
 from iwae.units import PrunedOnCommonDraws, active_masks, unit_variances
 from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
-from pipeline.estimates import AISPlan, EvalPlan, Plan, Span
+from pipeline.estimates import AISPlan, EvalPlan, Span
 from pipeline.leases import Lease, LeaseLost, Leases
 from pipeline.ledger import EstimateLedger, RunLedger, RunState, load_final, run_state
 from pipeline.results import AIS_SCHEMA, EVAL_SCHEMA, PREFIXES, Results, rows_table, versions
@@ -361,7 +361,13 @@ class Scorer:
         else:
             b = bdmc(model, len(ids), plan.config, ids)
             fwd, upper = b.forward, b.upper.tolist()
-        per_image = (time.perf_counter() - t0) / len(ids)
+        return self._ais_rows(span, flat, fwd, upper, (time.perf_counter() - t0) / len(ids))
+
+    def _ais_rows(self, span: Span, flat: dict[str, Any], fwd: Any, upper: Sequence[float | None], seconds: float) -> pa.Table:
+        """The range's AIS or BDMC rows from a forward pass ``fwd`` (``None``: NaN figures, for
+        images a model fails on) and BDMC's upper bounds (``None`` per image for AIS)."""
+        plan = self.plan
+        assert isinstance(plan, AISPlan), "an AIS plan"
         c = plan.config
         common = {"method": plan.method, "ais_steps": c.steps, "ais_chains": c.chains, "ais_leapfrog": c.leapfrog, "ais_seed": c.seed}
         rows = [
@@ -370,27 +376,32 @@ class Scorer:
                 **common,
                 "eval_seed": plan.binarize_seed if plan.method == "ais" else None,
                 "image_id": int(i),
-                "log_px_ais": float(fwd.log_px[j]),
+                "log_px_ais": float(fwd.log_px[j]) if fwd is not None else math.nan,
                 "log_px_upper": upper[j],
-                "accept": float(fwd.accept[j]),
-                "ess": float(fwd.ess[j]),
-                "seconds": per_image,
+                "accept": float(fwd.accept[j]) if fwd is not None else math.nan,
+                "ess": float(fwd.ess[j]) if fwd is not None else math.nan,
+                "seconds": seconds,
             }
-            for j, i in enumerate(ids)
+            for j, i in enumerate(span.ids.tolist())
         ]
         return rows_table(rows, AIS_SCHEMA)
 
 
-_SCORERS: dict[tuple[str, str, Plan], Scorer] = {}
+_SCORERS: dict[tuple[Any, ...], Scorer] = {}
+
+
+def cached_scorer(key: tuple[Any, ...], make: Callable[[], Scorer]) -> Scorer:
+    """This process's scorer for ``key``, made once (models and data stay loaded between ranges);
+    one at a time, so memory stays bounded."""
+    if key not in _SCORERS:
+        _SCORERS.clear()
+        _SCORERS[key] = make()
+    return _SCORERS[key]
 
 
 def scorer(ledger: EstimateLedger, data: DataSource) -> Scorer:
-    """This process's scorer for an estimate (models and data stay loaded between ranges)."""
-    key = (ledger.results.location, data.location, ledger.plan)
-    if key not in _SCORERS:
-        _SCORERS.clear()
-        _SCORERS[key] = Scorer(ledger, data)
-    return _SCORERS[key]
+    """This process's scorer for an estimate of the project's runs."""
+    return cached_scorer((ledger.results.location, data.location, ledger.plan), lambda: Scorer(ledger, data))
 
 
 def score_here(ledger: EstimateLedger, data: DataSource, items: Sequence[Span], progress: Callable[[int], None] | None = None) -> int:

@@ -20,35 +20,12 @@ import numpy as np
 import pandas as pd
 
 from iwae.diagnostics import KHAT_UNRELIABLE
-from pipeline.estimates import HEADLINE
 from pipeline.report.stats import paired, se
-from pipeline.report.summary import Loaded, estimate_label
+from pipeline.report.summary import Loaded, estimate_label, headline
 from pipeline.report.tables import fmt, markdown
 
 # a trained run's test images, as `score --data mnist` scores them: MNIST's test set binarised by id
 MNIST_TAG = "mnist"
-
-
-def _is_estimate(ev: pd.DataFrame, run_id: str, estimate: str | None = None) -> str:
-    """The run's importance-sampling estimate to show: ``estimate`` if it has it, else L_5000, else
-    the one with most images ("" when it has none)."""
-    e = ev[(ev.run_id == run_id) & ~ev.estimate.str.contains("-pruned")]
-    counts = e.groupby("estimate").size()
-    if not len(counts):
-        return ""
-    if estimate in counts:
-        return str(estimate)
-    return HEADLINE if HEADLINE in counts else str(max(counts.index, key=lambda k: (counts[k], k)))
-
-
-def _shared_estimate(ev: pd.DataFrame, a: str, b: str) -> str:
-    """The importance-sampling estimate two models are compared on: L_5000 where both have it, else
-    the one both have with the most images ("" when they share none)."""
-    counts = [ev[(ev.run_id == r) & ~ev.estimate.str.contains("-pruned")].groupby("estimate").size() for r in (a, b)]
-    shared = set(counts[0].index) & set(counts[1].index)
-    if not shared:
-        return ""
-    return HEADLINE if HEADLINE in shared else str(max(shared, key=lambda e: (min(int(c[e]) for c in counts), e)))
 
 
 def _ais_estimate(ais: pd.DataFrame, run_id: str) -> str:
@@ -84,9 +61,9 @@ def _digest(config: Any) -> str:
         return ""
 
 
-def model_figures(loaded: Loaded, run_id: str, estimate: str | None = None) -> dict[str, Any]:
+def model_figures(loaded: Loaded, run_id: str) -> dict[str, Any]:
     """One model's figures (module docstring); NaN where it has nothing."""
-    est = _is_estimate(loaded.ev, run_id, estimate)
+    est = headline(loaded.estimates_of(run_id))  # the summary's rule, for models it does not hold too
     e = loaded.values(run_id, est) if est else pd.DataFrame(columns=["log_px", "log_px_jk", "ess", "khat", "mcse"])
     finite = e[np.isfinite(e.log_px.astype(float))] if len(e) else e
     lp = finite.log_px.astype(float)
@@ -177,7 +154,7 @@ def model_pairs_table(loaded: Loaded) -> str | None:
         trained = [r for r in g.itertuples() if not r.scored]
         pairs = [(a, b) for i, a in enumerate(scored) for b in scored[i + 1 :]] + [(t, a) for a in scored for t in trained]
         for a, b in pairs:
-            ea = _shared_estimate(loaded.ev, a.run_id, b.run_id)
+            ea = loaded.common_estimate([a.run_id, b.run_id])
             if not ea:
                 continue
             la, lb = _finite(loaded.values(a.run_id, ea).log_px), _finite(loaded.values(b.run_id, ea).log_px)

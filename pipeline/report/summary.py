@@ -139,7 +139,7 @@ class Loaded:
         return "", pd.Series(dtype=float)
 
 
-def _headline(counts: dict[str, int]) -> str:
+def headline(counts: dict[str, int]) -> str:
     if not counts:
         return ""
     return HEADLINE if HEADLINE in counts else max(counts, key=lambda e: (counts[e], e))
@@ -185,7 +185,7 @@ def load(results: Results) -> Loaded:
         row = {**r, "cell": cell_key(s), "family": cell_key(s, FAMILY_FREE), "matched": cell_key(s, MATCHED_FREE), "setting": setting_label(s)}
         row["samples"] = int(s["k"]) * int(s["m"])
         mine = ev[(ev.run_id == r["run_id"]) & ~ev.estimate.str.contains("-pruned")]
-        est = _headline({str(k): int(v) for k, v in mine.groupby("estimate").size().items()})
+        est = headline({str(k): int(v) for k, v in mine.groupby("estimate").size().items()})
         row["estimate"] = est
         if est:
             row.update(_figures(mine[mine.estimate == est]))
