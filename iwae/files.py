@@ -3,7 +3,7 @@
 A file is written under a ``_``-prefixed temporary name in its final folder, fsynced, then renamed
 into place with ``os.replace``. A process killed mid-write leaves only the temporary name, which no
 reader looks at (readers skip ``_`` names), so a reader sees the old file or the new one, never a
-part. :class:`pipeline.storage.Store` uses it for local folders; object stores get one whole PUT.
+part. :class:`pipeline.store.objects.Store` uses it for local folders; object stores get one whole PUT.
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ def _fake_results(root: Path, model_cfg: ModelConfig, data: Any) -> tuple[Any, s
     """A results folder holding one (untrained) run, for timing evaluation only."""
     from iwae import checkpoint
     from iwae.state import FINAL, start_state
-    from pipeline.results import Results
+    from pipeline.store.results import Results
 
     cfg = RunConfig(model=model_cfg, objective=IWAE(k=5), schedule=ScheduleConfig(stages=1))
     res = Results.open(str(root))
@@ -286,8 +286,8 @@ def _fake_results(root: Path, model_cfg: ModelConfig, data: Any) -> tuple[Any, s
 def eval_throughput(data: DataSource, mnist: Any, n_images: int, ray_path: bool, echo: Callable[[str], None]) -> dict[str, Any]:
     """k=5000 evaluation through the pipeline's range scorer: in-process, then as Ray tasks."""
     from iwae.evaluate import EvalConfig
-    from pipeline.estimates import EvalPlan, Span
-    from pipeline.ledger import EstimateLedger
+    from pipeline.store.estimates import EvalPlan, Span
+    from pipeline.store.ledger import EstimateLedger
     from pipeline.work import Scorer
 
     model_cfg = ModelConfig.paper(1)

@@ -45,7 +45,7 @@ DEFAULT_DATA = "data"
 
 def _results(location: str, create: bool = True) -> Any:
     """The results location, opened once here and passed down as an object."""
-    from pipeline.results import Results
+    from pipeline.store.results import Results
 
     return Results.open(location, create=create)  # Store.open makes a local path absolute (Ray workers run elsewhere)
 
@@ -233,7 +233,7 @@ def data_fetch(
 
     if dataset != "mnist":
         raise UserError(f"only mnist can be fetched; put chardata.mat for {dataset} into {data_dir} by hand")
-    from pipeline.storage import is_uri
+    from pipeline.store.objects import is_uri
 
     if is_uri(data_dir):
         raise UserError(f"fetch into a local folder, then copy mnist.npz to {data_dir}; --data-dir takes a folder here")
@@ -548,7 +548,7 @@ def score(
         raise UserError(f"{data_spec} has values outside [0, 1] ({pool.min():g}..{pool.max():g}); --binarize draws 1[u < x]: scale it, or pass --no-binarize")
     ec = _eval_config(eval_k, eval_block)
     if method == Method.is_:
-        from pipeline.estimates import EvalPlan
+        from pipeline.store.estimates import EvalPlan
 
         n = test_images or len(pool)
         plan: Any = EvalPlan(ec, num_images=n)
@@ -639,7 +639,7 @@ def _ais_plan(method: Method, images: int | None, bdmc_images: int | None, steps
     """AIS (``--method ais``) or BDMC (``bdmc``) as the options ask, with the defaults every command
     shares: T=500, 16 chains, 10 leapfrog steps, 100 test images or 50 simulated ones."""
     from iwae.ais import AISConfig
-    from pipeline.estimates import AISPlan
+    from pipeline.store.estimates import AISPlan
 
     n = (images or 100) if method == Method.ais else (bdmc_images or 50)
     return AISPlan(AISConfig(steps=steps or 500, chains=chains or 16, leapfrog=leapfrog or 10), n, method.value, seed)
@@ -727,7 +727,7 @@ def submit(
 ) -> None:
     from pipeline.ray_backend import jobs as rb
     from pipeline.ray_backend.resources import check_gpus
-    from pipeline.storage import is_uri, refuse_credentials
+    from pipeline.store.objects import is_uri, refuse_credentials
 
     given = dict(locals())
     check_gpus(train_gpus, "--train-gpus")
@@ -823,7 +823,7 @@ def stop(submission_id: str, address: SubmitAddress) -> None:
 @cli_errors
 def cluster_check(path: Annotated[Path, typer.Argument(help="Cluster launcher config.")] = Path("cluster.yaml")) -> None:
     """Check a cluster.yaml offline: Ray's schema, a GPU worker type, pinned versions, no public Ray ports."""
-    from pipeline.cluster import validate
+    from pipeline.cluster_config import validate
 
     problems = validate(path)
     if problems:
@@ -890,7 +890,7 @@ def bench(
 ) -> None:
     """Measure training examples/s (ours vs Pyro), k=5000 evaluation throughput vs the matmul roofline, memory."""
     from pipeline.bench import run_bench
-    from pipeline.storage import Store
+    from pipeline.store.objects import Store
 
     where = None
     if out is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from iwae.data import MNIST_NPZ, DataError, Dataset, fetch_mnist, load_dataset
 from iwae.files import write_atomic
 from pipeline.errors import UserError
-from pipeline.storage import Store, is_uri, refuse_credentials
+from pipeline.store.objects import Store, is_uri, refuse_credentials
 
 
 def node_cache_dir() -> Path:

@@ -1,6 +1,6 @@
 """Between the CLI and the backends: the steps of a command, each taking the objects it made once.
 
-The CLI parses options, makes the :class:`~pipeline.results.Results` and the
+The CLI parses options, makes the :class:`~pipeline.store.results.Results` and the
 :class:`~pipeline.datasource.DataSource` once, and calls these steps in order:
 
 1. :func:`ray_session`: connect (the embedded local Ray, or a cluster) before any location is
@@ -11,7 +11,7 @@ The CLI parses options, makes the :class:`~pipeline.results.Results` and the
 3. :func:`check_storage`: every node can use the results location.
 4. :func:`train_job`: train what the ledger says is not done (packs as tasks on the one executor,
    :mod:`pipeline.ray_backend.executor`, each run under its lease), returning the new ledger.
-5. :func:`evaluate_job`: per dataset and image set, the job's estimates (:mod:`pipeline.estimates`),
+5. :func:`evaluate_job`: per dataset and image set, the job's estimates (:mod:`pipeline.store.estimates`),
    the ranges left of each, scored by Ray tasks or here (the executor is the only difference).
 6. :func:`~pipeline.report.build_report` renders the tables.
 """
@@ -27,9 +27,9 @@ from typing import Any
 from iwae.config import RunConfig
 from iwae.evaluate import EvalConfig
 from pipeline.datasource import DataSource
-from pipeline.estimates import AISPlan, EvalPlan, Plan
-from pipeline.ledger import EstimateLedger, RunLedger, repair
-from pipeline.results import Results
+from pipeline.store.estimates import AISPlan, EvalPlan, Plan
+from pipeline.store.ledger import EstimateLedger, RunLedger, repair
+from pipeline.store.results import Results
 
 Echo = Callable[[str], None]
 
@@ -122,7 +122,7 @@ def pack_runs(todo: Sequence[RunConfig], pack: int | None, gpus: float) -> list[
 
 class Training:
     """The executor's source of training units (:mod:`pipeline.ray_backend.executor`): packs of runs,
-    each handed out once this command holds every member's lease (:mod:`pipeline.leases`).
+    each handed out once this command holds every member's lease (:mod:`pipeline.store.leases`).
 
     A run whose lease another command holds live is held back, said once, and looked at again every
     few seconds: done by the other command (dropped: trained once), or its lease expired (the other
@@ -130,7 +130,7 @@ class Training:
     renewed from here and from the task itself, and released when the pack's task ends."""
 
     def __init__(self, results: Results, data: DataSource, packs: list[list[RunConfig]], pack: int, compile_step: bool | str, echo: Echo, bar: Any):
-        from pipeline.leases import Leases, new_owner
+        from pipeline.store.leases import Leases, new_owner
 
         self.results, self.data, self.pack, self.compile_step, self.echo, self.bar = results, data, pack, compile_step, echo, bar
         self.leases = Leases(results, new_owner())
@@ -155,8 +155,8 @@ class Training:
         import time
 
         from iwae.pack import group_packs
-        from pipeline.leases import Held
-        from pipeline.ledger import RunState, run_state
+        from pipeline.store.leases import Held
+        from pipeline.store.ledger import RunState, run_state
 
         candidates, self.fresh = self.fresh, []
         if self.held and time.monotonic() - self.last_look > 5.0:
@@ -404,7 +404,7 @@ def score_model(
 
     from pipeline.ray_backend import executor
     from pipeline.ray_backend.resources import Resources
-    from pipeline.results import versions
+    from pipeline.store.results import versions
     from pipeline.user_models import row_fields, score_user_range
 
     if results.run_row(ref.key) is None:

@@ -41,11 +41,11 @@ from iwae.state import pick_device, training_images
 from pipeline.bench import ais_cost, bench_packing, device_sync
 from pipeline.datasource import DataSource
 from pipeline.driver import evaluate_here
-from pipeline.estimates import HEADLINE, AISPlan, EvalPlan
-from pipeline.ledger import RunLedger
 from pipeline.report import PAPER_TABLE1, ais_vs_lk, build_report, load
 from pipeline.report.stats import paired
-from pipeline.results import Results
+from pipeline.store.estimates import HEADLINE, AISPlan, EvalPlan
+from pipeline.store.ledger import RunLedger
+from pipeline.store.results import Results
 from pipeline.work import train_members
 
 REPRO_FILE = "repro.json"

@@ -34,8 +34,8 @@ import torch
 
 from pipeline.datasource import DataSource
 from pipeline.errors import UserError
-from pipeline.estimates import AISPlan, EvalPlan, Span
-from pipeline.ledger import EstimateLedger
+from pipeline.store.estimates import AISPlan, EvalPlan, Span
+from pipeline.store.ledger import EstimateLedger
 from pipeline.work import Scorer, cached_scorer
 
 MNIST = "mnist"
@@ -375,7 +375,7 @@ def _bad(table: pa.Table) -> np.ndarray:
 def model_rows(results: Any, plan: Any, key: str) -> pa.Table:
     """A user model's rows of one estimate, its first ``plan.num_images`` images, each once, read
     through the estimate's ledger (its own folder, files written whole)."""
-    from pipeline.results import SCHEMAS
+    from pipeline.store.results import SCHEMAS
 
     t = EstimateLedger(results, plan).rows(key, range(plan.num_images))
     return t if t is not None else SCHEMAS[plan.table].empty_table()

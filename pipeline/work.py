@@ -1,14 +1,14 @@
 """Units of work, free of Ray: train runs, score ranges of images. The executor's Ray tasks and the
 in-process commands call these.
 
-They call into :mod:`iwae` for the science and read and write through :class:`pipeline.results.Results`
+They call into :mod:`iwae` for the science and read and write through :class:`pipeline.store.results.Results`
 (a local folder or object storage) and :class:`pipeline.datasource.DataSource`, objects that the
 command made once and that pickle as their locations, so they run the same on any node. They are
-idempotent: a finished run (by :class:`pipeline.ledger.RunLedger`) or a written range is never
+idempotent: a finished run (by :class:`pipeline.store.ledger.RunLedger`) or a written range is never
 redone, so retries and re-runs are safe.
 
 Scoring a range returns its rows (an Arrow table) instead of writing them: one writer, the driver,
-checks each range and writes it whole (:meth:`pipeline.ledger.EstimateLedger.write`), and every
+checks each range and writes it whole (:meth:`pipeline.store.ledger.EstimateLedger.write`), and every
 image's numbers are seeded by its id, so an image is counted once whichever worker or node
 computed it, died or retried.
 """
@@ -37,10 +37,10 @@ from iwae.state import TrainResult, model_from_checkpoint, pick_device
 from iwae.units import PrunedOnCommonDraws, active_masks, unit_variances
 from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
-from pipeline.estimates import AISPlan, EvalPlan, Span
-from pipeline.leases import Lease, LeaseLost, Leases
-from pipeline.ledger import EstimateLedger, RunLedger, RunState, load_final, run_state
-from pipeline.results import AIS_SCHEMA, EVAL_SCHEMA, PREFIXES, Results, rows_table, versions
+from pipeline.store.estimates import AISPlan, EvalPlan, Span
+from pipeline.store.leases import Lease, LeaseLost, Leases
+from pipeline.store.ledger import EstimateLedger, RunLedger, RunState, load_final, run_state
+from pipeline.store.results import AIS_SCHEMA, EVAL_SCHEMA, PREFIXES, Results, rows_table, versions
 
 
 def _now() -> str:

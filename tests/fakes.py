@@ -1,5 +1,5 @@
 """Results locations written by hand: runs rows and estimate files with chosen numbers, read back
-through the real reader and summary (pipeline.estimates, pipeline.report.summary)."""
+through the real reader and summary (pipeline.store.estimates, pipeline.report.summary)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 from collections.abc import Sequence
 
 from iwae.config import ModelConfig, RunConfig
-from pipeline.estimates import Span
-from pipeline.results import AIS_SCHEMA, EVAL_SCHEMA, RUNS_SCHEMA, Results, rows_table
+from pipeline.store.estimates import Span
+from pipeline.store.results import AIS_SCHEMA, EVAL_SCHEMA, RUNS_SCHEMA, Results, rows_table
 
 L5000 = "k5000-seed123-block500"
 AIS = "T500-C16-L10-P100-seed0"

@@ -102,8 +102,8 @@ def test_a_trial_on_a_node_that_cannot_see_the_results_fails_at_once_in_one_line
     task stops before training, naming the fix."""
     import jobs
     from pipeline.datasource import DataSource
-    from pipeline.results import Results
-    from pipeline.storage import Store
+    from pipeline.store.objects import Store
+    from pipeline.store.results import Results
     from pipeline.work import train_unit
 
     driver = Results.open(str(tmp_path / "results"))  # the driver's folder, with its marker
@@ -166,7 +166,7 @@ def test_sweep_on_a_cluster_with_no_worker_node_launches_one(autoscaling, mnist_
     assert any(n.get("GPU") == 1 for n in autoscaling.worker_nodes())
     runs = pq.read_table(tmp_path / "r" / "tables" / "runs").to_pandas()
     assert len(runs) == 2 and set(runs.status) == {"done"}
-    from pipeline.estimates import read_estimates
+    from pipeline.store.estimates import read_estimates
 
     ev = read_estimates(str(tmp_path / "r"), estimate="k100-seed123-block50")
     assert len(ev) == 2 * 20 and not ev.duplicated(["run_id", "image_id"]).any()

@@ -99,7 +99,7 @@ SMOKE = "k100-seed123-block50"  # the smoke jobs' estimate
 
 def read_estimate(s3, prefix, estimate=SMOKE):
     """One estimate of the run in the bucket through the one reader (each image once)."""
-    from pipeline.estimates import read_estimates
+    from pipeline.store.estimates import read_estimates
 
     return read_estimates(s3.uri(prefix), estimate=estimate)
 

@@ -11,9 +11,9 @@ from iwae.config import RunConfig, ScheduleConfig
 from iwae.evaluate import EvalConfig
 from pipeline.datasource import DataSource
 from pipeline.driver import evaluate_here
-from pipeline.estimates import EvalPlan, Span, read_estimates, spans
-from pipeline.ledger import EstimateLedger
-from pipeline.results import Results
+from pipeline.store.estimates import EvalPlan, Span, read_estimates, spans
+from pipeline.store.ledger import EstimateLedger
+from pipeline.store.results import Results
 from pipeline.work import train_in_process
 
 

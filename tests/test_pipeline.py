@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.estimates import read_estimates
+from pipeline.store.estimates import read_estimates
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -226,8 +226,8 @@ from torch.distributions import Bernoulli, Independent
 
 from iwae.adapter import DistributionModel, gaussian_encoder
 from iwae.state import model_from_checkpoint
-from pipeline.ledger import load_final
-from pipeline.results import Results
+from pipeline.store.ledger import load_final
+from pipeline.store.results import Results
 
 RESULTS, RUN = {results!r}, {run!r}
 

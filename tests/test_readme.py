@@ -60,7 +60,7 @@ COVERED = {
     "# my_vae.py: a VAE trained elsewhere": "test_the_user_vae_and_its_notebook_scoring_run",
     "import torch": "test_the_user_vae_and_its_notebook_scoring_run",
     "import pandas as pd": "test_pandas_snippet_runs_on_the_demo_results",
-    "from pipeline.estimates import read_estimates": "tests/test_cluster.py::test_readme_pandas_snippet_reads_results_from_s3",
+    "from pipeline.store.estimates import read_estimates": "tests/test_cluster.py::test_readme_pandas_snippet_reads_results_from_s3",
 }
 
 

@@ -62,7 +62,7 @@ SMOKE = "k100-seed123-block50"  # the smoke jobs' estimate
 def assert_each_image_once(results, runs, images, files_too=True):
     """The one reader sees ``images`` images of each run once, in the smoke estimate and its pruned
     twin; with ``files_too``, no image is in two files either (no range was written twice)."""
-    from pipeline.estimates import read_estimates
+    from pipeline.store.estimates import read_estimates
 
     for est in (SMOKE, SMOKE + "-pruned"):
         ev = read_estimates(str(results), estimate=est)
@@ -356,7 +356,7 @@ def test_range_out_of_retries_exits_1_in_one_line_and_the_rerun_completes(traine
     errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
     assert re.search(r"run [0-9a-f]{12} images \d+-\d+", errors[0]), errors[0]
-    from pipeline.estimates import read_estimates
+    from pipeline.store.estimates import read_estimates
 
     assert len(read_estimates(str(results), estimate=SMOKE)) < 2 * 2000
     r = run_cli(*args)
@@ -449,7 +449,7 @@ def test_evaluate_without_the_cut_names_the_cut_the_location_holds(capsys, tmp_p
     ids depend on the cut, so the one line names --stages 3 (what the location holds) instead of
     suggesting a sweep of the 3,280-epoch schedule as the only way on."""
     import jobs
-    from pipeline.results import Results
+    from pipeline.store.results import Results
     from tests.fakes import add_run
 
     res = Results.open(str(tmp_path / "r"))
@@ -461,7 +461,7 @@ def test_evaluate_without_the_cut_names_the_cut_the_location_holds(capsys, tmp_p
 
 def test_report_on_an_empty_results_folder_exits_2_with_the_command_that_fills_it(capsys, tmp_path):
     """An empty (but ours) results folder has nothing to report: exit 2 and the sweep that fills it."""
-    from pipeline.results import Results
+    from pipeline.store.results import Results
 
     Results.open(tmp_path / "r")
     line = one_line_error(capsys, ["report", "--results", tmp_path / "r"], "iwae-pipeline sweep demo")

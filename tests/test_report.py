@@ -12,7 +12,7 @@ from pipeline.report import load
 from pipeline.report.findings import NR, findings, flip
 from pipeline.report.stats import pooled, t975
 from pipeline.report.tables import all_runs_table, estimator_table, reliability_table, run_labels, table1
-from pipeline.results import Results
+from pipeline.store.results import Results
 from tests.fakes import AIS, L5000, add_estimate, add_run, run, seq
 
 

@@ -187,7 +187,7 @@ def test_any_error_that_reaches_the_console_script_is_one_line(capsys, tmp_path,
     line>` and exits 1; with IWAE_DEBUG=1 the traceback comes instead."""
     import pipeline.report as report
     from pipeline.cli import main
-    from pipeline.results import Results
+    from pipeline.store.results import Results
 
     Results.open(str(tmp_path / "r"))
 
@@ -211,7 +211,7 @@ def test_a_node_lost_while_its_storage_is_checked_is_left_out_not_counted_as_una
     import ray
 
     from pipeline.ray_backend import cluster
-    from pipeline.results import Results
+    from pipeline.store.results import Results
 
     c = cluster.connect()
     real = c.work_nodes()

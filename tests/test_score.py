@@ -11,7 +11,7 @@ import torch
 
 from iwae.evaluate import EvalConfig, estimate_log_px
 from pipeline.cli import main
-from pipeline.estimates import read_estimates
+from pipeline.store.estimates import read_estimates
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.cluster import validate
+from pipeline.cluster_config import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

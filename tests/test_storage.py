@@ -1,4 +1,4 @@
-"""The storage layer (pipeline.storage) on a local folder and on file:// URIs; per-node data caches."""
+"""The storage layer (pipeline.store.objects) on a local folder and on file:// URIs; per-node data caches."""
 
 import pickle
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage import Store, is_uri
+from pipeline.store.objects import Store, is_uri
 
 
 def test_local_writes_are_whole_and_readers_skip_temporary_names(tmp_path):
@@ -41,7 +41,7 @@ def test_a_store_travels_as_its_location(tmp_path):
 
 def test_s3_endpoint_comes_from_the_uri_or_the_environment(monkeypatch):
     """pyarrow ignores AWS_ENDPOINT_URL; the store adds it to an S3 URI that names no endpoint."""
-    from pipeline.storage import _with_env_endpoint
+    from pipeline.store.objects import _with_env_endpoint
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     assert "endpoint_override=127.0.0.1%3A9000" in _with_env_endpoint("s3://b/p") and "scheme=http" in _with_env_endpoint("s3://b/p")
@@ -70,7 +70,7 @@ def test_a_node_copies_data_from_a_uri_once_under_a_lock(tmp_path, mnist_dir):
 def test_results_of_an_older_format_are_refused(tmp_path):
     """A results folder from before the pixel fix (format 1) is not mixed with new numbers: one line, a new location."""
     from pipeline.errors import UserError
-    from pipeline.results import MARKER, Results
+    from pipeline.store.results import MARKER, Results
 
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / MARKER).write_text('{"format": "iwae-pipeline/1"}')
@@ -84,7 +84,7 @@ def test_a_location_with_credentials_is_refused_and_never_printed():
     """s3://KEY:SECRET@bucket/p (which Arrow accepts) and secret query values: one line naming the supported ways, no secret in it."""
     from pipeline.datasource import DataSource
     from pipeline.errors import UserError
-    from pipeline.storage import redact
+    from pipeline.store.objects import redact
 
     for loc in ("s3://AKIAKEY:s3cr3tvalue@bucket/p", "s3://bucket/p?region=us-east-1&secret_key=s3cr3tvalue&access_key=AKIAKEY"):
         for opener in (Store.open, DataSource.open):
@@ -171,7 +171,7 @@ def test_create_on_s3_is_exclusive_even_when_both_writers_saw_no_object(monkeypa
     """Two writers that both looked before either wrote (the race a check-then-put loses): on S3 the
     conditional PUT lets exactly one win, the other gets False, and the object holds the winner's
     bytes. A server without conditional writes (501) falls back to check-then-put."""
-    from pipeline import storage
+    from pipeline.store import objects as storage
     from tests.cluster.fixture import S3Server
 
     s3 = S3Server()
@@ -276,7 +276,7 @@ def test_report_out_to_s3_writes_there_and_nothing_local(tmp_path, monkeypatch, 
     """`report --out s3://...` (both endpoint forms) writes report.md, the plots and summary.parquet into
     the bucket and nothing on the local disk (a Path option once made a local folder named `s3:`)."""
     from pipeline.cli import main
-    from pipeline.results import Results
+    from pipeline.store.results import Results
     from tests.cluster.fixture import S3Server
     from tests.fakes import add_estimate, add_run, run, seq
 
@@ -301,7 +301,7 @@ def test_report_out_to_s3_writes_there_and_nothing_local(tmp_path, monkeypatch, 
 def test_a_location_is_undone_only_while_nothing_but_its_marker_is_there(tmp_path):
     """A command that created a location and stops before any work removes what it made (its marker and
     empty folders); once anything else is there (another command started on it meanwhile) it stays."""
-    from pipeline.results import MARKER, Results
+    from pipeline.store.results import MARKER, Results
 
     mine = Results.open(str(tmp_path / "mine"))
     (tmp_path / "mine" / "_check" / "x").mkdir(parents=True)  # the storage probe's empty folders

@@ -91,7 +91,7 @@ def test_submit_status_logs_on_a_local_head(head, tmp_path, mnist_dir, monkeypat
         logs = runner.invoke(app, ["logs", sid, "--address", address]).output if sid else ""
         pytest.fail(f"submit failed: {r.output[-2000:]}\n--- job logs ---\n{logs[-4000:]}")
     assert "SUCCEEDED" in r.output
-    from pipeline.estimates import read_estimates
+    from pipeline.store.estimates import read_estimates
 
     ev = read_estimates(str(results), estimate="k100-seed123-block50")
     assert len(ev) == 40 and not ev.duplicated(["run_id", "image_id"]).any()

@@ -34,8 +34,8 @@ from urllib.parse import urlparse
 from pipeline.errors import ConnectTimeout, RunFailed, UserError
 from pipeline.ray_backend import adapter, autoscaler
 from pipeline.ray_backend.resources import FEWER_CPUS_FIX, NO_GPU_FIX, NodeType, Resources, fits, fitting_types
-from pipeline.results import Results
-from pipeline.storage import Store
+from pipeline.store.objects import Store
+from pipeline.store.results import Results
 
 ENV_ADDRESS = "RAY_ADDRESS"
 # what a user's model folder never uploads (Ray's runtime environment): environments, data, caches, secrets

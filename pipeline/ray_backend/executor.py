@@ -33,7 +33,7 @@ from pipeline.errors import RunFailed, UserError
 from pipeline.ray_backend import autoscaler
 from pipeline.ray_backend.cluster import Cluster
 from pipeline.ray_backend.resources import Resources, fitting_types, launchable_slots, per_node
-from pipeline.results import Results
+from pipeline.store.results import Results
 
 STALL_TIMEOUT_S = float(os.environ.get("IWAE_STALL_TIMEOUT", "300"))
 

@@ -36,8 +36,8 @@ from pipeline.report.tables import (
     table1_cells,
     table2,
 )
-from pipeline.results import Results
-from pipeline.storage import Store
+from pipeline.store.objects import Store
+from pipeline.store.results import Results
 
 __all__ = ["NR", "PAPER_TABLE1", "Loaded", "Report", "ais_vs_lk", "build_report", "findings", "flip", "load", "run_labels"]
 

@@ -1,6 +1,6 @@
 """How far is L_k from log p(x)? The AIS and BDMC tables (:mod:`iwae.ais`), from a loaded summary.
 
-An AIS estimate is named by its settings (``T500-C16-L10-P100-seed0``, :mod:`pipeline.estimates`);
+An AIS estimate is named by its settings (``T500-C16-L10-P100-seed0``, :mod:`pipeline.store.estimates`);
 it is compared with a run's L_k estimate of the same images, binarised with the same seed.
 """
 

@@ -12,10 +12,10 @@ from iwae.checkpoint import CheckpointError
 from iwae.evaluate import EvalConfig, binarize_by_id
 from iwae.pictures import grid, reconstruction_means, sample_means
 from iwae.state import model_from_checkpoint
-from pipeline.ledger import load_final
 from pipeline.report.summary import Loaded
 from pipeline.report.tables import run_labels
-from pipeline.results import Results
+from pipeline.store.ledger import load_final
+from pipeline.store.results import Results
 
 RECONSTRUCTED = 16  # test images shown with their reconstructions, the first ones (binarised as the evaluation does)
 

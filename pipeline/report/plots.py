@@ -13,7 +13,7 @@ from iwae.diagnostics import KHAT_UNRELIABLE
 from iwae.units import THRESHOLD as UNIT_THRESHOLD
 from pipeline.report.summary import Loaded
 from pipeline.report.tables import run_labels
-from pipeline.results import PREFIXES
+from pipeline.store.results import PREFIXES
 
 COLOURS = {"vae": "tab:blue", "iwae": "tab:orange", "miwae": "tab:green", "ciwae": "tab:red", "piwae": "tab:purple"}
 STYLES = {"standard": "-", "stl": "--", "dreg": ":"}

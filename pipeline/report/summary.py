@@ -21,9 +21,9 @@ import pandas as pd
 
 from iwae.config import CELL_FREE, ModelConfig, RunConfig, cell_key
 from iwae.diagnostics import KHAT_UNRELIABLE
-from pipeline import estimates
-from pipeline.estimates import HEADLINE, LEGACY_PRUNED
-from pipeline.results import PREFIXES, Results
+from pipeline.store import estimates
+from pipeline.store.estimates import HEADLINE, LEGACY_PRUNED
+from pipeline.store.results import PREFIXES, Results
 
 FAMILY_FREE = (*CELL_FREE, "k", "m", "beta")  # Table 2: a swap and its control differ in the bound
 MATCHED_FREE = (*FAMILY_FREE, "estimator")  # estimators table: any bound and gradient at the same samples per example

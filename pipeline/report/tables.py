@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.estimates import HEADLINE
 from pipeline.report.stats import Paired, paired, se
 from pipeline.report.summary import Loaded, crowded_cells, estimate_label
+from pipeline.store.estimates import HEADLINE
 
 # Table 1 of Burda et al. 2016 (v4): test NLL (nats) and active units, 3,280 epochs.
 PAPER_TABLE1 = {

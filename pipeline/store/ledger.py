@@ -3,7 +3,7 @@
 - :class:`RunLedger`: the state of each run (``absent``, ``failed``, ``incomplete``, ``done``) by the
   one definition of done (:func:`run_state`). The driver reads it when a command starts and every
   later step consults that value; a trial reads its own members' state the same way.
-- :class:`EstimateLedger`: one estimate (:mod:`pipeline.estimates`) of the job's runs in the store:
+- :class:`EstimateLedger`: one estimate (:mod:`pipeline.store.estimates`) of the job's runs in the store:
   the images written whole, the fixed ranges left, writing a range. The local and the Ray
   evaluation share it and differ only in who scores the ranges.
 
@@ -23,8 +23,8 @@ import pyarrow as pa
 from iwae import checkpoint
 from iwae.config import RunConfig
 from iwae.state import FINAL
-from pipeline.estimates import Plan, Span, check_file, dir_key, spans
-from pipeline.results import SCHEMAS, DamagedFile, Results
+from pipeline.store.estimates import Plan, Span, check_file, dir_key, spans
+from pipeline.store.results import SCHEMAS, DamagedFile, Results
 
 Damaged = tuple[str, str]  # (key, why): a file that was read and does not read whole
 
@@ -139,7 +139,7 @@ class Survey:
 
 @dataclass(frozen=True)
 class EstimateLedger:
-    """One estimate (:mod:`pipeline.estimates`) of a job's runs in a results location: which of the
+    """One estimate (:mod:`pipeline.store.estimates`) of a job's runs in a results location: which of the
     plan's images are written, the ranges left, and the one writer of a scored range."""
 
     results: Results

@@ -10,7 +10,7 @@ A lease is a generation: ``leases/<run_id>/000001.json``, ``000002.json``, ... h
 (command id, host, pid), an expiry time and the epoch reached. The highest generation is the lease.
 A lease whose holder ran on this machine and is gone (a command killed here) counts as expired.
 Taking a free or expired lease creates the next generation with the store's compare-and-set
-(:meth:`pipeline.storage.Store.create`: a local hard link, S3's conditional PUT, GCS's create-only
+(:meth:`pipeline.store.objects.Store.create`: a local hard link, S3's conditional PUT, GCS's create-only
 upload), so of two commands that both saw it expired exactly one wins. The holder renews it (the
 driver, and the training task itself, which stops if it finds a newer generation than its own), and
 releases it when the run's work ends; a released lease is an expired one.
@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.results import Results
+from pipeline.store.results import Results
 
 LEASE_SECONDS = float(os.environ.get("IWAE_LEASE_SECONDS", "180"))  # renewed every third of this
 

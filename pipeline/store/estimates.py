@@ -39,7 +39,7 @@ import pyarrow as pa
 from iwae.ais import AISConfig
 from iwae.evaluate import EvalConfig
 from pipeline.errors import UserError
-from pipeline.results import SCHEMAS, DamagedFile, Results
+from pipeline.store.results import SCHEMAS, DamagedFile, Results
 
 ESTIMATE_TABLES = ("eval", "eval_train", "ais", "bdmc")
 RANGE_NAME = re.compile(r"images-(\d+)-(\d+)\.parquet$")
@@ -242,7 +242,7 @@ def read_estimates(location: str, table: str = "eval", estimate: str | None = HE
     """One estimate of a results location as a DataFrame, one row per run and image (``estimate=None``:
     every estimate, told apart by the ``estimate`` column). For notebooks and pandas::
 
-        from pipeline.estimates import read_estimates
+        from pipeline.store.estimates import read_estimates
         ev = read_estimates("results/demo")  # L_5000 (k5000-seed123-block500) of every run's test images
     """
     df = read(Results.open(location, create=False), table)

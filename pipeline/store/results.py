@@ -1,7 +1,7 @@
 """The results location: one declared Parquet schema per table, atomic writes, safe reads.
 
 A local folder or an object-store prefix (``s3://bucket/prefix``): every read and write goes through
-:class:`pipeline.storage.Store`. Layout (``pd.read_parquet(RESULTS + "/tables/NAME")`` reads each
+:class:`pipeline.store.objects.Store`. Layout (``pd.read_parquet(RESULTS + "/tables/NAME")`` reads each
 table, with ``storage_options`` for object stores)::
 
     RESULTS/
@@ -13,12 +13,12 @@ table, with ``storage_options`` for object stores)::
       tables/ais/<run_id>/<estimate>/images-*.parquet  AIS log p(x) of the first test images (iwae.ais)
       tables/bdmc/<run_id>/<estimate>/images-*.parquet  BDMC lower/upper bounds on images simulated from the model
       runs/<run_id>/*.pt           checkpoints
-      leases/<run_id>/             the run's lease generations (pipeline.leases)
+      leases/<run_id>/             the run's lease generations (pipeline.store.leases)
       _quarantine/                 damaged files, moved aside (never deleted)
 
 ``<estimate>`` names the estimator and its settings (``k5000-seed123-block500``), and its files are
-fixed image ranges (:mod:`pipeline.estimates`, which also holds the one reader of estimates). Every
-write is whole and atomic (see :mod:`pipeline.storage`), so readers never see a partial file, and
+fixed image ranges (:mod:`pipeline.store.estimates`, which also holds the one reader of estimates). Every
+write is whole and atomic (see :mod:`pipeline.store.objects`), so readers never see a partial file, and
 rewriting a file with the same content never duplicates rows.
 """
 
@@ -36,7 +36,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
-from pipeline.storage import Store
+from pipeline.store.objects import Store
 
 MARKER = "_iwae-pipeline.json"
 FORMAT = "iwae-pipeline/2"  # 2: MNIST pixels byte/255 and eval shards under their estimate; 1: pixels /256
@@ -272,9 +272,9 @@ class Results:
 
     def read(self, name: str) -> pd.DataFrame:
         """A whole table as a DataFrame (empty, with the declared columns, when there is nothing yet).
-        Estimates are read by :func:`pipeline.estimates.read`, which counts each image once."""
+        Estimates are read by :func:`pipeline.store.estimates.read`, which counts each image once."""
         if name not in ("runs", "train"):
-            raise ValueError(f"read estimates ({name}) through pipeline.estimates.read")
+            raise ValueError(f"read estimates ({name}) through pipeline.store.estimates.read")
         keys = self.store.list(self.table_key(name), ".parquet")
         if not keys:
             return SCHEMAS[name].empty_table().to_pandas()
@@ -289,7 +289,7 @@ class Results:
     def read_row(self, run_id: str) -> dict[str, Any] | None:
         """The run's row (None when there is none); ``DamagedFile`` when it does not read whole.
 
-        A reader: it never moves a file (:func:`pipeline.ledger.repair` does, before any work)."""
+        A reader: it never moves a file (:func:`pipeline.store.ledger.repair` does, before any work)."""
         try:
             rows = self.read_file(self.row_key(run_id), "runs").to_pylist()
         except FileNotFoundError:
