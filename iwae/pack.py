@@ -46,7 +46,19 @@ from iwae.config import RunConfig
 from iwae.data import Dataset
 from iwae.estimators import bound_and_surrogate, uses_fast_path
 from iwae.models import IWAEModel
-from iwae.state import FINAL, NonFiniteError, Notice, TrainResult, TrainState, pick_device, save_checkpoints, stage_of_epoch, start_state, training_images
+from iwae.state import (
+    FINAL,
+    Heartbeat,
+    NonFiniteError,
+    Notice,
+    TrainResult,
+    TrainState,
+    pick_device,
+    save_checkpoints,
+    stage_of_epoch,
+    start_state,
+    training_images,
+)
 
 
 def pack_key(cfg: RunConfig) -> str | None:
@@ -125,7 +137,8 @@ class Pack:
     +50% examples/s on a CPU for long runs (bench), after ~30 s of compilation.
     """
 
-    def __init__(self, states: list[TrainState], x_train: Tensor, graph: bool = True, compile_step: bool = False):
+    def __init__(self, states: list[TrainState], x_train: Tensor, graph: bool = True, compile_step: bool = False, heartbeat: Heartbeat | None = None):
+        self.heartbeat = heartbeat
         keys = {pack_key(s.cfg) for s in states}
         if len(states) > 1 and (None in keys or len(keys) != 1):
             raise ValueError("a pack needs runs of one shape (same data, model, K, estimator and schedule); see iwae.pack.pack_key")
@@ -299,6 +312,8 @@ class Pack:
             else:
                 self.flat.grad = None
                 self._step()
+            if self.heartbeat is not None:
+                self.heartbeat.beat()
 
     def epoch_orders(self) -> Tensor:
         """Each member's data order for its next epoch ``(G, N)`` (drawn from its own generator)."""
@@ -397,6 +412,7 @@ def train_pack(
     compile_step: bool | str = "auto",
     progress: bool = False,
     notice: Notice | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> list[TrainResult | NonFiniteError]:
     """The training loop: the runs ``cfgs`` (one :func:`pack_key`, or one run) as one pack, each
     resumed from its own sink.
@@ -412,6 +428,8 @@ def train_pack(
             a failure falls back to eager with a warning.
         progress: a progress bar (epochs, the bounds).
         notice: where one-line notices go (a run resumed from another device's checkpoint).
+        heartbeat: counts the steps for a watcher on another thread, and stops the loop with
+            :class:`~iwae.state.Stopped` before a checkpoint once asked to (a lease lost, say).
 
     Returns, per member, its :class:`~iwae.state.TrainResult`, or the :class:`NonFiniteError` that
     stopped it (the other members go on). Members already finished are returned as they are.
@@ -446,15 +464,19 @@ def train_pack(
         if not todo:
             break
         if todo != active:  # a member finished or failed: the pack is rebuilt from the others
-            active, pack = todo, Pack([states[g] for g in todo], x_train, graph=graph, compile_step=bool(compile_step))
+            active, pack = todo, Pack([states[g] for g in todo], x_train, graph=graph, compile_step=bool(compile_step), heartbeat=heartbeat)
         assert pack is not None
         rows = pack.train_epoch(max_skip_fraction)
+        if heartbeat is not None:
+            heartbeat.check()  # asked to stop: before any checkpoint of this epoch
         for g, row in zip(active, rows):
             if isinstance(row, NonFiniteError):
                 errors[g] = row
                 continue
             if sinks[g] is not None:
                 save_checkpoints(states[g], sinks[g])  # type: ignore[arg-type]
+                if heartbeat is not None:
+                    heartbeat.beat()
             if on_epoch is not None:
                 on_epoch(g, row)
         if bar is not None:
@@ -468,7 +490,9 @@ def train_pack(
             out.append(errors[g])
             continue
         sink = sinks[g]
-        if sink is not None and sink.read(FINAL) is None:  # resumed past the end
+        if sink is not None and FINAL not in sink.names():  # resumed past the end (a listing, not a download)
+            if heartbeat is not None:
+                heartbeat.check()
             sink.write(FINAL, checkpoint.to_bytes(s.payload(total)))
         out.append(TrainResult(s.model, s.history, s.seconds, resumed))
     return out

@@ -44,6 +44,31 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite steps in one epoch: the run diverged (retry from the last checkpoint)."""
 
 
+class Stopped(RuntimeError):
+    """Training was asked to stop (:meth:`Heartbeat.stop`) before its next checkpoint."""
+
+
+class Heartbeat:
+    """What a watcher on another thread sees of a training loop: ``beats`` counts its steps (and
+    checkpoints), so a watcher can tell a loop that makes progress from one that hangs; ``stop``
+    asks the loop to stop before it writes its next checkpoint (:class:`Stopped`). Reading and
+    bumping an int is safe across threads in CPython."""
+
+    def __init__(self) -> None:
+        self.beats = 0
+        self.why = ""
+
+    def beat(self) -> None:
+        self.beats += 1
+
+    def stop(self, why: str) -> None:
+        self.why = why
+
+    def check(self) -> None:
+        if self.why:
+            raise Stopped(self.why)
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """The GPU when torch sees one, else the CPU (never trust Ray's GPU ids for this)."""
     if device is not None:
@@ -150,26 +175,26 @@ class TrainState:
 
 
 def latest_checkpoint(checkpoints: checkpoint.Checkpoints) -> dict[str, Any] | None:
-    """The furthest readable checkpoint of a run.
+    """The furthest readable checkpoint of a run: ``final.pt``, else ``latest.pt`` (written after
+    every epoch, so never behind a stage's), else the last stage's; only the names the sink lists
+    are read, and only until one loads.
 
     A blob that was read but does not load is proven damaged: it is moved aside (never deleted) and
     the next one is tried. A blob that cannot be read right now (``OSError``, e.g. a network error
     on object storage) is not evidence of anything: the error propagates and nothing is touched.
     """
-    best: dict[str, Any] | None = None
-    names = checkpoints.names()
-    for name in [FINAL, LATEST, *sorted(n for n in names if n.startswith("stage-"))]:
+    names = set(checkpoints.names())
+    for name in [FINAL, LATEST, *sorted((n for n in names if n.startswith("stage-")), reverse=True)]:
+        if name not in names:
+            continue
         data = checkpoints.read(name)
         if data is None:
             continue
         try:
-            ck = checkpoint.from_bytes(data, name)
+            return checkpoint.from_bytes(data, name)
         except checkpoint.CheckpointError:
             checkpoints.quarantine(name)
-            continue
-        if best is None or ck["epoch"] > best["epoch"]:
-            best = ck
-    return best
+    return None
 
 
 def start_state(

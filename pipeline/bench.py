@@ -307,18 +307,18 @@ def eval_throughput(data: DataSource, mnist: Any, n_images: int, ray_path: bool,
         out["eval_images_per_s"] = n_images / t_local
         out["eval_samples_per_s"] = n_images * 5000 / t_local
         if ray_path:
-            from pipeline.driver import _writer, ray_session
+            from pipeline.driver import ray_session
             from pipeline.ray_backend import executor
             from pipeline.ray_backend.cluster import usable_cpus
             from pipeline.ray_backend.resources import Resources
-            from pipeline.work import score_range
+            from pipeline.work import score_unit
 
             res2, run_id2 = _fake_results(Path(tmp) / "ray", model_cfg, mnist)
             with ray_session(None) as cluster:
                 timings: dict[str, float] = {}
                 sl = EstimateLedger(res2, plan)
-                units = [executor.Unit(str(s), score_range, (sl, data, s)) for s in (Span(run_id2, 0, half - 1), Span(run_id2, half, n_images - 1))]
-                source = executor.Ready(res2, units, _writer(sl))
+                units = [executor.Unit(str(s), score_unit, (sl, data, [s])) for s in (Span(run_id2, 0, half - 1), Span(run_id2, half, n_images - 1))]
+                source = executor.Ready(res2, units)
                 executor.run(cluster, source, Resources(cpus=usable_cpus() / len(units), gpus=0.0), what="evaluation", workers=len(units), timings=timings)
                 t_ray = timings["work_seconds"]
             out["eval_ray_images_per_s"] = n_images / t_ray

@@ -150,6 +150,7 @@ def cli_errors(fn: F) -> F:
         from iwae.checkpoint import CheckpointError
         from iwae.data import DataError
         from pipeline.errors import ConnectTimeout
+        from pipeline.store.errors import StoreFailing
 
         try:
             return fn(*args, **kwargs)
@@ -159,7 +160,7 @@ def cli_errors(fn: F) -> F:
         except (UserError, DataError, CheckpointError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
-        except RunFailed as e:
+        except (RunFailed, StoreFailing) as e:  # work that failed, or a store that kept failing past its retries: exit 1
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
         except (ValueError, TypeError) as e:  # config validation: the message names the bad value
@@ -398,18 +399,23 @@ def sweep(
             req = " and ".join(j.requires) or "the runs it starts from"
             raise UserError(f"{job} starts from {req}'s runs; run `{_command('sweep', req, size, stages, epoch_scale, None, results, data_dir)}` first")
         driver.check_storage(cluster, res)
-        ledger = driver.train_job(
+        ledger, failed = driver.train_job(
             job, j.runs, res, data, ledger, cluster, cpus=train_cpus, gpus=train_gpus, pack=pack_limit, retries=retries,
             compile_step=_compile_flag(compile_step), echo=say,
         )  # fmt: skip
-        if evaluate_after:
+        if evaluate_after:  # the runs that trained are evaluated and reported even when others failed
             gpus = eval_gpus if eval_gpus is not None else train_gpus
-            driver.evaluate_job(
-                j, res, data, ledger, cluster, test_images=test_images, train_images=train_images, workers=eval_workers, cpus=eval_cpus,
-                gpus=gpus, retries=retries,
-            )  # fmt: skip
+            try:
+                driver.evaluate_job(
+                    j, res, data, ledger, cluster, test_images=test_images, train_images=train_images, workers=eval_workers, cpus=eval_cpus,
+                    gpus=gpus, retries=retries,
+                )  # fmt: skip
+            except RunFailed as e:
+                failed = f"{failed}; {e}" if failed else str(e)
     typer.echo(build_report(res, data=data).markdown)
     typer.echo(f"{job}: done in {time.monotonic() - t0:.0f} s; tables in {res.store.uri('tables')}, report in {res.store.uri('report')}")
+    if failed:
+        raise RunFailed(failed)
 
 
 @app.command()
@@ -672,6 +678,23 @@ def report(
     if not rep.files:
         raise UserError(f"no runs in {res} yet; fill it with `iwae-pipeline sweep demo --results {shlex.quote(results)}` (see `iwae-pipeline jobs`)")
     typer.echo(rep.markdown)
+
+
+@app.command()
+@cli_errors
+def repair(results: ResultsOpt = DEFAULT_RESULTS) -> None:
+    """Read every file of a results location: move what does not read whole to _quarantine/ (kept,
+    never deleted), and rewrite estimate files of earlier layouts into the current one
+    (tables/eval/run_id=ID/estimate=NAME/). Other commands decide what is done by name and never move
+    a file; run this when one of them names a damaged file. It downloads everything."""
+    from pipeline.store.ledger import check_location
+
+    res = _results(results, create=False)
+    done = check_location(res, notice=lambda m: typer.echo(m, err=True))
+    typer.echo(
+        f"repair: {done['checked']} run files read, {done['moved']} moved to {res.store.uri('_quarantine')},"
+        f" {done['migrated']} estimate files rewritten into the current layout"
+    )
 
 
 # ------------------------------------------------------------------------------------------ Ray Jobs

@@ -22,12 +22,13 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from iwae.config import RunConfig
 from iwae.evaluate import EvalConfig
 from pipeline.datasource import DataSource
-from pipeline.store.estimates import AISPlan, EvalPlan, Plan
+from pipeline.store.estimates import AISPlan, EvalPlan, Plan, Span
 from pipeline.store.ledger import EstimateLedger, RunLedger, repair
 from pipeline.store.results import Results
 
@@ -99,11 +100,11 @@ def missing_start(runs: Sequence[RunConfig], ledger: RunLedger) -> bool:
 def check_storage(cluster: Any, results: Results) -> None:
     """Every node can use the results location; if not, a location this command created is undone
     (only while nothing else has been written there)."""
-    from pipeline.errors import UserError
+    from pipeline.errors import RunFailed, UserError
 
     try:
         cluster.check_storage(results)
-    except UserError:
+    except (UserError, RunFailed):
         results.discard_if_new()
         raise
 
@@ -120,140 +121,170 @@ def pack_runs(todo: Sequence[RunConfig], pack: int | None, gpus: float) -> list[
     return group_packs(list(todo), pack if pack is not None else (16 if gpus > 0 else 1))
 
 
+@dataclass
+class _Flight:
+    """A training unit handed out: its token (the holder its task writes into the leases) and the
+    lease generation of each member once seen held by it."""
+
+    unit: Any
+    token: str
+    run_ids: list[str]
+    gens: dict[str, int] = field(default_factory=dict)
+    lost_at: float | None = None  # when a member's lease was first seen taken over by another
+
+
 class Training:
     """The executor's source of training units (:mod:`pipeline.ray_backend.executor`): packs of runs,
-    each handed out once this command holds every member's lease (:mod:`pipeline.store.leases`).
+    whose tasks take, renew and release the members' leases themselves (:mod:`pipeline.store.leases`).
 
-    A run whose lease another command holds live is held back, said once, and looked at again every
-    few seconds: done by the other command (dropped: trained once), or its lease expired (the other
-    command died: taken over, and resumed from its checkpoints). The leases of packs in flight are
-    renewed from here and from the task itself, and released when the pack's task ends."""
+    A run whose lease another command holds live comes back *held*, is said once, and is looked at
+    again every third of a lease (a listing and a read of its lease): done by the other command
+    (dropped: trained once), or its lease expired (the other command died or hung: handed out again,
+    and resumed from its checkpoints). The driver renews nothing: it only watches the leases of the
+    units in flight, on the same timer, and finds a unit hung when its task's lease expired (its steps
+    stopped, so its renewals did) or was taken over and the task did not stop; the executor then
+    cancels it and names it at the end. Cost per minute: proportional to the runs training now."""
 
     def __init__(self, results: Results, data: DataSource, packs: list[list[RunConfig]], pack: int, compile_step: bool | str, echo: Echo, bar: Any):
         from pipeline.store.leases import Leases, new_owner
 
         self.results, self.data, self.pack, self.compile_step, self.echo, self.bar = results, data, pack, compile_step, echo, bar
-        self.leases = Leases(results, new_owner())
-        self.fresh = [list(p) for p in packs]  # not yet looked at
-        self.held: dict[str, RunConfig] = {}  # held by another command: looked at again every few seconds
+        self.command = new_owner()
+        self.book = Leases(results, self.command)  # reads leases; this command holds none itself
+        self.fresh = [list(p) for p in packs]  # not yet handed out
+        self.held: dict[str, RunConfig] = {}  # held by another command: looked at again on the timer
         self.told: set[str] = set()
-        self.inflight: dict[str, list[Any]] = {}  # unit name -> its leases
+        self.inflight: dict[str, _Flight] = {}  # unit name -> its flight
+        self.cfgs: dict[str, RunConfig] = {c.run_id: c for p in packs for c in p}
         self.trained: list[str] = []
         self.by_others: list[str] = []
         self.failures: dict[str, str] = {}
-        self.last_look = self.last_renew = self.last_show = 0.0
+        self.hung: set[str] = set()  # unit names found hung (no failed rows for them: another command may be training the runs)
+        self.last_look = self.last_watch = 0.0
 
-    def _unit(self, members: list[RunConfig], leases: list[Any]) -> Any:
+    @property
+    def every(self) -> float:
+        return max(1.0, self.book.seconds / 3)
+
+    def _unit(self, members: list[RunConfig]) -> Any:
         from pipeline.ray_backend.executor import Unit
+        from pipeline.store.leases import new_owner
         from pipeline.work import train_unit
 
         name = f"run {members[0].run_id}" + (f" (+{len(members) - 1})" if len(members) > 1 else "")
-        self.inflight[name] = leases
-        return Unit(name, train_unit, (self.results, self.data, [c.to_dict() for c in members], leases, self.compile_step))
+        token = new_owner()
+        unit = Unit(name, train_unit, (self.results, self.data, [c.to_dict() for c in members], token, self.command, self.compile_step))
+        self.inflight[name] = _Flight(unit, token, [c.run_id for c in members])
+        return unit
 
     def take(self) -> list[Any]:
         import time
 
         from iwae.pack import group_packs
-        from pipeline.store.leases import Held
         from pipeline.store.ledger import RunState, run_state
 
-        candidates, self.fresh = self.fresh, []
-        if self.held and time.monotonic() - self.last_look > 5.0:
+        units = [self._unit(p) for p in self.fresh]
+        self.fresh = []
+        if self.held and time.monotonic() - self.last_look >= self.every:
             self.last_look = time.monotonic()
-            for rid in list(self.held):
+            free = []
+            for rid, cfg in list(self.held.items()):
                 try:
-                    state = run_state(self.results, rid).state
+                    if self.book.live(self.book.seen(rid, body=True)):
+                        continue  # still trained by the other command
+                    if run_state(self.results, rid).state == RunState.done:  # the other command finished it
+                        del self.held[rid]
+                        self.by_others.append(rid)
+                        self.bar.update(1)
+                        self.echo(f"run {rid} was trained by the other command")
+                        continue
                 except OSError:
-                    continue  # a store blip: looked at again with the others
-                if state == RunState.done:  # the other command finished it
-                    del self.held[rid]
-                    self.by_others.append(rid)
-                    self.bar.update(1)
-                    self.echo(f"run {rid} was trained by the other command")
-            candidates += group_packs(list(self.held.values()), self.pack)
-            self.held = {}
-        units = []
-        for members in candidates:
-            got, leases = [], []
-            for c in members:
-                try:
-                    lease = self.leases.acquire(c.run_id)
-                except OSError as e:  # the store did not answer (a blip, a raced conditional PUT): look again in a few seconds
-                    self.held[c.run_id] = c
-                    self.echo(f"run {c.run_id}: its lease could not be read or written ({type(e).__name__}: {str(e)[:120]}); trying again")
-                    continue
-                if isinstance(lease, Held):
-                    self.held[c.run_id] = c
-                    if c.run_id not in self.told:
-                        self.told.add(c.run_id)
-                        self.echo(f"run {c.run_id} is being trained by another command ({lease.by}); this one waits for it, or for its lease to expire")
-                    continue
-                got.append(c)
-                leases.append(lease)
-            if got:
-                units.append(self._unit(got, leases))
+                    continue  # the store kept failing: looked at again on the next round
+                del self.held[rid]
+                free.append(cfg)  # its lease ran out or was released: trained here, resumed from its checkpoints
+            units += [self._unit(p) for p in group_packs(free, self.pack)]
         return units
 
     def waiting(self) -> int:
         return len(self.held)
 
-    def _release(self, name: str) -> None:
-        for lease in self.inflight.pop(name, []):
-            try:
-                self.leases.release(lease)
-            except OSError:
-                pass  # it expires on its own
-
-    def done(self, unit: Any, rows: list[dict[str, Any]]) -> None:
-        lost = [r["lease_lost"] for r in rows if "lease_lost" in r]
-        if lost:  # another command took the runs over: wait for it like for any held run
-            self.echo(lost[0])
-            for d in unit.args[2]:
-                cfg = RunConfig.from_dict(d)
-                self.held[cfg.run_id] = cfg
-            self.inflight.pop(unit.name, None)
-            return
-        self._release(unit.name)
-        self.trained += [r["run_id"] for r in rows]
+    def done(self, unit: Any, value: dict[str, Any]) -> None:
+        flight = self.inflight.pop(unit.name, None)
+        rows = value.get("rows", [])
+        trained = [r["run_id"] for r in rows]
+        self.trained += trained
         self.bar.update(len(rows))
+        for rid, by in value.get("held", {}).items():
+            self.held[rid] = self.cfgs[rid]
+            if rid not in self.told:
+                self.told.add(rid)
+                self.echo(f"run {rid} is being trained by another command ({by}); this one waits for it, or for its lease to expire")
+        if value.get("lost"):  # another command took the runs over: wait for it like for any held run
+            self.echo(str(value["lost"]))
+            for rid in flight.run_ids if flight else []:
+                if rid not in trained:
+                    self.held[rid] = self.cfgs[rid]
 
     def failed(self, unit: Any, why: str) -> None:
         from pipeline.work import mark_failed
 
-        self._release(unit.name)
-        for d in unit.args[2]:
-            cfg = RunConfig.from_dict(d)
-            mark_failed(self.results, cfg, why)  # reports show it; never over a done run
-            self.failures[cfg.run_id] = why
-        self.bar.update(len(unit.args[2]))
+        flight = self.inflight.pop(unit.name, None)
+        for rid in flight.run_ids if flight else []:
+            if unit.name not in self.hung:
+                mark_failed(self.results, self.cfgs[rid], why)  # reports show it; never over a done run
+            self.failures[rid] = why
+        self.bar.update(len(flight.run_ids) if flight else 0)
 
-    def close(self) -> None:
-        """Release every lease still held (a command interrupted, or stopped by an error): another
-        command may take the runs over at once, from their last checkpoints."""
-        for name in list(self.inflight):
-            self._release(name)
-
-    def tick(self) -> None:
+    def stalled(self) -> list[tuple[Any, str]]:
+        """Units whose task hangs, by their leases (class docstring); looked at every third of a lease."""
         import time
 
         now = time.monotonic()
-        if now - self.last_renew > self.leases.seconds / 3:
-            self.last_renew = now
-            for leases in self.inflight.values():
-                for lease in leases:
-                    try:
-                        self.leases.renew(lease)
-                    except Exception:  # noqa: BLE001  # lost or a blip: the task sees it and stops
-                        pass
-        if now - self.last_show > 10.0 and self.inflight:
-            self.last_show = now
-            shown = [lease for leases in self.inflight.values() for lease in leases][:8]  # a progress hint: a few reads, not one per run
-            try:
-                epochs = [self.leases.epoch(lease.run_id) or 0 for lease in shown]
-            except OSError:
-                return  # a store blip: the hint waits for the next tick
-            self.bar.set_postfix_str(f"epochs reached: {', '.join(map(str, epochs))}"[:60])
+        if not self.inflight or now - self.last_watch < self.every:
+            return []
+        self.last_watch = now
+        out = []
+        for name, flight in list(self.inflight.items()):
+            why = ""
+            for rid in flight.run_ids:
+                try:
+                    s = self.book.seen(rid)
+                    mine = flight.gens.get(rid)
+                    if s.generation and s.generation != mine:
+                        body = self.book._read(rid, s.generation)
+                        if body is not None and body.get("owner") == flight.token:
+                            flight.gens[rid] = mine = s.generation
+                        elif mine is not None:  # taken over while this unit holds it: its task should stop at its next step
+                            flight.lost_at = flight.lost_at or now
+                except OSError:
+                    continue  # the store kept failing: looked at again next time
+                if mine is not None and s.generation == mine and s.age >= self.book.seconds:
+                    why = f"its task made no training step for over {s.age:.0f} s, so its lease on run {rid} expired (another command may take it over)"
+                elif flight.lost_at is not None and now - flight.lost_at >= self.book.seconds:
+                    why = f"another command took run {rid} over and its task did not stop within {self.book.seconds:.0f} s"
+                if why:
+                    break
+            if why:
+                self.hung.add(name)
+                out.append((flight.unit, f"stalled: {why}; its checkpoints are kept"))
+        return out
+
+    def close(self) -> None:
+        """Release the leases the tasks in flight held (the executor has cancelled them: a command
+        interrupted, or stopped by an error), so another command may take the runs over at once."""
+        from pipeline.store.leases import Lease, Leases
+
+        for flight in self.inflight.values():
+            book = Leases(self.results, flight.token)
+            for rid, gen in flight.gens.items():
+                try:
+                    book.release(Lease(rid, gen, flight.token))
+                except OSError:
+                    pass  # it expires on its own
+
+    def tick(self) -> None:
+        if self.inflight or self.held:
+            self.bar.set_postfix_str(f"{len(self.inflight)} unit(s) out, {len(self.held)} run(s) held by other commands"[:60])
 
 
 def train_job(
@@ -270,8 +301,10 @@ def train_job(
     retries: int,
     compile_step: bool | str,
     echo: Echo,
-) -> RunLedger:
-    """Train the runs the ledger says are not done, a pack per Ray task on the executor; returns the ledger after."""
+) -> tuple[RunLedger, str]:
+    """Train the runs the ledger says are not done, a pack per Ray task on the executor. Returns the
+    ledger after, and why some runs failed ("" when none did): a run that diverged or kept failing
+    does not stop the others, nor their evaluation and report (the command exits 1 at the end)."""
     from pipeline.ray_backend import executor
     from pipeline.ray_backend.resources import Resources
 
@@ -281,16 +314,19 @@ def train_job(
         cluster.check_resources(res)  # before the first line: a request no node meets is one error line
     echo(f"{name}: {len(runs)} runs ({len(todo)} to train); each training task gets {res}; results in {results}")
     if not todo:
-        return ledger
+        return ledger, ""
     packs = pack_runs(todo, pack, res.gpus)
     b = bar(len(runs), f"{name}: training", "run")
     b.update(len(runs) - len(todo))
     source = Training(results, data, packs, pack if pack is not None else (16 if res.gpus > 0 else 1), compile_step, lambda m: b.write(m, file=sys.stderr), b)
+    failed = ""
     try:
         executor.run(cluster, source, res, what="training", retries=retries, notice=lambda m: b.write(m, file=sys.stderr))
+    except executor.UnitsFailed as e:
+        failed = str(e)
     finally:
         b.close()
-    return ledger.with_done(source.trained + source.by_others)
+    return ledger.with_done(source.trained + source.by_others), failed
 
 
 def eval_plans(job: Any, dataset: str, test_images: int | None, train_images: int | None) -> list[EvalPlan]:
@@ -304,13 +340,26 @@ def eval_plans(job: Any, dataset: str, test_images: int | None, train_images: in
     return plans
 
 
-def _writer(sl: EstimateLedger) -> Callable[[Any, Any], None]:
-    """The one writer of an estimate's ranges: what the executor hands a scored range to."""
+def units_of(spans: Sequence[Span], fn: Any, args: Callable[[list[Span]], tuple[Any, ...]], per_unit: int) -> list[Any]:
+    """Scoring units: up to ``per_unit`` consecutive ranges of one run each (a worker loads the run's
+    model once per unit), never two runs in one unit."""
+    from pipeline.ray_backend.executor import Unit
 
-    def write(unit: Any, table: Any) -> None:
-        sl.write(unit.args[2], table)
+    out: list[list[Span]] = []
+    group: list[Span] = []
+    for span in spans:
+        if group and (len(group) == per_unit or group[0].run_id != span.run_id):
+            out.append(group)
+            group = []
+        group.append(span)
+    if group:
+        out.append(group)
+    return [Unit(str(g[0]) if len(g) == 1 else f"{g[0]} .. {g[-1].last}", fn, args(g)) for g in out]
 
-    return write
+
+def per_unit(ranges: int, slots: int) -> int:
+    """Ranges per scoring unit: enough units to keep every slot busy four times over, at most 8 ranges each."""
+    return max(1, min(8, ranges // max(1, 4 * slots)))
 
 
 def evaluate_job(
@@ -330,12 +379,15 @@ def evaluate_job(
 ) -> None:
     """The job's k=5000 evaluation of its done runs on the executor: the test images (and the pruned
     models), then the training images if asked. Each dataset is sized on its own. With ``ais``, that
-    AIS (or BDMC) evaluation instead (:mod:`iwae.ais`), in ranges and written the same way."""
+    AIS (or BDMC) evaluation instead (:mod:`iwae.ais`), in ranges and written the same way. A range
+    that fails does not stop the others, nor the other estimates: :class:`UnitsFailed` names them all
+    at the end."""
     from pipeline.ray_backend import executor
     from pipeline.ray_backend.resources import Resources
-    from pipeline.work import score_range
+    from pipeline.work import score_unit
 
     res = Resources(cpus, cluster.default_gpus(gpus))
+    failed: dict[str, str] = {}
     for dataset in job.datasets():
         run_ids = [c.run_id for c in job.runs if c.dataset == dataset and ledger.done(c.run_id)]
         plans: list[Plan] = [ais] if ais is not None else list(eval_plans(job, dataset, test_images, train_images))
@@ -350,11 +402,26 @@ def evaluate_job(
                 items = sl.prepare(run_ids, notice)
                 b.total = len(items)
                 b.refresh()
-                units = [executor.Unit(str(span), score_range, (sl, data, span)) for span in items]
-                source = executor.Ready(results, units, _writer(sl), b.update)
+                size = per_unit(len(items), executor.slots(cluster, res)) if items else 1
+
+                def args(g: list[Span], sl: EstimateLedger = sl) -> tuple[Any, ...]:
+                    return (sl, data, g)
+
+                def done(unit: Any, n: int, b: Any = b) -> None:
+                    b.update(len(unit.args[2]))
+
+                units = units_of(items, score_unit, args, size)
+                source = executor.Ready(results, units, done)
                 executor.run(cluster, source, res, what="evaluation", workers=workers, retries=retries, notice=notice)
+            except executor.UnitsFailed as e:
+                notice(f"error: {e}")
+                failed.update(e.failed)
             finally:
                 b.close()
+    if failed:
+        names = list(failed)
+        named = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise executor.UnitsFailed(f"evaluation of {named} failed ({failed[names[0]]}); the rest is written; run the same command again to finish", failed)
 
 
 def evaluate_here(results: Results, data: DataSource, run_ids: Sequence[str], plan: Plan, notice: Echo | None = None, show: bool = True) -> int:
@@ -405,7 +472,7 @@ def score_model(
     from pipeline.ray_backend import executor
     from pipeline.ray_backend.resources import Resources
     from pipeline.store.results import versions
-    from pipeline.user_models import row_fields, score_user_range
+    from pipeline.user_models import row_fields, score_user_unit
 
     if results.run_row(ref.key) is None:
         row = {
@@ -425,17 +492,20 @@ def score_model(
         return 0
     res = Resources(cpus, cluster.default_gpus(gpus))
     b = bar(len(items), f"{ref.name}: {plan.table} {plan.estimate}", "range")
-    units = [
-        executor.Unit(str(span), score_user_range, (sl, data, ref, binarize, span, None if images is None else images[span.first : span.last + 1]))
-        for span in items
-    ]
+    size = per_unit(len(items), executor.slots(cluster, res))
+
+    def args(g: list[Span]) -> tuple[Any, ...]:
+        return (sl, data, ref, binarize, g, None if images is None else [images[s.first : s.last + 1] for s in g])
+
+    units = units_of(items, score_user_unit, args, size)
     rows = [0]
 
-    def write(unit: Any, table: Any) -> None:
-        rows[0] += sl.write(unit.args[4], table)
+    def done(unit: Any, n: int) -> None:
+        rows[0] += n
+        b.update(len(unit.args[4]))
 
     try:
-        executor.run(cluster, executor.Ready(results, units, write, b.update), res, what="scoring", workers=workers, retries=retries, notice=echo)
+        executor.run(cluster, executor.Ready(results, units, done), res, what="scoring", workers=workers, retries=retries, notice=echo)
     finally:
         b.close()
     return rows[0]

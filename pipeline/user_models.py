@@ -403,8 +403,10 @@ def why_failed(model: Any, x: torch.Tensor, image_id: int) -> str:
 TRANSIENT = (UserError, OSError, torch.OutOfMemoryError)
 
 
-def score_user_range(ledger: Any, data: Any, ref: ModelRef, binarize: bool, span: Any, images: np.ndarray | None) -> Any:
-    """A unit of the executor: one range of images scored with a user's model (``images``: the range's
-    own rows of a user's data file; None: MNIST's test images on the node)."""
+def score_user_unit(ledger: Any, data: Any, ref: ModelRef, binarize: bool, spans: Any, images: list[np.ndarray] | None) -> int:
+    """A unit of the executor: ranges of images scored with a user's model, each written as it is
+    done (``images``: each range's own rows of a user's data file; None: MNIST's test images on the
+    node). Returns the rows written."""
     key = (ledger.results.location, data.location, ledger.plan, ref, binarize)
-    return cached_scorer(key, lambda: UserScorer(ledger, data, ref, binarize)).score(span, images)
+    sc = cached_scorer(key, lambda: UserScorer(ledger, data, ref, binarize))
+    return sum(ledger.write(span, sc.score(span, None if images is None else images[j])) for j, span in enumerate(spans))

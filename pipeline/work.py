@@ -7,10 +7,10 @@ command made once and that pickle as their locations, so they run the same on an
 idempotent: a finished run (by :class:`pipeline.store.ledger.RunLedger`) or a written range is never
 redone, so retries and re-runs are safe.
 
-Scoring a range returns its rows (an Arrow table) instead of writing them: one writer, the driver,
-checks each range and writes it whole (:meth:`pipeline.store.ledger.EstimateLedger.write`), and every
+A scoring unit writes each range it scores through the one writer, which checks it and writes it
+whole (:meth:`pipeline.store.ledger.EstimateLedger.write`); the driver only records how many. Every
 image's numbers are seeded by its id, so an image is counted once whichever worker or node
-computed it, died or retried.
+computed it, died or retried. A training unit holds its runs' leases itself (:mod:`pipeline.store.leases`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,12 +34,12 @@ from iwae.evaluate import binarize_by_id, estimate_log_px
 from iwae.latent import LatentModel
 from iwae.models import IWAEModel
 from iwae.pack import train_pack
-from iwae.state import TrainResult, model_from_checkpoint, pick_device
+from iwae.state import Heartbeat, Stopped, TrainResult, model_from_checkpoint, pick_device
 from iwae.units import PrunedOnCommonDraws, active_masks, unit_variances
 from pipeline.datasource import DataSource
 from pipeline.errors import RunFailed, UserError
 from pipeline.store.estimates import AISPlan, EvalPlan, Span
-from pipeline.store.leases import Lease, LeaseLost, Leases
+from pipeline.store.leases import Held, Lease, LeaseLost, Leases
 from pipeline.store.ledger import EstimateLedger, RunLedger, RunState, load_final, run_state
 from pipeline.store.results import AIS_SCHEMA, EVAL_SCHEMA, PREFIXES, Results, rows_table, versions
 
@@ -92,6 +93,7 @@ def train_members(
     compile_step: bool | str = "auto",
     progress: bool = False,
     notice: Callable[[str], None] | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> list[dict[str, Any]]:
     """Train the runs of ``cfgs`` that are not done yet (runs of one :func:`iwae.pack.pack_key`, or one
     run: a task of the executor, or a pack of ``train``) as one pack (:func:`iwae.pack.train_pack`,
@@ -100,7 +102,7 @@ def train_members(
     A pack of several runs names them in each run's ``pack`` column. A member that diverged gets a
     ``failed`` row (the others are kept) and :class:`RunFailed` names it at the end, in one line.
     """
-    ledger = RunLedger.read(results, [c.run_id for c in cfgs])  # a retried trial finds what it finished
+    ledger = RunLedger.read(results, [c.run_id for c in cfgs], by_listing=False)  # a retried task finds what it finished
     rows = {c.run_id: dict(ledger.row(c.run_id) or {}) for c in cfgs if ledger.done(c.run_id)}
     todo = ledger.todo(cfgs)
     if not todo:
@@ -110,7 +112,9 @@ def train_members(
     inits = [init_checkpoint(results, c) for c in todo]
     sinks: list[checkpoint.Checkpoints | None] = [StoreCheckpoints(results, c.run_id) for c in todo]
     pack_hook = (lambda g, row: on_epoch(todo[g], row)) if on_epoch is not None else None
-    out = train_pack(todo, ds, sinks, device=dev, inits=inits, on_epoch=pack_hook, compile_step=compile_step, progress=progress, notice=notice)
+    out = train_pack(
+        todo, ds, sinks, device=dev, inits=inits, on_epoch=pack_hook, compile_step=compile_step, progress=progress, notice=notice, heartbeat=heartbeat
+    )
     pack = "+".join(c.run_id for c in todo) if len(todo) > 1 else ""
     failed = []
     for c, r in zip(todo, out):
@@ -127,12 +131,17 @@ def train_members(
 
 
 def train_unit(
-    results: Results, data: DataSource, cfgs: Sequence[dict[str, Any]], leases: Sequence[Lease], compile_step: bool | str = "auto"
-) -> list[dict[str, Any]]:
+    results: Results, data: DataSource, cfgs: Sequence[dict[str, Any]], token: str, command: str = "", compile_step: bool | str = "auto"
+) -> dict[str, Any]:
     """A unit of the executor: train one pack (the runs ``cfgs``, as dicts) on whichever node runs it,
-    holding the runs' ``leases``: renewed from this task every third of their length (with the epoch
-    each run reached: the driver's progress), and if another command has taken one over, training
-    stops at the next epoch. Returns the runs' rows, or ``[{"lease_lost": why}]`` when it stopped so."""
+    under the runs' leases, which this task takes (as holder ``token``), renews and releases.
+
+    A member whose lease another holds live is not trained here: it comes back in ``held`` (run id ->
+    holder), for the driver to look at again later. The leases are renewed from a thread of this task
+    every third of their length, and only while training makes progress (its steps advance between
+    two renewals, :class:`iwae.state.Heartbeat`): a hung loop lets them expire, and another command
+    takes the runs over. If another has taken one over, training stops before its next checkpoint
+    and the reason comes back in ``lost``. Returns ``{"rows": [...], "held": {...}, "lost": str}``."""
     import threading
 
     why = results.usable_here()  # a node that joined after the driver's storage check (an autoscaler's) is checked here
@@ -141,39 +150,64 @@ def train_unit(
 
         raise UserError(f"node {socket.gethostname()} cannot use {results} ({why}); {results.storage_fix()}")
     configs = [RunConfig.from_dict(d) for d in cfgs]
-    book = Leases(results, leases[0].owner) if leases else None
-    epochs: dict[str, int] = {}
-    lost: list[str] = []
-    stop = threading.Event()
-
-    def renew() -> None:
-        while book is not None and not stop.wait(book.seconds / 3):
-            for lease in leases:
-                try:
-                    book.renew(lease, epochs.get(lease.run_id))
-                except LeaseLost as e:
-                    lost.append(str(e))
-                except OSError:
-                    pass  # a store blip: the next renewal tries again, well within the lease
-
-    def on_epoch(cfg: RunConfig, row: dict[str, Any]) -> None:
-        epochs[cfg.run_id] = int(row["epoch"])
-        if lost:
-            raise LeaseLost(lost[0])
-
-    renewer = threading.Thread(target=renew, daemon=True, name="lease-renewal")
-    renewer.start()
+    book = Leases(results, token, command=command)
+    leases: dict[str, Lease] = {}
+    held: dict[str, str] = {}
+    epochs: dict[str, int] = {}  # the epoch each run reached: what its lease records
+    out: dict[str, Any] = {"rows": [], "held": held, "lost": ""}
     try:
-        return train_members(configs, results, data, on_epoch=on_epoch, compile_step=compile_step)
-    except LeaseLost as e:  # another command trains these runs now: not a failure of this one
-        return [{"lease_lost": str(e)}]
+        for c in configs:
+            got = book.acquire(c.run_id)
+            if isinstance(got, Held):
+                held[c.run_id] = got.by
+            else:
+                leases[c.run_id] = got
+        mine = [c for c in configs if c.run_id in leases]
+        if not mine:
+            return out
+        beat = Heartbeat()
+        stop = threading.Event()
+
+        def renew() -> None:
+            last = -1
+            while not stop.wait(book.seconds / 3):
+                if beat.beats == last:
+                    continue  # no step since the last renewal: the loop may hang, so the lease is left to run out
+                last = beat.beats
+                for rid, lease in leases.items():
+                    try:
+                        book.renew(lease, epochs.get(rid))
+                    except LeaseLost as e:
+                        beat.stop(str(e))
+                        return
+                    except OSError:
+                        pass  # the store kept failing: the next renewal tries again, well within the lease
+
+        def on_epoch(cfg: RunConfig, row: dict[str, Any]) -> None:
+            epochs[cfg.run_id] = int(row["epoch"])
+
+        renewer = threading.Thread(target=renew, daemon=True, name="lease-renewal")
+        renewer.start()
+        try:
+            out["rows"] = train_members(mine, results, data, on_epoch=on_epoch, compile_step=compile_step, heartbeat=beat)
+        except Stopped as e:  # another command trains these runs now: not a failure of this one
+            out["lost"] = str(e)
+        finally:
+            stop.set()
+        return out
     finally:
-        stop.set()
+        for rid, lease in leases.items():
+            try:
+                book.release(lease, epochs.get(rid))
+            except OSError:
+                pass  # it expires on its own
 
 
-def score_range(ledger: EstimateLedger, data: DataSource, span: Span) -> pa.Table:
-    """A unit of the executor: score one range of images with this process's cached scorer."""
-    return scorer(ledger, data).score(span)
+def score_unit(ledger: EstimateLedger, data: DataSource, spans: Sequence[Span]) -> int:
+    """A unit of the executor: score ranges of one run with this process's cached scorer (its model
+    loaded once) and write each one as it is done; returns the rows written."""
+    sc = scorer(ledger, data)
+    return sum(ledger.write(span, sc.score(span)) for span in spans)
 
 
 def train_in_process(
@@ -235,8 +269,8 @@ def record_run(cfg: RunConfig, results: Results, res: TrainResult, data: Dataset
 
 
 def mark_failed(results: Results, cfg: RunConfig, error: str) -> bool:
-    """Record a failed run so reports show it instead of dropping it; never over a done run.
-    Returns whether it wrote the row."""
+    """Record a failed run so reports show it instead of dropping it; never over a done run (a few
+    requests: its row, and HEADs of its history and final checkpoint). Returns whether it wrote the row."""
     if run_state(results, cfg.run_id).state == RunState.done:
         return False
     row = {
@@ -271,10 +305,15 @@ class Scorer:
         self.device = pick_device(device)
         self._run_id: str | None = None
         self._loaded: tuple[IWAEModel, RunConfig] | None = None
+        self._rows_read: dict[str, dict[str, Any] | None] = {}
 
     def _load(self, run_id: str) -> tuple[IWAEModel, RunConfig]:
         if self._run_id != run_id or self._loaded is None:
-            self._loaded = model_from_checkpoint(load_final(self.results, run_id), f"run {run_id}'s final checkpoint", self.device)
+            try:
+                self._loaded = model_from_checkpoint(load_final(self.results, run_id), f"run {run_id}'s final checkpoint", self.device)
+            except checkpoint.CheckpointError as e:  # checked where it is read: bad input, one line for the whole command
+                where = shlex.quote(self.results.location)
+                raise UserError(f"{e}; run `iwae-pipeline repair --results {where}` to move it aside, then the sweep trains the run again") from None
             self._run_id = run_id
         return self._loaded
 
@@ -284,8 +323,10 @@ class Scorer:
         return model, cfg.flat()
 
     def _masks(self, run_id: str) -> list[torch.Tensor] | None:
-        """The run's active units per layer, from its row (None when the row has no unit variances)."""
-        row = self.results.run_row(run_id)
+        """The run's active units per layer, from its row (None when the row has no unit variances), read once per run."""
+        if run_id not in self._rows_read:
+            self._rows_read[run_id] = self.results.run_row(run_id)
+        row = self._rows_read[run_id]
         if row is None or row["unit_var_h1"] is None:
             return None
         variances = [torch.tensor(row["unit_var_h1"])] + ([torch.tensor(row["unit_var_h2"])] if row["unit_var_h2"] is not None else [])

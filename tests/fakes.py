@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from iwae.config import ModelConfig, RunConfig
 from pipeline.store.estimates import Span
-from pipeline.store.results import AIS_SCHEMA, EVAL_SCHEMA, RUNS_SCHEMA, Results, rows_table
+from pipeline.store.results import RUNS_SCHEMA, Results, read_schema, rows_table
 
 L5000 = "k5000-seed123-block500"
 AIS = "T500-C16-L10-P100-seed0"
@@ -42,7 +42,9 @@ def add_estimate(
     res: Results, run_id: str, values: dict[int, float], estimate: str = L5000, table: str = "eval", name: str | None = None, **cols: object
 ) -> None:
     """Write one estimate file of ``run_id``: ``values`` maps image id -> log p(x) (AIS: log_px_ais).
-    ``name``: the file's name (default: the range file of those images); ``cols``: more columns."""
+    ``name``: the file's name (default: the range file of those images); ``cols``: more columns. A
+    file named otherwise, or with an earlier layout's column (``log_px_pruned``), goes where the
+    earlier layout kept it (``tables/<table>/<run_id>/<estimate>/``, the run's id on every row)."""
     ids = sorted(values)
     ais = table in ("ais", "bdmc")
     base: dict[str, object] = {"run_id": run_id}
@@ -56,8 +58,10 @@ def add_estimate(
         {**base, "image_id": i, ("log_px_ais" if ais else "log_px"): v, **{c: (x[i] if isinstance(x, dict) else x) for c, x in cols.items()}}
         for i, v in values.items()
     ]
+    legacy = name is not None or "log_px_pruned" in cols
     fname = name or Span(run_id, ids[0], ids[-1]).name
-    res.store.write_table(f"tables/{table}/{run_id}/{estimate}/{fname}", rows_table(rows, AIS_SCHEMA if ais else EVAL_SCHEMA))
+    folder = f"tables/{table}/{run_id}/{estimate}" if legacy else f"tables/{table}/run_id={run_id}/estimate={estimate}"
+    res.store.write_table(f"{folder}/{fname}", rows_table(rows, read_schema(table)))
 
 
 def seq(values: Sequence[float], start: int = 0) -> dict[int, float]:

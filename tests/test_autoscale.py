@@ -110,7 +110,7 @@ def test_a_trial_on_a_node_that_cannot_see_the_results_fails_at_once_in_one_line
     on_the_node = Results(Store.open(tmp_path / "elsewhere"))  # the same path on a node with its own disk: empty
     run = jobs.build("demo", "smoke", None, None).runs[0]
     with pytest.raises(UserError, match=r"cannot use .*does not see the driver's files there.*--results s3://") as e:
-        train_unit(on_the_node, DataSource.open(mnist_dir), [run.to_dict()], [])
+        train_unit(on_the_node, DataSource.open(mnist_dir), [run.to_dict()], "test-token")
     assert "\n" not in str(e.value) and not (tmp_path / "elsewhere" / "runs").exists()
     assert driver.usable_here() == "" and not list((tmp_path / "results").glob("_check/*"))
 

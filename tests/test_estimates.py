@@ -36,15 +36,19 @@ def trained(tmp_path_factory, mnist_dir):
 
 
 def _files(res: Results, plan: EvalPlan, run_id: str) -> dict[str, int]:
-    folder = Path(res.store.path(f"tables/{plan.table}/{run_id}/{plan.estimate}"))
+    folder = Path(res.store.path(f"tables/{plan.table}/run_id={run_id}/estimate={plan.estimate}"))
     return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.parquet"))}
 
 
 def test_more_images_scores_only_the_new_ranges_and_readers_count_each_image_once(trained, tmp_path):
     """20 images (as `train` scores them), then 500, then 1,000: each command scores only the ranges
-    not yet written, a file once written is never rewritten, and the reader sees 1,000 images once
-    each. A stray copy of a range under an old layout's name is neither counted twice nor redone; a
-    file holding other images than its name says is moved aside and its range scored again."""
+    not yet written (known by name), a file once written is never rewritten, and the reader sees
+    1,000 images once each. A stray copy of a range in an earlier layout (its folder, or a shard's
+    name) is neither counted twice nor redone, and `repair` folds it into the current layout. A file
+    whose name says other images than it holds counts by its name until `repair` reads it, moves it
+    aside, and its range is scored again, to the same numbers."""
+    from pipeline.store.ledger import check_location
+
     res, data, run_id = trained
     cfg = EvalConfig(k=20, block=10)
     for n in (20, 500):
@@ -58,14 +62,20 @@ def test_more_images_scores_only_the_new_ranges_and_readers_count_each_image_onc
     assert {k: after[k] for k in before} == before and "images-00500-00999.parquet" in after
     ev = read_estimates(res.location, estimate=EvalPlan(cfg, 1).estimate)
     assert len(ev) == 1000 and ev.image_id.is_unique and set(ev.image_id) == set(range(1000))
-    folder = Path(res.store.path(f"tables/eval/{run_id}/{EvalPlan(cfg, 1).estimate}"))
+    folder = Path(res.store.path(f"tables/eval/run_id={run_id}/estimate={EvalPlan(cfg, 1).estimate}"))
+    old = Path(res.store.path(f"tables/eval/{run_id}/{EvalPlan(cfg, 1).estimate}"))
+    old.mkdir(parents=True)
+    shutil.copy(folder / "images-00020-00499.parquet", old / "images-00020-00499.parquet")  # the earlier layout's folder
     shutil.copy(folder / "images-00020-00499.parquet", folder / "shard-00000-of-00002.parquet")  # an earlier layout's name
     assert len(read_estimates(res.location, estimate=EvalPlan(cfg, 1).estimate)) == 1000
     assert sl.prepare([run_id]) == []
     (folder / "images-00500-00999.parquet").rename(folder / "images-00500-00998.parquet")  # its name no longer says what it holds
+    assert sl.prepare([run_id]) == [Span(run_id, 999, 999)]  # by name: no file is read to decide
     notes: list[str] = []
-    assert sl.prepare([run_id], notes.append) == [Span(run_id, 500, 999)]
-    assert "holds other images than its name says" in notes[0] and (Path(res.location) / "_quarantine").exists()
+    done = check_location(res, notes.append)
+    assert done["moved"] == 1 and "holds other images than its name says" in notes[0] and (Path(res.location) / "_quarantine").exists()
+    assert done["migrated"] == 2 and not list(old.glob("*.parquet"))  # the old layout's copies, folded in (their range is there)
+    assert sl.prepare([run_id]) == [Span(run_id, 500, 999)]
     evaluate_here(res, data, [run_id], EvalPlan(cfg, 1000), show=False)
     again = read_estimates(res.location, estimate=EvalPlan(cfg, 1).estimate).set_index("image_id").sort_index()
     pd.testing.assert_series_equal(again.log_px, ev.set_index("image_id").sort_index().log_px)  # seeded by image id: the same numbers

@@ -239,15 +239,18 @@ def test_two_evaluations_of_other_sizes_at_once_both_finish_and_count_each_image
 
 @pytest.mark.slow
 def test_partial_files_are_never_read_and_truncated_checkpoints_are_redone(trained, tmp_path, mnist_dir):
-    """A leftover `_tmp-*` Parquet is ignored by readers; a truncated final checkpoint is retrained."""
+    """A leftover `_tmp-*` Parquet is ignored by readers; a truncated final checkpoint is named in one line
+    where it is read (the run is done by name), `repair` moves it aside, and the sweep retrains it."""
     results = copy_results(trained, tmp_path / "r")
     run_id = sorted(p.name for p in (results / "runs").iterdir())[0]
     (results / "tables" / "train" / "_tmp-deadbeef.parquet").write_bytes(b"PAR1 half a file")
     assert len(pd.read_parquet(results / "tables" / "train")) == 2 * 4
     final = results / "runs" / run_id / "final.pt"
     final.write_bytes(final.read_bytes()[:1000])
-    r = run_cli("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
-    assert r.returncode == 2 and "damaged" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = run_cli("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)  # done by name; found where it is read
+    assert r.returncode == 2 and "damaged" in r.stderr and "iwae-pipeline repair" in r.stderr and _lines(r.stderr) == 1, r.stderr
+    r = run_cli("repair", "--results", results)
+    assert r.returncode == 0 and "moved" in r.stderr + r.stdout, r.stdout + r.stderr
     r = run_cli("sweep", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     torch.load(final, weights_only=True)  # rewritten, readable
@@ -255,6 +258,11 @@ def test_partial_files_are_never_read_and_truncated_checkpoints_are_redone(train
 
 
 # ----------------------------------------------------------------------------------- bad input
+
+
+def _lines(err: str) -> int:
+    """The lines of a command's stderr that are ours (not Ray's own log lines, which start with a date; not a progress bar)."""
+    return len([ln for ln in err.splitlines() if ln.strip() and not ln.startswith("20") and "it/s]" not in ln and "range/s]" not in ln])
 
 
 def one_line_error(capsys, argv, match, code=2):
@@ -315,11 +323,12 @@ def test_foreign_file_inside_the_tables(capsys, trained, tmp_path):
 
 
 def test_foreign_checkpoint(capsys, trained, tmp_path, mnist_dir):
-    """A checkpoint that is not ours (or holds code) is refused in one line, before any Ray starts."""
+    """A checkpoint that is not ours (or holds code) is refused in one line where it is read, exit 2."""
     results = copy_results(trained, tmp_path / "r")
     run_id = sorted(p.name for p in (results / "runs").iterdir())[0]
     torch.save({"weights": torch.zeros(3)}, results / "runs" / run_id / "final.pt")
-    one_line_error(capsys, ["evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir], "not an iwae-pipeline checkpoint")
+    r = run_cli("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
+    assert r.returncode == 2 and "not an iwae-pipeline checkpoint" in r.stderr and _lines(r.stderr) == 1, r.stderr
 
 
 def test_unreachable_address(capsys, tmp_path):

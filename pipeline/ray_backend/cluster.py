@@ -34,12 +34,14 @@ from urllib.parse import urlparse
 from pipeline.errors import ConnectTimeout, RunFailed, UserError
 from pipeline.ray_backend import adapter, autoscaler
 from pipeline.ray_backend.resources import FEWER_CPUS_FIX, NO_GPU_FIX, NodeType, Resources, fits, fitting_types
+from pipeline.store import errors as store_errors
 from pipeline.store.objects import Store
 from pipeline.store.results import Results
 
 ENV_ADDRESS = "RAY_ADDRESS"
 # what a user's model folder never uploads (Ray's runtime environment): environments, data, caches, secrets
 _EXCLUDES = [".venv", ".git", "**/__pycache__", "results", "*.env", ".env", ".aws", ".ssh", "*.pem", "*.key", "id_rsa*", "credentials*"]
+PROBE_GRACE_S = 60.0  # a storage probe answers within this, beyond the store's own retry bound
 CONNECT_TIMEOUT_S = float(os.environ.get("IWAE_CONNECT_TIMEOUT", "30"))
 Notice = Callable[[str], None]
 
@@ -200,7 +202,7 @@ class Cluster:
 
     # ------------------------------------------------------------------ storage
 
-    def check_storage(self, results: Results) -> None:
+    def check_storage(self, results: Results, joined: bool = False) -> str:
         """Before work lands on a node: every node that may run work must read and write the results location.
 
         The driver writes a marker with a random token; a zero-CPU task pinned to each node reads it and
@@ -208,6 +210,12 @@ class Cluster:
         in one line with the fix. On the embedded single-node Ray there is nothing to check. Called
         before any work and again when nodes join while a command runs (an autoscaling cluster starts
         with none); a node that passed once in this command is not asked again.
+
+        Only a permanent refusal counts against a node (:class:`UserError`, exit 2). A store that keeps
+        failing there (transient errors past their retry bound, or no answer) is named as failing:
+        before any work that ends the command (:class:`RunFailed`, exit 1); for nodes that ``joined``
+        mid-command the line is returned for the caller to show, and those nodes are asked again
+        when the next node joins (their own tasks check the store first, too).
         """
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -215,10 +223,10 @@ class Cluster:
         nodes = self.work_nodes()
         here = ray.get_runtime_context().get_node_id()
         if not nodes or (len(nodes) == 1 and nodes[0]["NodeID"] == here):
-            return
+            return ""
         todo = [n for n in nodes if (results.store.location, n["NodeID"]) not in self.checked]
         if not todo:
-            return
+            return ""
         token = uuid.uuid4().hex
         key = f"_check/{token}/marker"
         results.store.write_bytes(key, token.encode())
@@ -229,7 +237,8 @@ class Cluster:
                 for n in todo
             }
             answers: dict[str, str] = {}
-            deadline = time.monotonic() + 120
+            wait_s = PROBE_GRACE_S + store_errors.RETRY_SECONDS  # a probe retries the store for that long before it answers "failing"
+            deadline = time.monotonic() + wait_s
             while refs and time.monotonic() < deadline:
                 ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=1.0)
                 for nid, ref in list(refs.items()):
@@ -239,7 +248,7 @@ class Cluster:
                 for nid in [n for n in refs if n not in alive]:  # gone while asked: its probe will never run
                     ray.cancel(refs.pop(nid), force=True)
                     answers[nid] = LOST
-            answers.update({nid: "no answer in 120 s" for nid in refs})
+            answers.update({nid: f"{FAILING}no answer in {wait_s:.0f} s" for nid in refs})
         finally:
             results.store.delete_dir(f"_check/{token}")
         # A node lost while it was asked (killed just before, still listed alive until the GCS notices)
@@ -248,10 +257,18 @@ class Cluster:
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
         answers = {nid: why for nid, why in answers.items() if why != LOST and nid in alive}
         self.checked.update((results.store.location, nid) for nid, why in answers.items() if not why)
-        bad = {nid: why for nid, why in answers.items() if why}
+        failing = {nid: why[len(FAILING) :] for nid, why in answers.items() if why.startswith(FAILING)}
+        bad = {nid: why for nid, why in answers.items() if why and nid not in failing}
         if bad:
             nid, why = next(iter(bad.items()))
             raise UserError(f"{len(bad)} of {len(nodes)} nodes cannot use the results location {results} (node {nid[:8]}: {why}); {results.storage_fix()}")
+        if failing:
+            nid, why = next(iter(failing.items()))
+            line = f"the results location {results} keeps failing on {len(failing)} of {len(nodes)} nodes (node {nid[:8]}: {why})"
+            if not joined:
+                raise RunFailed(f"{line}; nothing was started: run the same command again when the store answers")
+            return f"{line}; those nodes are asked again when the next node joins"
+        return ""
 
     # ------------------------------------------------------------------ Ctrl-C and the end
 
@@ -403,8 +420,14 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
+FAILING = "failing: "  # a probe's answer when the store kept failing there (transient): not a node that cannot use it
+
+
 def _probe_store(store: Store, key: str, token: str) -> str:
-    """On a node: read the driver's marker and write this node's answer beside it. Returns '' or why not."""
+    """On a node: read the driver's marker and write this node's answer beside it. Returns '' or why
+    not; a store that keeps failing (transient errors past the retry bound) answers :data:`FAILING`."""
+    from pipeline.store.errors import StoreDenied, StoreFailing
+
     try:
         if store.read_bytes(key).decode() != token:
             return "it holds another marker there"
@@ -412,7 +435,11 @@ def _probe_store(store: Store, key: str, token: str) -> str:
         return ""
     except FileNotFoundError:
         return "it does not see the driver's files there"
-    except Exception as e:  # noqa: BLE001  # credentials, network, permissions: one line
+    except StoreFailing as e:
+        return FAILING + str(e)[:200]
+    except StoreDenied as e:
+        return str(e).split(";")[0][:200]
+    except Exception as e:  # noqa: BLE001  # the store would not even open there: one line
         return _why(e)
 
 

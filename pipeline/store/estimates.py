@@ -11,16 +11,24 @@ changes the numbers, and names its folder:
   steps, a P-temperature pilot and its seed (``-bin<seed>`` when the test images are binarised
   with another seed than 123); BDMC the same, in its own table.
 
-Rows live in ``tables/<table>/<run_id>/<estimate>/`` in files of **fixed image ranges** named by
-their first and last image (``images-00000-00499.parquet``): 500 images per range for L_k, 100 for
-AIS and BDMC, cut where images are already covered. Every random number of an image is seeded by its
-id, so two writers of one range write the same rows: more images means more ranges, never another
-layout, and any command (``sweep``, ``evaluate``, ``train``, ``repro``) reuses every range already
-written. Files of earlier layouts (``shard-00000-of-00004.parquet`` beside an ``_eval.json``) are
-read as they are.
+Rows live in ``tables/<table>/run_id=<id>/estimate=<name>/`` (hive-style: pandas, DuckDB, Polars
+and Spark read ``run_id`` and ``estimate`` as columns with no project code) in files of **fixed image
+ranges** named by their first and last image (``images-00000-00499.parquet``): 500 images per range
+for L_k, 100 for AIS and BDMC, cut where images are already covered. Every random number of an image
+is seeded by its id, so two writers of one range write the same rows: more images means more
+ranges, never another layout, and any command (``sweep``, ``evaluate``, ``train``, ``repro``) reuses
+every range already written. A file holds the estimate's figures and settings per image, not the
+run's config (one join away, in the runs table).
 
-The one reader, :func:`read`, selects rows by estimate and counts each image once per run and
-estimate, whichever files hold it (a range written twice under two names, say). Every consumer
+What is written is known by name: one listing of a table (:class:`Index`, a request per 1,000
+files) says which ranges of which run and estimate exist. Contents are checked where they are
+read: the one writer checks what it writes, the reader names a file that does not parse, and
+``iwae-pipeline repair`` moves it aside. Files of earlier layouts (``tables/<table>/<run_id>/
+<estimate>/``, and ``shard-00000-of-00004.parquet`` files there) are read as they are, and
+``repair`` rewrites them into this one.
+
+The one reader, :func:`read`, reads the files in parallel and counts each image once per run and
+estimate, whichever files hold it (a range written twice under two layouts, say). Every consumer
 reads through it: the report, ``repro``, ``train``'s summary line and :func:`read_estimates`, the
 call the README gives for pandas.
 """
@@ -28,6 +36,7 @@ call the README gives for pandas.
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, NamedTuple
@@ -35,11 +44,12 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from iwae.ais import AISConfig
 from iwae.evaluate import EvalConfig
 from pipeline.errors import UserError
-from pipeline.store.results import SCHEMAS, DamagedFile, Results
+from pipeline.store.results import DamagedFile, Results, read_schema
 
 ESTIMATE_TABLES = ("eval", "eval_train", "ais", "bdmc")
 RANGE_NAME = re.compile(r"images-(\d+)-(\d+)\.parquet$")
@@ -80,12 +90,6 @@ class EvalPlan:
     def unpruned(self) -> EvalPlan:
         return replace(self, pruned=False)
 
-    def matches(self, t: pa.Table) -> bool:
-        """The rows carry this estimate's settings (columns that earlier layouts lack are not asked)."""
-        c = self.config
-        want: dict[str, Any] = {"eval_k": c.k, "eval_seed": c.seed, "eval_block": c.block, "eval_pruned": self.pruned}
-        return _carries(t, want, optional=("eval_block", "eval_pruned"))
-
 
 @dataclass(frozen=True)
 class AISPlan:
@@ -117,26 +121,9 @@ class AISPlan:
         binarised = f"-bin{self.binarize_seed}" if self.method == "ais" and self.binarize_seed != EvalConfig().seed else ""
         return f"T{c.steps}-C{c.chains}-L{c.leapfrog}-P{c.pilot_steps}-seed{c.seed}{binarised}"
 
-    def matches(self, t: pa.Table) -> bool:
-        c = self.config
-        want: dict[str, Any] = {"method": self.method, "ais_steps": c.steps, "ais_chains": c.chains, "ais_leapfrog": c.leapfrog, "ais_seed": c.seed}
-        if self.method == "ais":
-            want["eval_seed"] = self.binarize_seed
-        return _carries(t, want)
-
 
 Plan = EvalPlan | AISPlan
 HEADLINE = EvalPlan(EvalConfig(), 1).estimate  # the paper's number: L_5000, seed 123 (``k5000-seed123-block500``)
-
-
-def _carries(t: pa.Table, want: dict[str, Any], optional: tuple[str, ...] = ()) -> bool:
-    for col, value in want.items():
-        got = set(t.column(col).to_pylist())
-        if col in optional and got == {None}:
-            continue
-        if got != {value}:
-            return False
-    return True
 
 
 class Span(NamedTuple):
@@ -176,27 +163,106 @@ def spans(run_id: str, missing: Iterable[int], size: int) -> list[Span]:
 
 
 def dir_key(plan: Plan, run_id: str) -> str:
-    return f"tables/{plan.table}/{run_id}/{plan.estimate}"
+    """The folder of one run's estimate (hive-style)."""
+    return f"tables/{plan.table}/run_id={run_id}/estimate={plan.estimate}"
 
 
-def check_file(results: Results, key: str, run_id: str, plan: Plan) -> tuple[str | None, set[int]]:
-    """Whether a written file counts, and its images: ``(None, ids)`` when it reads whole, carries
-    this run and estimate, holds each image once and, for a range file, exactly the images its name
-    says; else ``(why, set())``. ``FileNotFoundError`` when it is gone."""
+class Located(NamedTuple):
+    """A file of an estimate table, as its key names it."""
+
+    key: str
+    run_id: str
+    estimate: str
+    size: int
+    first: int | None  # its images, from a range file's name (None: a file of an earlier layout, a shard)
+    last: int | None
+    hive: bool  # in the current layout (run_id=/estimate= folders)
+
+
+def locate(table: str, key: str, size: int = 1) -> Located | None:
+    """What ``key`` is (None: not a file of an estimate's folder)."""
+    parts = key.split("/")
+    if len(parts) != 5 or parts[0] != "tables" or parts[1] != table or not parts[4].endswith(".parquet"):
+        return None
+    run, est = parts[2], parts[3]
+    hive = run.startswith("run_id=") and est.startswith("estimate=")
+    if hive:
+        run, est = run[len("run_id=") :], est[len("estimate=") :]
+    elif "=" in run or "=" in est:
+        return None
+    m = RANGE_NAME.fullmatch(parts[4])
+    first, last = (int(m.group(1)), int(m.group(2))) if m else (None, None)
+    return Located(key, run, est, size, first, last, hive)
+
+
+@dataclass(frozen=True)
+class Index:
+    """Every file of one estimate table, from one listing: by (run, estimate)."""
+
+    table: str
+    files: dict[tuple[str, str], list[Located]]
+
+    @classmethod
+    def read(cls, results: Results, table: str) -> Index:
+        files: dict[tuple[str, str], list[Located]] = {}
+        for e in results.store.entries(f"tables/{table}", ".parquet"):
+            loc = locate(table, e.key, e.size)
+            if loc is None:
+                raise UserError(
+                    f"{results.store.uri(e.key)} is not in an estimate's folder (tables/{table}/run_id=RUN/estimate=NAME/); move it out of the results"
+                )
+            files.setdefault((loc.run_id, loc.estimate), []).append(loc)
+        return cls(table, files)
+
+    def of(self, run_id: str, estimate: str) -> list[Located]:
+        return self.files.get((run_id, estimate), [])
+
+    def all(self) -> list[Located]:
+        return [f for fs in self.files.values() for f in fs]
+
+
+def settings_of(estimate: str) -> dict[str, Any]:
+    """The settings an estimate's name says, as the columns its rows carry (``{}`` for a name that is
+    not one of ours: nothing to compare)."""
+    m = re.fullmatch(r"k(\d+)-seed(\d+)-block(\d+)(-pruned)?", estimate)
+    if m:
+        return {"eval_k": int(m.group(1)), "eval_seed": int(m.group(2)), "eval_block": int(m.group(3)), "eval_pruned": bool(m.group(4))}
+    m = re.fullmatch(r"T(\d+)-C(\d+)-L(\d+)-P(\d+)-seed(\d+)(?:-bin(\d+))?(?:-.*)?", estimate)
+    if m:
+        out: dict[str, Any] = {"ais_steps": int(m.group(1)), "ais_chains": int(m.group(2)), "ais_leapfrog": int(m.group(3)), "ais_seed": int(m.group(5))}
+        if m.group(6):
+            out["eval_seed"] = int(m.group(6))
+        return out
+    return {}
+
+
+def check_file(results: Results, f: Located, table: str) -> tuple[str | None, set[int]]:
+    """Whether a written file counts, by its contents: ``(None, ids)`` when it reads whole, carries
+    its folder's run (earlier layouts) and estimate settings, holds each image once and, for a range
+    file, exactly the images its name says; else ``(why, set())``. ``FileNotFoundError`` when it is
+    gone. :func:`pipeline.store.ledger.repair` and a file of an earlier layout's shards use it."""
     try:
-        t = results.read_file(key, plan.table)
+        t = results.read_file(f.key, table)
     except DamagedFile:
         return "does not read as Parquet", set()
     if t.num_rows == 0:
         return "is empty", set()
-    d = t.select(["run_id", "image_id"]).to_pydict()
-    if set(d["run_id"]) != {run_id} or not plan.matches(t):
-        return "belongs to another evaluation", set()
-    ids = [int(i) for i in d["image_id"]]
+    runs = set(t.column("run_id").to_pylist())
+    if runs not in ({None}, {f.run_id}):
+        return "belongs to another run", set()
+    legacy = f.estimate.endswith(LEGACY_PRUNED)
+    want = {} if legacy else settings_of(f.estimate)
+    optional = ("eval_block", "eval_pruned")
+    for col, value in want.items():
+        got = set(t.column(col).to_pylist())
+        if col in optional and got == {None}:
+            continue
+        if got != {value}:
+            return "belongs to another evaluation", set()
+    ids = [int(i) for i in t.column("image_id").to_pylist()]
     if len(set(ids)) != len(ids):
         return "holds an image twice", set()
-    m = RANGE_NAME.search(key)
-    if m and sorted(ids) != list(range(int(m.group(1)), int(m.group(2)) + 1)):
+    if f.first is not None and sorted(ids) != list(range(f.first, (f.last or 0) + 1)):
         return "holds other images than its name says", set()
     return None, set(ids)
 
@@ -204,38 +270,80 @@ def check_file(results: Results, key: str, run_id: str, plan: Plan) -> tuple[str
 # ---------------------------------------------------------------------------------------- the one reader
 
 
-def read(results: Results, table: str) -> pd.DataFrame:
-    """Every estimate of ``table`` (``eval``, ``eval_train``, ``ais``, ``bdmc``): one row per run,
-    estimate and image, with the estimate's name in the ``estimate`` column.
+def _parse(results: Results, key: str, data: bytes | None, table: str) -> pa.Table | None:
+    if data is None:
+        return None  # moved aside since the listing
+    try:
+        return pq.read_table(pa.BufferReader(data), schema=read_schema(table))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, OSError) as e:
+        raise UserError(
+            f"{results.store.uri(key)} is not a valid {table} table ({type(e).__name__}); run `iwae-pipeline repair --results"
+            f" {shlex.quote(results.location)}` to move it aside (the next evaluation scores it again)"
+        ) from None
 
-    An image held by two files of one estimate (a range written under two names, or an earlier
-    layout beside a new one) counts once. An earlier layout's pruned column (``log_px_pruned``,
-    the pruned model scored on its own draws) is read as the estimate ``<name>-pruned-own-noise``.
-    A file that does not parse stops the reader in one line (a writer command moves it aside)."""
+
+def read(
+    results: Results, table: str, estimates: Iterable[str] | None = None, run_ids: Iterable[str] | None = None, index: Index | None = None
+) -> pd.DataFrame:
+    """Every estimate of ``table`` (``eval``, ``eval_train``, ``ais``, ``bdmc``), or those named: one
+    row per run, estimate and image, with ``run_id`` and ``estimate`` as categorical columns (the
+    run's config is in the runs table: join on ``run_id``).
+
+    The files are read in parallel, each once, projected to the table's columns. An image held by
+    two files of one estimate (a range in both layouts, say) counts once. An earlier layout's pruned
+    column (``log_px_pruned``, the pruned model scored on its own draws) is read as the estimate
+    ``<name>-pruned-own-noise``. A file that does not parse stops the reader in one line naming it
+    (``iwae-pipeline repair`` moves it aside)."""
     if table not in ESTIMATE_TABLES:
         raise ValueError(f"{table} is not an estimate table ({', '.join(ESTIMATE_TABLES)})")
-    schema = SCHEMAS[table]
-    tables, names = [], []
-    for key in results.store.list(f"tables/{table}", ".parquet"):
-        parts = key.split("/")
-        if len(parts) != 5:
-            raise UserError(f"{results.store.uri(key)} is not in an estimate's folder (tables/{table}/RUN/ESTIMATE/); move it out of the results")
-        try:
-            t = results.read_file(key, table)
-        except DamagedFile as e:
-            raise UserError(f"{e}; move that file out of the results (a re-run of the same command redoes it)") from None
+    index = index or Index.read(results, table)
+    want_e = set(estimates) if estimates is not None else None
+    want_r = set(run_ids) if run_ids is not None else None
+    files = [
+        f
+        for f in index.all()
+        if f.size > 0 and (want_r is None or f.run_id in want_r) and (want_e is None or f.estimate in want_e or f.estimate + LEGACY_PRUNED in want_e)
+    ]
+    files.sort(key=lambda f: (not f.hive, f.key))  # the current layout first: its rows win a tie
+    blobs = results.store.read_many([f.key for f in files])
+    tables, runs, names = [], [], []
+    for f, data in zip(files, blobs):
+        t = _parse(results, f.key, data, table)
+        if t is None or t.num_rows == 0:
+            continue
         tables.append(t)
-        names += [parts[3]] * t.num_rows
-    df = (pa.concat_tables(tables) if tables else schema.empty_table()).to_pandas()
-    df["estimate"] = pd.Series(names, dtype=object, index=df.index)
-    if table in ("eval", "eval_train") and len(df):
-        legacy = df[df.log_px_pruned.notna() & ~df.estimate.str.endswith("-pruned")]
+        runs.append((f.run_id, t.num_rows))
+        names.append((f.estimate, t.num_rows))
+    schema = read_schema(table)
+    merged = pa.concat_tables(tables) if tables else schema.empty_table()
+    merged = merged.drop_columns([c for c in ("run_id", "shard") if c in merged.column_names])
+    df = merged.to_pandas()
+    df.insert(0, "run_id", _repeat(runs))
+    df.insert(1, "estimate", _repeat(names))
+    if table in ("eval", "eval_train") and len(df) and df.log_px_pruned.notna().any():
+        legacy = df[df.log_px_pruned.notna() & ~df.estimate.astype(str).str.endswith("-pruned")]
         if len(legacy):
             cols = ["ess", "khat", "mcse", "log_px_jk", *[c for c in df.columns if c.startswith("l_")]]
-            moved = legacy.assign(log_px=legacy.log_px_pruned, estimate=legacy.estimate + LEGACY_PRUNED, eval_pruned=True)
+            moved = legacy.assign(log_px=legacy.log_px_pruned, estimate=legacy.estimate.astype(str) + LEGACY_PRUNED, eval_pruned=True)
             moved[cols] = np.nan
-            df = pd.concat([df, moved], ignore_index=True)
-    return df.drop_duplicates(["run_id", "estimate", "image_id"]).reset_index(drop=True)
+            df = pd.concat([df.assign(estimate=df.estimate.astype(str)), moved], ignore_index=True)
+            df["estimate"] = df["estimate"].astype("category")
+    if "log_px_pruned" in df:
+        df = df.drop(columns=["log_px_pruned"])
+    if want_e is not None and len(df):
+        df = df[df.estimate.isin(want_e)]
+    df = df.drop_duplicates(["run_id", "estimate", "image_id"])
+    for c in ("run_id", "estimate"):
+        df[c] = df[c].cat.remove_unused_categories() if isinstance(df[c].dtype, pd.CategoricalDtype) else df[c].astype("category")
+    return df.reset_index(drop=True)
+
+
+def _repeat(counts: list[tuple[str, int]]) -> pd.Categorical:
+    """``value`` repeated ``n`` times for each ``(value, n)``, as one categorical (codes, not strings)."""
+    cats = sorted({v for v, _ in counts})
+    code = {v: i for i, v in enumerate(cats)}
+    codes = np.repeat(np.array([code[v] for v, _ in counts], dtype=np.int32), [n for _, n in counts]) if counts else np.zeros(0, dtype=np.int32)
+    return pd.Categorical.from_codes(codes, categories=cats)
 
 
 def read_estimates(location: str, table: str = "eval", estimate: str | None = HEADLINE) -> pd.DataFrame:
@@ -245,5 +353,4 @@ def read_estimates(location: str, table: str = "eval", estimate: str | None = HE
         from pipeline.store.estimates import read_estimates
         ev = read_estimates("results/demo")  # L_5000 (k5000-seed123-block500) of every run's test images
     """
-    df = read(Results.open(location, create=False), table)
-    return df if estimate is None else df[df.estimate == estimate].reset_index(drop=True)
+    return read(Results.open(location, create=False), table, None if estimate is None else [estimate])

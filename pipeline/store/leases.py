@@ -1,19 +1,31 @@
-"""A lease per run in the results location, so that two commands never train one run at once.
+"""A lease per run in the results location, held by the task that trains it, so that two commands
+never train one run at once, and a hung task lets go of its runs.
 
 Two ``sweep`` (or ``submit``) commands of one job on one location, say a re-submit after a laptop
 lost its connection, would otherwise both train every run, interleave ``latest.pt`` and double the
-work. Before a command trains a run it takes the run's lease; a command that finds a live lease held
-by another skips the run for now, says so, and takes it over only if that lease expires (its holder
-died): it then resumes from the holder's checkpoints.
+work. A training task takes its members' leases when it starts; a run whose lease another task
+holds live is not trained by it but handed back as *held*, and the command looks at it again later:
+done by the other (trained once), or its lease expired (its holder died or hung): taken over, and
+resumed from the holder's checkpoints.
 
-A lease is a generation: ``leases/<run_id>/000001.json``, ``000002.json``, ... holding the owner
-(command id, host, pid), an expiry time and the epoch reached. The highest generation is the lease.
-A lease whose holder ran on this machine and is gone (a command killed here) counts as expired.
+A lease is a generation: ``leases/<run_id>/000001.json``, ``000002.json``, ... The highest generation
+is the lease; its body names the holder (the unit's token, the command, host and pid) and whether
+it was released. It is **alive while its object is younger than the lease** (``IWAE_LEASE_SECONDS``,
+180), judged by the store's clock: the object's modification time against
+:meth:`~pipeline.store.objects.Store.now`, so the nodes' own clocks do not matter. The holding task
+renews it from its own thread every third of that, **only while its training makes progress** (its
+steps advance between two renewals; :class:`iwae.state.Heartbeat`), so a hung loop lets it expire;
+and releases it when its work ends. A holder on this machine whose process is gone (a command
+killed here) counts as expired at once.
+
 Taking a free or expired lease creates the next generation with the store's compare-and-set
-(:meth:`pipeline.store.objects.Store.create`: a local hard link, S3's conditional PUT, GCS's create-only
-upload), so of two commands that both saw it expired exactly one wins. The holder renews it (the
-driver, and the training task itself, which stops if it finds a newer generation than its own), and
-releases it when the run's work ends; a released lease is an expired one.
+(:meth:`pipeline.store.objects.Store.create`: a local hard link, S3's conditional PUT, GCS's
+create-only upload; elsewhere a write read back), so of two tasks that both saw it expired exactly
+one wins. A renewal first asks whether the next generation exists (one HEAD): if it does, another
+task took the run over and this one stops before its next checkpoint (:class:`LeaseLost`).
+
+Cost: a renewal is two requests per run every minute, by the tasks that train; the driver renews
+nothing and looks only at the leases of the runs in flight and of the runs it waits for.
 """
 
 from __future__ import annotations
@@ -21,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -32,12 +43,12 @@ LEASE_SECONDS = float(os.environ.get("IWAE_LEASE_SECONDS", "180"))  # renewed ev
 
 
 class LeaseLost(RuntimeError):
-    """Another command took over this run's lease (this one's renewals stopped for longer than the lease)."""
+    """Another task took over this run's lease (this one's renewals stopped for longer than the lease)."""
 
 
 @dataclass(frozen=True)
 class Lease:
-    """A lease this command holds: the run, its generation and the owner's token."""
+    """A lease a task holds: the run, its generation and the holder's token."""
 
     run_id: str
     generation: int
@@ -46,11 +57,20 @@ class Lease:
 
 @dataclass(frozen=True)
 class Held:
-    """A live lease another command holds."""
+    """A live lease another holder has."""
 
     run_id: str
     by: str  # "host pid N"
     expires_in: float  # seconds
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A run's lease as a listing shows it: its highest generation and how old that is, by the store's clock."""
+
+    generation: int  # 0: the run never had a lease
+    age: float  # seconds since it was written or renewed
+    body: dict[str, Any] | None = None  # read only when asked
 
 
 def _dead_here(body: dict[str, Any]) -> bool:
@@ -68,63 +88,87 @@ def _dead_here(body: dict[str, Any]) -> bool:
 
 
 def new_owner() -> str:
-    """A command's token: unique, and readable in a notice."""
+    """A unique token (a unit of work's, or a command's)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class Leases:
-    """The leases of one results location, as one command (``owner``) sees them."""
+def holder(body: dict[str, Any] | None) -> str:
+    return f"{body.get('host')} pid {body.get('pid')}" if body else "another command"
 
-    def __init__(self, results: Results, owner: str, seconds: float = LEASE_SECONDS):
-        self.results, self.owner, self.seconds = results, owner, seconds
+
+class Leases:
+    """The leases of one results location, as one holder (``owner``: a unit's token) sees them."""
+
+    def __init__(self, results: Results, owner: str, seconds: float = LEASE_SECONDS, command: str = ""):
+        self.results, self.owner, self.seconds, self.command = results, owner, seconds, command
 
     def _key(self, run_id: str, generation: int) -> str:
         return f"leases/{run_id}/{generation:06d}.json"
 
-    def _latest(self, run_id: str) -> tuple[int, dict[str, Any] | None]:
-        """The highest generation and its content (0 and None when the run never had a lease)."""
-        gens = sorted(int(k.rsplit("/", 1)[1].split(".")[0]) for k in self.results.store.list(f"leases/{run_id}", ".json"))
+    def seen(self, run_id: str, body: bool = False) -> Seen:
+        """The run's lease by one listing (and one GET of the body when ``body``)."""
+        entries = self.results.store.entries(f"leases/{run_id}", ".json")
+        gens = [(int(e.key.rsplit("/", 1)[1].split(".")[0]), e.mtime) for e in entries if e.key.rsplit("/", 1)[1].split(".")[0].isdigit()]
         if not gens:
-            return 0, None
+            return Seen(0, float("inf"))
+        gen, mtime = max(gens)
+        age = self.results.store.now() - mtime if mtime else float("inf")
+        return Seen(gen, age, self._read(run_id, gen) if body else None)
+
+    def _read(self, run_id: str, generation: int) -> dict[str, Any] | None:
         try:
-            return gens[-1], json.loads(self.results.store.read_bytes(self._key(run_id, gens[-1])))
+            out = json.loads(self.results.store.read_bytes(self._key(run_id, generation)))
+            return out if isinstance(out, dict) else None
         except (FileNotFoundError, ValueError):
-            return gens[-1], None  # half-seen or damaged: treated as expired
+            return None  # half-seen or damaged: treated as expired
 
     def _body(self, epoch: int | None = None, released: bool = False) -> bytes:
-        host, pid, _ = self.owner.split(":")
         return json.dumps(
-            {"owner": self.owner, "host": host, "pid": int(pid), "expires": 0.0 if released else time.time() + self.seconds, "epoch": epoch}, sort_keys=True
+            {
+                "owner": self.owner,
+                "command": self.command,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "released": released,
+                "epoch": epoch,
+                "nonce": uuid.uuid4().hex,  # every body unique: a write the store cannot make exclusive is read back by it
+            },
+            sort_keys=True,
         ).encode()
 
+    def live(self, s: Seen) -> bool:
+        """Whether a lease as seen is held: renewed within the lease, not released, its holder not dead here."""
+        if s.generation == 0 or s.age >= self.seconds:
+            return False
+        body = s.body
+        return body is not None and not body.get("released") and not _dead_here(body)
+
     def acquire(self, run_id: str) -> Lease | Held:
-        """Take the run's lease: free, expired or already ours. ``Held`` when another command holds it live."""
-        gen, body = self._latest(run_id)
+        """Take the run's lease: free, expired, released, or already this owner's. ``Held`` when
+        another holds it live."""
+        s = self.seen(run_id)
+        if s.generation:
+            s = Seen(s.generation, s.age, self._read(run_id, s.generation))
+            if s.body is not None and s.body.get("owner") == self.owner:  # this unit again (Ray retried it after its worker died)
+                self.results.store.write_bytes(self._key(run_id, s.generation), self._body())
+                return Lease(run_id, s.generation, self.owner)
+            if self.live(s):
+                return Held(run_id, holder(s.body), self.seconds - s.age)
+        key = self._key(run_id, s.generation + 1)
+        if self.results.store.create(key, self._body()):
+            return Lease(run_id, s.generation + 1, self.owner)
+        body = self._read(run_id, s.generation + 1)  # another took that generation first; or our own create whose answer was lost
         if body is not None and body.get("owner") == self.owner:
-            return Lease(run_id, gen, self.owner)
-        if body is not None and float(body.get("expires", 0)) > time.time() and not _dead_here(body):
-            return Held(run_id, f"{body.get('host')} pid {body.get('pid')}", float(body["expires"]) - time.time())
-        if self.results.store.create(self._key(run_id, gen + 1), self._body()):
-            return Lease(run_id, gen + 1, self.owner)
-        _, body = self._latest(run_id)  # another command took that generation first
-        expires = float(body.get("expires", 0)) if body else 0.0
-        return Held(run_id, f"{body.get('host')} pid {body.get('pid')}" if body else "another command", max(0.0, expires - time.time()))
+            return Lease(run_id, s.generation + 1, self.owner)
+        return Held(run_id, holder(body), self.seconds)
 
     def renew(self, lease: Lease, epoch: int | None = None) -> None:
-        """Extend our lease (and record the epoch reached); ``LeaseLost`` when a newer generation exists."""
-        gen, body = self._latest(lease.run_id)
-        if gen != lease.generation or (body is not None and body.get("owner") != self.owner):
-            raise LeaseLost(f"run {lease.run_id}: another command took over its lease ({(body or {}).get('host')} pid {(body or {}).get('pid')})")
-        epoch = epoch if epoch is not None else (body or {}).get("epoch")  # the driver's renewals keep the task's epoch
+        """Extend the lease (and record the epoch reached); ``LeaseLost`` when a newer generation exists."""
+        if self.results.store.exists(self._key(lease.run_id, lease.generation + 1)):
+            raise LeaseLost(f"run {lease.run_id}: another command took over its lease ({holder(self._read(lease.run_id, lease.generation + 1))})")
         self.results.store.write_bytes(self._key(lease.run_id, lease.generation), self._body(epoch))
 
-    def release(self, lease: Lease) -> None:
-        """Give the lease up (it reads as expired), if it is still ours."""
-        gen, body = self._latest(lease.run_id)
-        if gen == lease.generation and body is not None and body.get("owner") == self.owner:
-            self.results.store.write_bytes(self._key(lease.run_id, gen), self._body(released=True))
-
-    def epoch(self, run_id: str) -> int | None:
-        """The epoch the holder of a run's lease last reported (for progress)."""
-        _, body = self._latest(run_id)
-        return None if body is None or body.get("epoch") is None else int(body["epoch"])
+    def release(self, lease: Lease, epoch: int | None = None) -> None:
+        """Give the lease up (it reads as free at once), if it is still this holder's."""
+        if not self.results.store.exists(self._key(lease.run_id, lease.generation + 1)):
+            self.results.store.write_bytes(self._key(lease.run_id, lease.generation), self._body(epoch, released=True))

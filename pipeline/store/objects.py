@@ -9,6 +9,10 @@ ignores ``AWS_ENDPOINT_URL*``, so an S3 URI without ``endpoint_override`` takes 
 node finds its own (environment, config files, the node's IAM role), which is why a ``Store`` pickles
 as its location and is opened again wherever it lands.
 
+Requests: on S3 whole-object reads and writes go through s3fs (one GET, one PUT each; botocore's
+adaptive retries), listings and everything else through pyarrow (its standard retry strategy);
+whatever escapes the clients' retries is classified once by :mod:`pipeline.store.errors`.
+
 Writes are whole and atomic. On a local disk a file is written under a ``_``-prefixed temporary name
 in its final folder, fsynced and renamed into place. An object store has no rename, but a single PUT
 of a whole object is atomic: the payload is built in memory first and written in one call, so a
@@ -24,9 +28,10 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import pyarrow as pa
@@ -35,9 +40,12 @@ import pyarrow.parquet as pq
 
 from iwae.files import create_atomic, write_atomic
 from pipeline.errors import UserError
+from pipeline.store.errors import retrying
 
 Keys = list[str]
 QUARANTINE = "_quarantine"  # damaged files are moved here, never deleted
+READ_BACK_S = 1.0  # a create the store cannot make exclusive reads back after this pause
+T = TypeVar("T")
 
 
 def is_uri(location: str | Path) -> bool:
@@ -96,22 +104,43 @@ def endpoint_url(query: dict[str, str], default: str = "") -> str:
     return f"{query.get('scheme', 'https')}://{endpoint}"
 
 
-def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
-    """PUT ``bucket/key`` (``path``) only if no object is there: True when written, False when one
-    was, None when the server does not implement conditional writes. The client takes the
-    location's ``endpoint_override``/``scheme``/``region``/``anonymous`` and the node's own credentials,
-    as pyarrow's does."""
+S3_ATTEMPTS = 10  # each client's own retries, before the store's (pipeline.store.errors)
+_S3: dict[tuple[str, str, bool], Any] = {}
+
+
+def _s3(location: str) -> Any:
+    """This process's s3fs client for ``location``'s endpoint (made once): one request per whole-object
+    read or write (pyarrow's S3 stream takes two and three: HEAD + GET, a multipart create, part and
+    complete), botocore's ``adaptive`` retry mode (backoff, and a client-side rate limit under
+    throttling), and the node's own credentials. The client takes the location's
+    ``endpoint_override``/``scheme``/``region``/``anonymous``, as pyarrow's does."""
     import s3fs
 
     query = dict(parse_qsl(urlparse(_with_env_endpoint(location)).query))
-    client: dict[str, str] = {}
-    if "endpoint_override" in query:
-        client["endpoint_url"] = endpoint_url(query)
-    if "region" in query:
-        client["region_name"] = query["region"]
-    fs = s3fs.S3FileSystem(anon=query.get("anonymous", "").lower() == "true", client_kwargs=client)
+    endpoint = endpoint_url(query) if "endpoint_override" in query else ""
+    region, anon = query.get("region", ""), query.get("anonymous", "").lower() == "true"
+    key = (endpoint, region, anon)
+    if key not in _S3:
+        client: dict[str, str] = {}
+        if endpoint:
+            client["endpoint_url"] = endpoint
+        if region:
+            client["region_name"] = region
+        _S3[key] = s3fs.S3FileSystem(
+            anon=anon,
+            client_kwargs=client,
+            config_kwargs={"retries": {"max_attempts": S3_ATTEMPTS, "mode": "adaptive"}, "connect_timeout": 10, "read_timeout": 60},
+            use_listings_cache=False,
+            skip_instance_cache=True,
+        )
+    return _S3[key]
+
+
+def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
+    """PUT ``bucket/key`` (``path``) only if no object is there: True when written, False when one
+    was, None when the server does not implement conditional writes."""
     try:
-        fs.pipe_file(path, data, mode="create")  # one PUT with If-None-Match: * (s3fs 2024.12.0+, botocore > 1.35.20)
+        _s3(location).pipe_file(path, data, mode="create")  # one PUT with If-None-Match: * (s3fs 2024.12.0+, botocore > 1.35.20)
     except FileExistsError:  # 412 Precondition Failed on If-None-Match: another writer's object is there
         return False
     except OSError as e:  # s3fs's translation of the server's error; its botocore error is the cause
@@ -149,9 +178,40 @@ def _gcs_put_if_absent(location: str, path: str, data: bytes) -> bool:
     return True
 
 
+def _pyarrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem for a URI; on S3 with the standard retry strategy at :data:`S3_ATTEMPTS`
+    (its default is 3, and its retry quota runs dry under sustained throttling)."""
+    fs, base = pafs.FileSystem.from_uri(uri)
+    if isinstance(fs, pafs.S3FileSystem):
+        query = dict(parse_qsl(urlparse(uri).query))
+        kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS), "region": fs.region}
+        if "endpoint_override" in query:
+            kwargs["endpoint_override"] = query["endpoint_override"]
+        if "scheme" in query:
+            kwargs["scheme"] = query["scheme"]
+        if query.get("anonymous", "").lower() == "true":
+            kwargs["anonymous"] = True
+        fs = pafs.S3FileSystem(**kwargs)
+    return fs, base
+
+
+class Entry(NamedTuple):
+    """A file of a listing: its key, size in bytes and modification time by the store's clock (s)."""
+
+    key: str
+    size: int
+    mtime: float
+
+
+_SKEW: dict[str, float] = {}
+
+
 @dataclass(frozen=True)
 class Store:
-    """A folder-like location: ``base`` inside ``fs``; every method takes a ``/``-separated key."""
+    """A folder-like location: ``base`` inside ``fs``; every method takes a ``/``-separated key.
+
+    Every request goes through :func:`pipeline.store.errors.retrying`: transient errors are tried
+    again with backoff, permanent ones are one line (:class:`~pipeline.store.errors.StoreDenied`)."""
 
     location: str  # as the user gave it (a local one made absolute; never credentials, see refuse_credentials): what pickles carry
     fs: pafs.FileSystem
@@ -167,7 +227,7 @@ class Store:
         if urlparse(loc).scheme in GCS_SCHEMES and importlib.util.find_spec("gcsfs") is None:
             raise UserError(f"{redact(loc)} is on GCS, which needs gcsfs (the exclusive writes of the evaluation identity): pip install 'iwae-pipeline[gcs]'")
         try:
-            fs, base = pafs.FileSystem.from_uri(_with_env_endpoint(loc))
+            fs, base = _pyarrow_fs(_with_env_endpoint(loc))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
             raise UserError(
                 f"cannot open {redact(loc)} ({str(e).splitlines()[0][:160]}); check the URI (s3://bucket/prefix?endpoint_override=HOST:PORT)"
@@ -190,6 +250,10 @@ class Store:
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
+    @property
+    def is_s3(self) -> bool:
+        return urlparse(self.location).scheme == "s3"
+
     def path(self, key: str = "") -> str:
         return f"{self.base}/{key}".rstrip("/") if key else self.base
 
@@ -200,47 +264,95 @@ class Store:
         url = urlparse(self.location)
         return f"{url.scheme}://{self.path(key)}"
 
+    def _do(self, call: Callable[[], T], what: str, key: str = "") -> T:
+        return retrying(call, f"{what} {self.uri(key)}")
+
+    # ------------------------------------------------------------------ reads
+
     def exists(self, key: str) -> bool:
-        return self.fs.get_file_info(self.path(key)).type == pafs.FileType.File
+        """Whether ``key`` is a file (one HEAD)."""
+        return self._do(lambda: self.fs.get_file_info(self.path(key)).type == pafs.FileType.File, "HEAD", key)
 
     def read_bytes(self, key: str) -> bytes:
-        """The whole object. ``FileNotFoundError`` when absent; ``OSError`` when it cannot be read now."""
-        try:
+        """The whole object (one GET on S3). ``FileNotFoundError`` when absent."""
+
+        def get() -> bytes:
+            if self.is_s3:
+                return bytes(_s3(self.location).cat_file(self.path(key)))
             with self.fs.open_input_stream(self.path(key)) as f:
                 return bytes(f.read())
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            if self.fs.get_file_info(self.path(key)).type == pafs.FileType.NotFound:
-                raise FileNotFoundError(self.uri(key)) from None
-            raise OSError(f"cannot read {self.uri(key)}: {str(e).splitlines()[0][:160]}") from None
 
-    def list(self, prefix: str, suffix: str = "") -> list[str]:
-        """Keys of the files below ``prefix`` (recursive, sorted), skipping ``_``/``.`` names."""
+        return self._do(get, "GET", key)
+
+    def read_many(self, keys: Sequence[str], threads: int = 32) -> list[bytes | None]:
+        """Whole objects, read in parallel (``None`` for a key that is gone), in order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(key: str) -> bytes | None:
+            try:
+                return self.read_bytes(key)
+            except FileNotFoundError:
+                return None
+
+        if len(keys) <= 1:
+            return [one(k) for k in keys]
+        with ThreadPoolExecutor(max_workers=min(threads, len(keys)), thread_name_prefix="store-read") as pool:
+            return list(pool.map(one, keys))
+
+    def entries(self, prefix: str, suffix: str = "", hidden: bool = False) -> list[Entry]:
+        """The files below ``prefix`` (recursive, sorted; one listing request per 1,000 keys on an
+        object store), with their sizes and modification times; ``_``/``.`` names skipped unless ``hidden``."""
         sel = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
+        infos = self._do(lambda: self.fs.get_file_info(sel), "LIST", prefix)
         out = []
-        for info in self.fs.get_file_info(sel):
+        for info in infos:
             if info.type != pafs.FileType.File or not info.path.endswith(suffix):
                 continue
             key = info.path[len(self.base) + 1 :] if self.base else info.path
-            if any(part.startswith(("_", ".")) for part in key.split("/")):
+            if not hidden and any(part.startswith(("_", ".")) for part in key.split("/")):
                 continue
-            out.append(key)
+            out.append(Entry(key, int(info.size or 0), (info.mtime_ns or 0) / 1e9))
         return sorted(out)
+
+    def list(self, prefix: str, suffix: str = "") -> list[str]:
+        """Keys of the files below ``prefix`` (recursive, sorted), skipping ``_``/``.`` names."""
+        return [e.key for e in self.entries(prefix, suffix)]
 
     def read_table(self, key: str, schema: pa.Schema) -> pa.Table:
         """One Parquet file with the declared schema (raises ``pa.ArrowInvalid``/``OSError`` if damaged)."""
         return pq.read_table(pa.BufferReader(self.read_bytes(key)), schema=schema)
 
+    def now(self) -> float:
+        """The store's clock now (s since the epoch): this machine's, corrected by the offset of an
+        object written here once per process (modification times are the store's clock, so leases
+        expire by one clock whatever each node's says)."""
+        if self.is_local:
+            return time.time()
+        if self.location not in _SKEW:
+            key = f"_clock/{uuid.uuid4().hex}"
+            t0 = time.time()
+            self.write_bytes(key, b"")
+            t1 = time.time()
+            got = [e for e in self.entries("_clock", hidden=True) if e.key == key]
+            self._do(lambda: self.fs.delete_file(self.path(key)), "DELETE", key)
+            _SKEW[self.location] = (got[0].mtime - (t0 + t1) / 2) if got else 0.0
+        return time.time() + _SKEW[self.location]
+
     # ------------------------------------------------------------------ writes
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write a whole object atomically (temp name + rename locally, one PUT on object stores)."""
-        if self.is_local:
-            write_atomic(self.path(key), data)
-            return
-        with self.fs.open_output_stream(self.path(key)) as f:
-            f.write(data)  # one call with the whole payload: nothing to complete half-way
+
+        def put() -> None:
+            if self.is_local:
+                write_atomic(self.path(key), data)
+            elif self.is_s3:
+                _s3(self.location).pipe_file(self.path(key), data)
+            else:
+                with self.fs.open_output_stream(self.path(key)) as f:
+                    f.write(data)  # one call with the whole payload: nothing to complete half-way
+
+        self._do(put, "PUT", key)
 
     def create(self, key: str, data: bytes) -> bool:
         """Write ``key`` only where there is none; returns whether this call wrote it.
@@ -248,22 +360,29 @@ class Store:
         Exclusive on a local disk (a hard link, :func:`iwae.files.create_atomic`), on S3 through S3's
         conditional PUT (``If-None-Match: *``; AWS since 2024, MinIO, moto) and on GCS through its
         create-only upload (``ifGenerationMatch=0``). pyarrow exposes neither, so they go through
-        s3fs and gcsfs. Other object stores (or an S3 server that answers the header with 501) check
-        and then write: there callers read the object back."""
+        s3fs and gcsfs. Where the store cannot guarantee it (another object store, or an S3 server
+        that answers the header with 501) it checks, writes and reads back after a pause: True only
+        when the object still holds these bytes (``data`` should be unique to the writer)."""
         if self.is_local:
-            return create_atomic(self.path(key), data)
-        if self.exists(key):  # the common case in one HEAD; also all a server that ignores the header gets
-            return False
+            return self._do(lambda: create_atomic(self.path(key), data), "CREATE", key)
         scheme = urlparse(self.location).scheme
         written: bool | None = None
         if scheme == "s3":
-            written = _s3_put_if_absent(self.location, self.path(key), data)
+            written = self._do(lambda: _s3_put_if_absent(self.location, self.path(key), data), "CREATE", key)
         elif scheme in GCS_SCHEMES:
-            written = _gcs_put_if_absent(self.location, self.path(key), data)
+            if self.exists(key):
+                return False
+            written = self._do(lambda: _gcs_put_if_absent(self.location, self.path(key), data), "CREATE", key)
         if written is not None:
             return written
+        if self.exists(key):
+            return False
         self.write_bytes(key, data)
-        return True
+        time.sleep(READ_BACK_S)  # a racing writer's PUT lands in this window or not at all
+        try:
+            return self.read_bytes(key) == data
+        except FileNotFoundError:
+            return False
 
     def write_table(self, key: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
@@ -275,22 +394,30 @@ class Store:
         dest = f"{QUARANTINE}/{key}.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         if self.is_local:
             Path(self.path(dest)).parent.mkdir(parents=True, exist_ok=True)
-        self.fs.move(self.path(key), self.path(dest))
+        self._do(lambda: self.fs.move(self.path(key), self.path(dest)), "MOVE", key)
         return self.uri(dest)
 
+    def move(self, key: str, dest: str) -> None:
+        """Move one file to ``dest`` (``repair``'s migration of an earlier layout)."""
+        if self.is_local:
+            Path(self.path(dest)).parent.mkdir(parents=True, exist_ok=True)
+        self._do(lambda: self.fs.move(self.path(key), self.path(dest)), "MOVE", key)
+
     def delete_dir(self, prefix: str) -> None:
-        info = self.fs.get_file_info(self.path(prefix))
-        if info.type == pafs.FileType.Directory:
-            self.fs.delete_dir(self.path(prefix))
+        def rm() -> None:
+            info = self.fs.get_file_info(self.path(prefix))
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(self.path(prefix))
+
+        self._do(rm, "DELETE", prefix)
 
     def list_all(self) -> Keys:
         """Every key below this location, hidden names (``_``, ``.``) included, sorted."""
-        sel = pafs.FileSelector(self.path(), recursive=True, allow_not_found=True)
-        return sorted(i.path[len(self.base) + 1 :] for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File)
+        return [e.key for e in self.entries("", hidden=True)]
 
     def delete(self, key: str) -> None:
         """Delete one file (only the marker a command made, when it undoes its own start)."""
-        self.fs.delete_file(self.path(key))
+        self._do(lambda: self.fs.delete_file(self.path(key)), "DELETE", key)
 
     def remove_empty_dir(self) -> None:
         """Remove this location's folder on a local disk if it holds no file: its empty folders
@@ -306,7 +433,7 @@ class Store:
 
     def is_empty(self) -> bool:
         sel = pafs.FileSelector(self.path(), recursive=False, allow_not_found=True)
-        return not self.fs.get_file_info(sel)
+        return not self._do(lambda: self.fs.get_file_info(sel), "LIST")
 
     def kind(self) -> pafs.FileType:
-        return self.fs.get_file_info(self.path()).type
+        return self._do(lambda: self.fs.get_file_info(self.path()).type, "HEAD")

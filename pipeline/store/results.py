@@ -8,14 +8,17 @@ table, with ``storage_options`` for object stores)::
       _iwae-pipeline.json          marker: this location is ours
       tables/runs/<run_id>.parquet one row per run: config, status, active units, wall time, versions
       tables/train/<run_id>.parquet one row per epoch: the training history
-      tables/eval/<run_id>/<estimate>/images-00000-00499.parquet  one row per test image, fixed ranges
-      tables/eval_train/<run_id>/...  the same for the first training images (the train-test gap)
-      tables/ais/<run_id>/<estimate>/images-*.parquet  AIS log p(x) of the first test images (iwae.ais)
-      tables/bdmc/<run_id>/<estimate>/images-*.parquet  BDMC lower/upper bounds on images simulated from the model
+      tables/eval/run_id=<id>/estimate=<name>/images-00000-00499.parquet  one row per test image, fixed ranges
+      tables/eval_train/run_id=<id>/...  the same for the first training images (the train-test gap)
+      tables/ais/run_id=<id>/estimate=<name>/images-*.parquet  AIS log p(x) of the first test images (iwae.ais)
+      tables/bdmc/run_id=<id>/estimate=<name>/images-*.parquet  BDMC lower/upper bounds on images simulated from the model
       runs/<run_id>/*.pt           checkpoints
       leases/<run_id>/             the run's lease generations (pipeline.store.leases)
       _quarantine/                 damaged files, moved aside (never deleted)
 
+The estimate folders are hive-style, so ``pd.read_parquet``, DuckDB, Polars and Spark see ``run_id``
+and ``estimate`` as columns; files of the earlier layout (``tables/eval/<run_id>/<estimate>/``) are
+read too, and ``iwae-pipeline repair`` rewrites them into this one.
 ``<estimate>`` names the estimator and its settings (``k5000-seed123-block500``), and its files are
 fixed image ranges (:mod:`pipeline.store.estimates`, which also holds the one reader of estimates). Every
 write is whole and atomic (see :mod:`pipeline.store.objects`), so readers never see a partial file, and
@@ -62,9 +65,11 @@ CONFIG_FIELDS: list[pa.Field] = [
     pa.field("train_subset", pa.int64()),
 ]
 
+# An estimate's files hold its figures and settings, never the run's config: the folder names the run
+# and the estimate (``tables/eval/run_id=<id>/estimate=<name>/``, hive-style, so every Parquet tool sees
+# them as columns), and the config is one join away, in the runs table.
 EVAL_SCHEMA = pa.schema(
-    CONFIG_FIELDS
-    + [
+    [
         pa.field("eval_k", pa.int64()),
         pa.field("eval_seed", pa.int64()),
         pa.field("eval_block", pa.int64()),  # noise block size (null in earlier layouts: the folder name has it)
@@ -72,12 +77,10 @@ EVAL_SCHEMA = pa.schema(
         pa.field("image_id", pa.int64(), nullable=False),
         pa.field("log_px", pa.float64()),
         *[pa.field(f"l_{p}", pa.float64()) for p in PREFIXES],
-        pa.field("log_px_pruned", pa.float64()),  # earlier layouts only (now the estimate <name>-pruned)
         pa.field("ess", pa.float64()),  # Kish effective sample size of the eval_k weights
         pa.field("khat", pa.float64()),  # PSIS Pareto k-hat; > 0.7: this image's estimate is unreliable
         pa.field("mcse", pa.float64()),  # Monte Carlo standard error of log_px (delta method), nats
         pa.field("log_px_jk", pa.float64()),  # first-order jackknife of log_px (Nowozin 2018), nats
-        pa.field("shard", pa.int64()),  # earlier layouts only
     ]
 )
 
@@ -126,8 +129,7 @@ RUNS_SCHEMA = pa.schema(
 )
 
 AIS_SCHEMA = pa.schema(
-    CONFIG_FIELDS
-    + [
+    [
         pa.field("method", pa.string()),  # ais: test images (binarised as the k=5000 evaluation); bdmc: images simulated from the model
         pa.field("ais_steps", pa.int64()),  # T temperatures (sigmoid schedule)
         pa.field("ais_chains", pa.int64()),
@@ -140,11 +142,25 @@ AIS_SCHEMA = pa.schema(
         pa.field("accept", pa.float64()),  # mean HMC acceptance of the forward chains
         pa.field("ess", pa.float64()),  # Kish ESS of the chains' final weights
         pa.field("seconds", pa.float64()),  # wall time of the range, per image
-        pa.field("shard", pa.int64()),  # earlier layouts only
     ]
 )
 
+# what files of earlier layouts (tables/<table>/<run_id>/<estimate>/) hold beside those: the run's
+# config on every row, and for L_k the pruned model's figure on its own draws (read as its own estimate)
+LEGACY_COLUMNS = {
+    "eval": [pa.field("run_id", pa.string()), pa.field("log_px_pruned", pa.float64()), pa.field("shard", pa.int64())],
+    "ais": [pa.field("run_id", pa.string()), pa.field("shard", pa.int64())],
+}
+
 SCHEMAS = {"runs": RUNS_SCHEMA, "train": TRAIN_SCHEMA, "eval": EVAL_SCHEMA, "eval_train": EVAL_SCHEMA, "ais": AIS_SCHEMA, "bdmc": AIS_SCHEMA}
+ESTIMATE_FAMILY = {"eval": "eval", "eval_train": "eval", "ais": "ais", "bdmc": "ais"}
+
+
+def read_schema(name: str) -> pa.Schema:
+    """What a reader asks of a file of table ``name``: its schema, and for estimates the columns of
+    earlier layouts (null where a file lacks them)."""
+    fam = ESTIMATE_FAMILY.get(name)
+    return pa.schema([*SCHEMAS[name], *LEGACY_COLUMNS[fam]]) if fam else SCHEMAS[name]
 
 
 def rows_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -167,23 +183,17 @@ class Results:
     def open(cls, location: str, create: bool = True) -> Results:
         store = Store.open(location)
         where = store.uri()
-        try:
-            kind = store.kind()
-        except OSError as e:  # no such bucket, no credentials, no network: one line
-            raise UserError(f"cannot reach {where} ({str(e).splitlines()[0][:160]}); check the location and its credentials") from None
+        kind = store.kind()  # no such bucket, no credentials: one line (StoreDenied); a store that keeps failing: StoreFailing
         if kind == pafs.FileType.File:
             raise UserError(f"{where} is a file, not a results folder; pass --results with a folder path or an s3:// URI")
-        try:
-            ours = store.exists(MARKER)
-            empty = kind == pafs.FileType.NotFound or store.is_empty()
-        except OSError as e:
-            raise UserError(f"cannot read {where} ({str(e).splitlines()[0][:160]}); check the location and its credentials") from None
+        ours = store.exists(MARKER)
+        empty = kind == pafs.FileType.NotFound or store.is_empty()
         if not empty and not ours:
             raise UserError(f"{where} holds files not written by iwae-pipeline; pass --results with an empty or new location")
         if ours:
             try:
                 fmt = json.loads(store.read_bytes(MARKER)).get("format")
-            except (OSError, ValueError):
+            except (FileNotFoundError, ValueError):
                 fmt = None
             if fmt != FORMAT:
                 raise UserError(
@@ -193,10 +203,7 @@ class Results:
         if empty and not create:
             raise UserError(f"no results in {where}; run `iwae-pipeline sweep JOB --results {shlex.quote(store.location)}` first")
         if create and not ours:
-            try:
-                store.write_bytes(MARKER, json.dumps({"format": FORMAT}).encode())
-            except OSError as e:
-                raise UserError(f"cannot write to {where} ({str(e).splitlines()[0][:160]}); pass --results with a writable location") from None
+            store.write_bytes(MARKER, json.dumps({"format": FORMAT}).encode())
         res = cls(store, created=create and not ours and kind == pafs.FileType.NotFound)
         res.check_tables()
         return res
@@ -215,9 +222,13 @@ class Results:
 
     def usable_here(self) -> str:
         """On a node, at the start of work: '' when this node sees the marker the driver wrote and can
-        write here, else why not, in a few words (a node that joined after the driver's check)."""
+        write here, else why not, in a few words (a node that joined after the driver's check).
+        Only a permanent refusal is a reason; a store that keeps failing raises
+        :class:`~pipeline.store.errors.StoreFailing` (transient: the unit is tried again later)."""
         import socket
         import uuid
+
+        from pipeline.store.errors import StoreDenied
 
         try:
             if not self.store.exists(MARKER):
@@ -226,8 +237,8 @@ class Results:
             self.store.write_bytes(f"{key}/{socket.gethostname()}", b"ok")
             self.store.delete_dir(key)
             return ""
-        except Exception as e:  # noqa: BLE001  # credentials, network, permissions: one line
-            return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        except StoreDenied as e:  # credentials, permissions: one line
+            return str(e).split(";")[0]
 
     def storage_fix(self) -> str:
         """What to do when a node cannot use this location."""
@@ -262,28 +273,33 @@ class Results:
             if not key.endswith(".parquet"):
                 raise UserError(f"{self.store.uri(key)} is not a results file; move it out of {self.store.uri('tables')}")
 
-    def read_file(self, key: str, name: str) -> pa.Table:
-        """One table file; ``DamagedFile`` if it was read but does not parse (``OSError`` if unreadable now)."""
-        data = self.store.read_bytes(key)
+    def parse(self, data: bytes, name: str, key: str) -> pa.Table:
+        """One table file's bytes; ``DamagedFile`` if they do not parse as table ``name``."""
         try:
-            return pq.read_table(pa.BufferReader(data), schema=SCHEMAS[name])
+            return pq.read_table(pa.BufferReader(data), schema=read_schema(name))
         except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, OSError) as e:
             raise DamagedFile(f"{self.store.uri(key)} is not a valid {name} table ({type(e).__name__})") from None
 
+    def read_file(self, key: str, name: str) -> pa.Table:
+        """One table file; ``DamagedFile`` if it was read but does not parse (``FileNotFoundError`` if absent)."""
+        return self.parse(self.store.read_bytes(key), name, key)
+
     def read(self, name: str) -> pd.DataFrame:
-        """A whole table as a DataFrame (empty, with the declared columns, when there is nothing yet).
-        Estimates are read by :func:`pipeline.store.estimates.read`, which counts each image once."""
+        """A whole table as a DataFrame (empty, with the declared columns, when there is nothing yet),
+        its files read in parallel. Estimates are read by :func:`pipeline.store.estimates.read`."""
         if name not in ("runs", "train"):
             raise ValueError(f"read estimates ({name}) through pipeline.store.estimates.read")
         keys = self.store.list(self.table_key(name), ".parquet")
-        if not keys:
-            return SCHEMAS[name].empty_table().to_pandas()
         tables = []
-        for key in keys:
+        for key, data in zip(keys, self.store.read_many(keys)):
+            if data is None:
+                continue  # moved aside since the listing
             try:
-                tables.append(self.read_file(key, name))
+                tables.append(self.parse(data, name, key))
             except DamagedFile as e:
-                raise UserError(f"{e}; move that file out of the results (a re-run of the same command redoes it)") from None
+                raise UserError(f"{e}; run `iwae-pipeline repair --results {shlex.quote(self.location)}` to move it aside (a re-run redoes it)") from None
+        if not tables:
+            return SCHEMAS[name].empty_table().to_pandas()
         return pa.concat_tables(tables).to_pandas()
 
     def read_row(self, run_id: str) -> dict[str, Any] | None:
