@@ -51,12 +51,18 @@ class DistributionModel(nn.Module):
         super().__init__()
         self.encoder, self.decoder, self.latent_dim = encoder, decoder, int(latent_dim)
         self._prior = prior
+        self._moved: dict[tuple[torch.device, torch.dtype], Distribution] = {}
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # where the model lives when it has no parameters of its own
         self._continuous: bool | None = None
 
     def prior(self, like: Tensor) -> Distribution:
+        """p(h) on ``like``'s device and dtype: a user's prior is a ``Distribution``, which
+        ``model.to()`` does not move, so it is rebuilt there once per device and dtype."""
         if self._prior is not None:
-            return self._prior
+            key = (like.device, like.dtype)
+            if key not in self._moved:
+                self._moved[key] = moved(self._prior, like)
+            return self._moved[key]
         zero = torch.zeros(self.latent_dim, dtype=like.dtype, device=like.device)
         return Independent(Normal(zero, torch.ones_like(zero)), 1)
 
@@ -90,6 +96,26 @@ class DistributionModel(nn.Module):
             out_x.append(_sample_seeded(self.decoder(h[None]), 1, g).reshape(1, -1))  # p(x|h) of batch (1, 1): (1, X)
             out_h.append(h)
         return torch.cat(out_x), [torch.cat(out_h)]
+
+
+def moved(d: Distribution, like: Tensor) -> Distribution:
+    """``d`` rebuilt with its parameters on ``like``'s device and (floating) dtype: ``Independent`` and
+    ``TransformedDistribution`` through their base, any other from its ``arg_constraints`` parameters."""
+    if isinstance(d, Independent):
+        return Independent(moved(d.base_dist, like), d.reinterpreted_batch_ndims, validate_args=False)
+    if isinstance(d, torch.distributions.TransformedDistribution):
+        return torch.distributions.TransformedDistribution(moved(d.base_dist, like), d.transforms, validate_args=False)
+
+    def to(v: Any) -> Any:
+        return v.to(device=like.device, dtype=like.dtype if v.is_floating_point() else v.dtype) if isinstance(v, Tensor) else v
+
+    given = {k: to(d.__dict__[k]) for k in d.arg_constraints if k in d.__dict__}
+    for drop in ((), ("probs",), ("logits",), ("scale_tril", "precision_matrix"), ("covariance_matrix", "precision_matrix")):
+        try:  # a lazily computed twin (probs beside logits) is in __dict__ too once read: the constructor takes one
+            return type(d)(**{k: v for k, v in given.items() if k not in drop}, validate_args=False)  # type: ignore[call-arg]
+        except (ValueError, TypeError):
+            continue
+    raise TypeError(f"the prior {type(d).__name__} cannot be moved to {like.device} {like.dtype}; build it from tensors on the model's device")
 
 
 def _sample_seeded(d: Distribution, n: int, g: torch.Generator) -> Tensor:

@@ -35,7 +35,7 @@ from torch import Tensor
 from iwae.bounds import log_mean_exp
 from iwae.diagnostics import kish_ess
 from iwae.evaluate import image_seed
-from iwae.latent import LatentModel
+from iwae.latent import LatentModel, scoring
 
 _AIS, _REVERSE, _SIMULATE, _BDMC = 2, 3, 4, 5  # stream tags of the per-image seeds (evaluate.py uses 0 and 1)
 JITTER = 0.5  # each transition uses eps * U(1 - JITTER, 1 + JITTER)
@@ -304,7 +304,8 @@ def ais_log_px(model: LatentModel, x: Tensor, cfg: AISConfig = AISConfig(), imag
         :class:`AISResult` with ``log_px`` ``(B,)`` in nats, a stochastic lower bound on log p(x).
     """
     ids = range(x.shape[0]) if image_ids is None else image_ids
-    return _run_model(model, x, cfg, _generators(cfg.seed, ids, _AIS), None, None)
+    with scoring(model):  # eval mode: no dropout mask per HMC gradient, no BatchNorm across images and chains
+        return _run_model(model, x, cfg, _generators(cfg.seed, ids, _AIS), None, None)
 
 
 def simulate_by_id(model: LatentModel, image_ids: Sequence[int], seed: int) -> tuple[Tensor, list[Tensor]]:
@@ -322,7 +323,8 @@ def bdmc(model: LatentModel, n: int, cfg: AISConfig = AISConfig(), image_ids: Se
     Simulated image i (``image_ids``, default ``0..n-1``) and its chains are seeded by i alone.
     """
     ids = list(range(n)) if image_ids is None else list(image_ids)
-    x, h = simulate_by_id(model, ids, cfg.seed)
-    forward = _run_model(model, x, cfg, _generators(cfg.seed, ids, _BDMC), None, None)  # not the test images' AIS noise
-    reverse = _run_model(model, x, cfg, _generators(cfg.seed, ids, _REVERSE), h, forward.step_size)
+    with scoring(model):  # simulated and scored in eval mode, as AIS is
+        x, h = simulate_by_id(model, ids, cfg.seed)
+        forward = _run_model(model, x, cfg, _generators(cfg.seed, ids, _BDMC), None, None)  # not the test images' AIS noise
+        reverse = _run_model(model, x, cfg, _generators(cfg.seed, ids, _REVERSE), h, forward.step_size)
     return BDMCResult(forward.log_px, reverse.log_px, reverse.log_px - forward.log_px, x, forward, reverse)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from iwae.bounds import iwae_bound, jackknife_bound
 from iwae.diagnostics import kish_ess, mc_stderr, pareto_khat
-from iwae.latent import LatentModel
+from iwae.latent import LatentModel, scoring
 from iwae.models import IWAEModel
 
 _BIN, _NOISE = 0, 1  # stream tags of the per-image seeds
@@ -120,8 +120,11 @@ def estimate_log_px(
         A :class:`LogPxEstimate`: ``log_px`` ``(N,)`` = L_k in nats, ``prefix`` ``(N, P)`` = L_m for
         m in ``cfg.prefixes``, and per image the ESS, k-hat, Monte Carlo error and jackknife.
     """
-    if isinstance(model, torch.nn.Module):
-        model.eval()
+    with scoring(model):  # eval mode for the pass, the caller's modes put back after
+        return _estimate(model, x_bin, image_ids, cfg, progress)
+
+
+def _estimate(model: LatentModel, x_bin: Tensor, image_ids: Sequence[int], cfg: EvalConfig, progress: Callable[[int], None] | None) -> LogPxEstimate:
     dev = device_of(model, x_bin)
     n_img = x_bin.shape[0]
     imgs_per_pass = max(1, cfg.max_rows // min(cfg.block, cfg.k))

@@ -15,7 +15,8 @@ likelihoods with no code of the user's).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -49,6 +50,24 @@ class LatentModel(Protocol):
         """``n`` draws (x, h) from p(x, h), draw i from ``generators[i]``: x ``(n, X)``, h ``[(n, D_l)]``
         (BDMC: h is then an exact draw from p(h|x))."""
         ...
+
+
+@contextmanager
+def scoring(model: object) -> Iterator[None]:
+    """The model in eval mode for the block, as every evaluator scores it (k-sample importance
+    sampling, AIS, BDMC): dropout off, BatchNorm on its running statistics, so that an image's
+    estimate depends on no other image of its batch, nor on the draws of its HMC steps; then every
+    submodule's own mode put back as it was (the user's object is left as it was found)."""
+    get = getattr(model, "modules", None)  # an nn.Module, or a wrapper of one that lists its modules
+    modules = [m for m in get() if isinstance(m, torch.nn.Module)] if callable(get) else []
+    flags = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.training = False
+        yield
+    finally:
+        for m, f in zip(modules, flags):
+            m.training = f
 
 
 def check(model: object) -> LatentModel:

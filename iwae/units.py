@@ -105,9 +105,9 @@ class PrunedOnCommonDraws:
     def parameters(self) -> Any:
         return self.model.parameters()
 
-    def eval(self) -> PrunedOnCommonDraws:
-        self.model.eval()
-        return self
+    def modules(self) -> Any:
+        """The model's modules (what :func:`iwae.latent.scoring` puts in eval mode)."""
+        return self.model.modules()
 
     def propose(self, x: Tensor, k: int, generators: Sequence[torch.Generator]) -> Proposal:
         layers = torch.split(normal_draws(generators, k, sum(self.dims), x), self.dims, dim=-1)  # the original model's noise

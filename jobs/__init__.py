@@ -75,9 +75,17 @@ def select(job: Job, where: list[str]) -> Job:
 
 
 def registry() -> dict[str, Callable[..., Job]]:
-    from jobs import demo, estimators, paper_table1, paper_table2
+    import functools
 
-    return {"demo": demo.build, "paper_table1": paper_table1.build, "paper_table2": paper_table2.build, "estimators": estimators.build}
+    from jobs import demo, estimators, paper_table1, paper_table2, scale
+
+    return {
+        "demo": demo.build,
+        "paper_table1": paper_table1.build,
+        "paper_table2": paper_table2.build,
+        "estimators": estimators.build,
+        **{f"scale_{n}": functools.partial(scale.build, n) for n in (200, 2000)},  # `bench --scale`
+    }
 
 
 def build(name: str, size: str = "full", stages: int | None = None, epoch_scale: float | None = None) -> Job:

@@ -669,12 +669,13 @@ def report(
     results: ResultsOpt = DEFAULT_RESULTS,
     out: Annotated[str | None, typer.Option(help="Output folder or URI, e.g. s3://BUCKET/PREFIX (default: RESULTS/report).")] = None,
     data_dir: DataOpt = DEFAULT_DATA,
+    pictures: Annotated[int, typer.Option("--pictures", min=0, help="Runs that get a picture of samples and reconstructions (Table 1's first).")] = 8,
 ) -> None:
     """Render Table 1 (ours beside the paper's), all runs, and PNG plots from the Parquet results."""
     from pipeline.report import build_report
 
     res = _results(results, create=False)
-    rep = build_report(res, out, data=_data(data_dir))  # the test images beside their reconstructions, where the data is here
+    rep = build_report(res, out, data=_data(data_dir), pictures_of=pictures)  # the test images beside their reconstructions, where the data is here
     if not rep.files:
         raise UserError(f"no runs in {res} yet; fill it with `iwae-pipeline sweep demo --results {shlex.quote(results)}` (see `iwae-pipeline jobs`)")
     typer.echo(rep.markdown)
@@ -910,10 +911,34 @@ def bench(
     ray_path: Annotated[bool, typer.Option("--ray/--no-ray", help="Also time the Ray-sharded evaluation.")] = True,
     out: Annotated[str | None, typer.Option(help="Also write the figures as one Parquet file here: a path or a URI (s3://BUCKET/bench.parquet).")] = None,
     data_dir: DataOpt = DEFAULT_DATA,
+    scale: Annotated[
+        bool,
+        typer.Option(
+            "--scale", help="Instead: what the control plane costs (requests, seconds, memory) for grids of --scale-runs tiny runs on local Ray and S3."
+        ),
+    ] = False,
+    scale_runs: Annotated[list[int] | None, typer.Option("--scale-runs", min=2, help="--scale: grid sizes, jobs scale_N (default: 200 and 2000).")] = None,
+    scale_images: Annotated[int, typer.Option("--scale-images", min=0, help="--scale: images scored by `score` at k=10 (0: none).")] = 100_000,
 ) -> None:
-    """Measure training examples/s (ours vs Pyro), k=5000 evaluation throughput vs the matmul roofline, memory."""
+    """Measure training examples/s (ours vs Pyro), k=5000 evaluation throughput vs the matmul roofline, memory;
+    or, with --scale, the control plane's cost at two grid sizes (pipeline.bench_scale)."""
     from pipeline.bench import run_bench
     from pipeline.store.objects import Store
+
+    if scale:
+        import jobs
+        from pipeline.bench_scale import run_scale, table
+
+        sizes = scale_runs or [200, 2000]
+        unknown = [n for n in sizes if f"scale_{n}" not in jobs.registry()]
+        if unknown:
+            have = ", ".join(k.split("_")[1] for k in jobs.registry() if k.startswith("scale_"))
+            raise UserError(f"--scale-runs {unknown[0]} has no job scale_{unknown[0]}; choose from {have} (jobs/scale.py)")
+        _data(data_dir).check_here("mnist")
+        found = run_scale(sizes, scale_images, str(Path(data_dir).expanduser().absolute()), echo=lambda m: typer.echo(m, err=True))
+        typer.echo(table(found))
+        typer.echo(json.dumps(found, sort_keys=True))
+        return
 
     where = None
     if out is not None:

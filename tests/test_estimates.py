@@ -94,3 +94,22 @@ def test_the_pruned_model_is_its_own_estimate_on_the_same_draws(trained):
     pruned = both[both.estimate == "k20-seed123-block10-pruned"].set_index("image_id").log_px.sort_index()
     assert len(pruned) == 40 and pruned.index.equals(model.index[:40]) and both[both.estimate.str.endswith("-pruned")].eval_pruned.all()
     assert (pruned - model[:40]).abs().max() < 5  # the same images and draws: close, whatever the units
+
+
+def test_any_parquet_tool_reads_the_estimates_as_the_one_reader_does(trained):
+    """The estimate folders are hive-style: DuckDB and pandas, with no project code, see ``run_id`` and
+    ``estimate`` as columns and give the same per-estimate means and counts as ``read_estimates``."""
+    import duckdb
+
+    res, data, run_id = trained
+    evaluate_here(res, data, [run_id], EvalPlan(EvalConfig(k=7, block=7), 60), show=False)
+    ours = read_estimates(res.location, estimate=None).groupby(["run_id", "estimate"], observed=True).log_px.agg(["mean", "count"])
+    root = Path(res.location) / "tables" / "eval"
+    sql = f"SELECT run_id, estimate, avg(log_px) AS mean, count(*) AS count FROM read_parquet('{root}/*/*/*.parquet', hive_partitioning = true) GROUP BY ALL"
+    theirs = duckdb.sql(sql).df()
+    pandas = pd.read_parquet(root).groupby(["run_id", "estimate"], observed=True).log_px.agg(["mean", "count"]).reset_index()
+
+    def table(df: pd.DataFrame) -> dict:
+        return {(str(r), str(e)): (round(float(m), 9), int(n)) for r, e, m, n in df[["run_id", "estimate", "mean", "count"]].itertuples(index=False)}
+
+    assert len(ours) >= 2 and table(theirs) == table(ours.reset_index()) == table(pandas)

@@ -95,3 +95,69 @@ def test_a_model_without_the_protocol_is_refused_naming_what_it_lacks():
 
     with pytest.raises(TypeError, match="it has no log_joint, simulate"):
         check(Half())
+
+
+def _dropout_batchnorm_model():
+    """A user VAE whose encoder and decoder have Dropout and BatchNorm, left in train mode (as a
+    factory that never calls ``.eval()`` returns it), its BatchNorm statistics away from their start."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 4))
+    dec = nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 8))
+
+    def decode(h):
+        from torch.distributions import Bernoulli
+
+        return Independent(Bernoulli(logits=dec(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], 8)), 1)
+
+    model = DistributionModel(gaussian_encoder(lambda x: enc(x).chunk(2, -1)), decode, latent_dim=2)
+    model.enc, model.dec = enc, dec
+    for _ in range(5):  # running statistics that differ from a fresh BatchNorm's
+        enc(torch.randn(64, 8) * 2 + 1)
+        dec(torch.randn(64, 2) * 3)
+    return model
+
+
+def test_every_method_scores_in_eval_mode_independent_of_the_batch_and_leaves_the_model_as_found():
+    """Dropout and BatchNorm: k-sample IS, AIS and BDMC of a model left in train mode equal those of
+    the same model put in eval mode by hand (dropout would draw a new mask at every HMC gradient, and
+    BatchNorm would couple the images and chains of a batch); an image scored alone gets what it gets
+    in its batch; and afterwards every submodule is in the mode it was in, its statistics untouched."""
+    model = _dropout_batchnorm_model()
+    by_hand = _dropout_batchnorm_model().eval()  # built again (its closures hold its own networks), in eval mode by hand
+    modes = [m.training for m in model.modules()]
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    x = (torch.rand(6, 8, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    ids = list(range(6))
+    ec, ac = EvalConfig(k=64, block=32), AISConfig(steps=20, chains=4, leapfrog=3, pilot_steps=5)
+    torch.testing.assert_close(estimate_log_px(model, x, ids, ec).log_px, estimate_log_px(by_hand, x, ids, ec).log_px)
+    lone = estimate_log_px(model, x[2:3], [2], ec).log_px
+    torch.testing.assert_close(lone, estimate_log_px(model, x, ids, ec).log_px[2:3])
+    ais_all = ais_log_px(model, x, ac, ids).log_px
+    torch.testing.assert_close(ais_all, ais_log_px(by_hand, x, ac, ids).log_px)
+    torch.testing.assert_close(ais_log_px(model, x[4:5], ac, [4]).log_px, ais_all[4:5])
+    b1, b2 = bdmc(model, 3, ac), bdmc(by_hand, 3, ac)
+    torch.testing.assert_close(b1.forward.log_px, b2.forward.log_px)
+    torch.testing.assert_close(b1.upper, b2.upper)
+    assert [m.training for m in model.modules()] == modes and any(modes)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, stats[k])
+
+
+def test_a_user_prior_follows_the_model_to_another_dtype():
+    """A prior given as a float32 distribution, the model moved to float64 with ``.to()``: every
+    figure is computed in float64, equal to the same model built with a float64 prior."""
+    lg = LinearGaussian()
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def make(prior):
+        return DistributionModel(lg.encoder, lg.decoder, latent_dim=2, prior=prior)
+
+    p32 = Independent(Normal(torch.zeros(2), torch.full((2,), 1.5)), 1)
+    p64 = Independent(Normal(torch.zeros(2, dtype=torch.float64), torch.full((2,), 1.5, dtype=torch.float64)), 1)
+    a = make(p32).to(torch.float64)
+    got = estimate_log_px(a, x, range(4), EvalConfig(k=100, block=50))
+    want = estimate_log_px(make(p64).to(torch.float64), x, range(4), EvalConfig(k=100, block=50))
+    assert a.prior(x).base_dist.scale.dtype == torch.float64 and a.simulate(1, [torch.Generator().manual_seed(0)])[1][0].dtype == torch.float64
+    torch.testing.assert_close(got.log_px, want.log_px, rtol=0, atol=1e-12)

@@ -20,7 +20,7 @@ import pyarrow as pa
 from pipeline.report.ais import ais_convergence_table, ais_gain_table, ais_table, ais_vs_lk
 from pipeline.report.findings import NR, findings, flip
 from pipeline.report.models import densities_note, model_pairs_table, models_table
-from pipeline.report.pictures import pictures
+from pipeline.report.pictures import PICTURES, pictures
 from pipeline.report.plots import plots
 from pipeline.report.summary import Loaded, load
 from pipeline.report.tables import (
@@ -49,17 +49,18 @@ class Report:
     files: tuple[str, ...]  # where each file was written (a path or a URI)
 
 
-def build_report(results: Results, out: str | Path | None = None, data: Any = None) -> Report:
+def build_report(results: Results, out: str | Path | None = None, data: Any = None, pictures_of: int = PICTURES) -> Report:
     """Render the report into ``out`` (default ``RESULTS/report``; a folder or a URI, opened through
     :meth:`Store.open`): report.md, PNGs, summary.parquet. ``data`` (a
     :class:`~pipeline.datasource.DataSource`): where the test images shown beside their
-    reconstructions come from (without it, the pictures show samples only)."""
+    reconstructions come from (without it, the pictures show samples only). ``pictures_of``: how many
+    runs get a picture (Table 1's first: each reads a final checkpoint)."""
     dest = Store.open(out) if out is not None else results.store.sub("report")
     loaded = load(results)
     if loaded.summary.empty and not len(loaded.models):
         return Report("No runs in this results folder yet.", loaded.summary, ())
     with tempfile.TemporaryDirectory(prefix="iwae-report-") as tmp:
-        md, files = _render(loaded, Path(tmp), results, data)
+        md, files = _render(loaded, Path(tmp), results, data, pictures_of)
         for f in files:
             dest.write_bytes(f.name, f.read_bytes())
         return Report(md, loaded.summary, tuple(dest.uri(f.name) for f in files))
@@ -92,7 +93,7 @@ def _models_section(loaded: Loaded) -> list[str]:
     return parts
 
 
-def _render(loaded: Loaded, out_dir: Path, results: Results | None = None, data: Any = None) -> tuple[str, list[Path]]:
+def _render(loaded: Loaded, out_dir: Path, results: Results | None = None, data: Any = None, pictures_of: int = PICTURES) -> tuple[str, list[Path]]:
     """Write report.md, the PNGs and summary.parquet into a local folder; returns the markdown and files."""
     if loaded.summary.empty:  # only models scored with `score`: their table alone
         md = "\n".join(["# iwae-pipeline report", "", *_models_section(loaded)]) + "\n"
@@ -216,7 +217,7 @@ def _render(loaded: Loaded, out_dir: Path, results: Results | None = None, data:
         parts += [f"**{len(failed)} run(s) failed**: " + ", ".join(f"{r.run_id} ({r.label})" for r in failed.itertuples()), ""]
     files = plots(loaded, out_dir)
     parts += [f"![{p.stem}]({p.name})" for p in files]
-    drawn = pictures(results, loaded, out_dir, data) if results is not None else []
+    drawn = pictures(results, loaded, out_dir, data, pictures_of) if results is not None else []
     if drawn:
         parts += ["", "## What the models learned: samples, and test images beside their reconstructions", ""]
         parts += [f"**{label}**\n\n![{p.stem}]({p.name})\n" for label, p in drawn]

@@ -70,15 +70,15 @@ def ais_table(loaded: Loaded) -> str | None:
     if ais.empty and bdmc.empty:
         return None
     names = {str(r.run_id): name(r) for r in loaded.summary.itertuples()}
-    keys = sorted(set(map(tuple, ais[["run_id", "estimate"]].values.tolist())) | set(map(tuple, bdmc[["run_id", "estimate"]].values.tolist())))
+    keys = sorted({(str(r), str(e)) for df in (ais, bdmc) for r, e in df[["run_id", "estimate"]].drop_duplicates().itertuples(index=False)})
     keys = [k for k in keys if str(k[0]) in names]  # trained runs; models scored with `score` are in the models table
     if not keys:
         return None
     rows = []
     for rid, est in keys:
         r = ais_vs_lk(loaded, str(rid), str(est))
-        some = ais[(ais.run_id == rid) & (ais.estimate == est)]
-        some = some if len(some) else bdmc[(bdmc.run_id == rid) & (bdmc.estimate == est)]
+        some = loaded.values(str(rid), str(est), "ais")
+        some = some if len(some) else loaded.values(str(rid), str(est), "bdmc")
         t, c, lf = (int(some[col].iloc[0]) for col in ("ais_steps", "ais_chains", "ais_leapfrog"))
         has = r["images"] > 0
         rows.append(
@@ -131,7 +131,7 @@ def shared_ais(loaded: Loaded, run_ids: list[str]) -> tuple[str, pd.Index] | Non
     largest T; and those images. None when they share none (or fewer than two images)."""
     if not run_ids:
         return None
-    per = [set(loaded.ais[loaded.ais.run_id == r].estimate) for r in run_ids]
+    per = [loaded.estimates_in(r, "ais") for r in run_ids]
     common = set.intersection(*per)
     best: tuple[str, pd.Index] | None = None
     for est in sorted(common, key=steps_of):

@@ -28,13 +28,10 @@ from pipeline.report.tables import fmt, markdown
 MNIST_TAG = "mnist"
 
 
-def _ais_estimate(ais: pd.DataFrame, run_id: str) -> str:
+def _ais_estimate(loaded: Loaded, run_id: str, table: str = "ais") -> str:
     """The run's AIS (or BDMC) estimate to show: the most temperatures, then the most images."""
-    a = ais[ais.run_id == run_id]
-    if not len(a):
-        return ""
-    g = a.groupby("estimate").agg(steps=("ais_steps", "max"), n=("image_id", "size"))
-    return str(g.sort_values(["steps", "n"]).index[-1])
+    found = [(int(v.ais_steps.max()), len(v), e) for e in loaded.estimates_in(run_id, table) for v in [loaded.values(run_id, e, table)] if len(v)]
+    return max(found)[2] if found else ""
 
 
 def _members(loaded: Loaded) -> pd.DataFrame:
@@ -78,7 +75,7 @@ def model_figures(loaded: Loaded, run_id: str) -> dict[str, Any]:
         "khat_high": float((finite.khat > KHAT_UNRELIABLE).mean()) if len(finite) else math.nan,
         "mcse_mean": float(finite.mcse.mean()) if len(finite) else math.nan,
     }
-    a_est = _ais_estimate(loaded.ais, run_id)
+    a_est = _ais_estimate(loaded, run_id)
     a_rows = loaded.values(run_id, a_est, "ais") if a_est else pd.DataFrame(columns=["log_px_ais", "eval_seed"])
     if len(e) and len(a_rows) and set(e.eval_seed.dropna()) != set(a_rows.eval_seed.dropna()):
         a_rows = a_rows.iloc[:0]  # binarised with another seed: other images, nothing to pair
@@ -97,7 +94,7 @@ def model_figures(loaded: Loaded, run_id: str) -> dict[str, Any]:
             "gap_se": d.se,
         }
     )
-    b_est = _ais_estimate(loaded.bdmc, run_id)  # one BDMC setting: the most temperatures, then the most images
+    b_est = _ais_estimate(loaded, run_id, "bdmc")  # one BDMC setting: the most temperatures, then the most images
     b = loaded.values(run_id, b_est, "bdmc") if b_est else loaded.bdmc.iloc[:0]
     bgap = (b.log_px_upper - b.log_px_ais).astype(float)
     bgap = bgap[np.isfinite(bgap)]
@@ -159,7 +156,7 @@ def model_pairs_table(loaded: Loaded) -> str | None:
                 continue
             la, lb = _finite(loaded.values(a.run_id, ea).log_px), _finite(loaded.values(b.run_id, ea).log_px)
             d = paired(la, lb)
-            aa, ab = _ais_estimate(loaded.ais, a.run_id), _ais_estimate(loaded.ais, b.run_id)
+            aa, ab = _ais_estimate(loaded, a.run_id), _ais_estimate(loaded, b.run_id)
             da = (
                 paired(_finite(loaded.values(a.run_id, aa, "ais").log_px_ais), _finite(loaded.values(b.run_id, aa, "ais").log_px_ais))
                 if aa and aa == ab

@@ -18,12 +18,23 @@ from pipeline.store.ledger import load_final
 from pipeline.store.results import Results
 
 RECONSTRUCTED = 16  # test images shown with their reconstructions, the first ones (binarised as the evaluation does)
+PICTURES = 8  # per-run pictures by default: the runs Table 1 shows first (each reads a final checkpoint)
 
 
-def pictures(results: Results, loaded: Loaded, out_dir: Path, data: Any = None) -> list[tuple[str, Path]]:
-    """One PNG per done run: 64 samples, and the first test images over their reconstructions (when
-    ``data``, a :class:`~pipeline.datasource.DataSource`, has the run's dataset here). Returns
-    ``(run label, path)`` pairs in the summary's order."""
+def chosen(loaded: Loaded, limit: int) -> list[str]:
+    """The done runs to draw, at most ``limit``: Table 1's VAE and IWAE of each row first, then the
+    others in the summary's order."""
+    from pipeline.report.tables import table1_cells
+
+    done = [str(r) for r in loaded.summary[loaded.summary.status == "done"].run_id]
+    first = [str(r.run_id) for c in table1_cells(loaded) for r in (c.vae, c.iwae) if r is not None]
+    return list(dict.fromkeys([*[r for r in first if r in done], *done]))[: max(0, limit)]
+
+
+def pictures(results: Results, loaded: Loaded, out_dir: Path, data: Any = None, limit: int = PICTURES) -> list[tuple[str, Path]]:
+    """One PNG per drawn run (:func:`chosen`, ``limit`` of them): 64 samples, and the first test
+    images over their reconstructions (when ``data``, a :class:`~pipeline.datasource.DataSource`, has
+    the run's dataset here). Returns ``(run label, path)`` pairs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +42,9 @@ def pictures(results: Results, loaded: Loaded, out_dir: Path, data: Any = None) 
 
     labels = run_labels(loaded.summary)
     out: list[tuple[str, Path]] = []
-    for r in loaded.summary[loaded.summary.status == "done"].itertuples():
+    rows = loaded.summary.set_index(loaded.summary.run_id.astype(str), drop=False)
+    for rid in chosen(loaded, limit):
+        r = next(rows.loc[[rid]].itertuples())
         try:
             model, cfg = model_from_checkpoint(load_final(results, str(r.run_id)), f"run {r.run_id}'s final checkpoint", "cpu")
         except (CheckpointError, OSError):

@@ -1,4 +1,9 @@
-"""The report's PNG plots, from a loaded summary."""
+"""The report's PNG plots, from a loaded summary.
+
+Up to :data:`MANY` runs a plot shows every run (a line, a row of dots, a box each). Beyond that it
+shows groups (:func:`group_of`: dataset, layers, objective, k, estimator), their medians and spreads,
+so a grid of thousands of runs gives figures of the same size as a grid of forty, readable and under
+Agg's 2^16-pixel limit."""
 
 from __future__ import annotations
 
@@ -27,6 +32,19 @@ def _style(summary: pd.DataFrame) -> dict[str, dict[str, str]]:
     return out
 
 
+MANY = 24  # beyond this many runs, plots show groups of runs, not runs
+MAX_GROUPS = 30  # the largest groups shown, one row or line each
+
+
+def group_of(summary: pd.DataFrame) -> dict[str, str]:
+    """Each run's group in the aggregated plots: what it is, without its seed and schedule."""
+    out = {}
+    for r in summary.itertuples():
+        est = "" if str(r.estimator) == "standard" else f" {r.estimator}"
+        out[str(r.run_id)] = f"{r.dataset} L{r.layers} {str(r.objective).upper()} k={r.k}{est}"
+    return out
+
+
 def plots(loaded: Loaded, out_dir: Path) -> list[Path]:
     """The report's PNGs in ``out_dir``: training curves, L_k against k, active units, k-hat."""
     import matplotlib
@@ -35,6 +53,8 @@ def plots(loaded: Loaded, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    if len(loaded.summary) > MANY:
+        return aggregated(loaded, out_dir)
     files = []
     summary, train = loaded.summary, loaded.train
     labels = run_labels(summary)
@@ -117,6 +137,97 @@ def plots(loaded: Loaded, out_dir: Path) -> list[Path]:
         ax.set_title("Reliability of the per-image estimates (right: share of images above 0.7)", fontsize=9)
         files.append(_save(fig, out_dir / "khat.png"))
     return files
+
+
+def aggregated(loaded: Loaded, out_dir: Path) -> list[Path]:
+    """The same four plots for a grid of many runs, by group (module docstring): median training
+    curve with its interquartile band, mean L_k against k, active units and k-hat as one box per group."""
+    import matplotlib.pyplot as plt
+
+    files = []
+    summary, train = loaded.summary, loaded.train
+    groups = group_of(summary)
+    done = summary[summary.status == "done"].assign(group=lambda d: d.run_id.astype(str).map(groups))
+    sizes = done.group.value_counts()
+    shown = sorted(sizes.index[:MAX_GROUPS])
+    colour = {g: plt.get_cmap("tab20")(i % 20) for i, g in enumerate(shown)}
+    note = f" ({len(shown)} of {len(sizes)} groups, the largest)" if len(sizes) > len(shown) else ""
+    if not train.empty:
+        t = train.assign(group=train.run_id.astype(str).map(groups))
+        t = t[t.group.isin(shown)]
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for g, d in t.groupby("group", sort=True):
+            q = d.groupby("epoch").train_bound.quantile([0.25, 0.5, 0.75]).unstack()
+            ax.plot(q.index, q[0.5], color=colour[str(g)], label=f"{g} ({sizes.get(g, 0)} runs)")
+            ax.fill_between(q.index, q[0.25], q[0.75], color=colour[str(g)], alpha=0.2, lw=0)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training bound (nats)")
+        ax.set_title(f"Training curves: median and interquartile range per group{note}", fontsize=9)
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        files.append(_save(fig, out_dir / "training_curves.png"))
+    if "nll_l1" in done and done["nll_l1"].notna().any():
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for g, d in done[done.group.isin(shown)].groupby("group", sort=True):
+            ks = [p for p in PREFIXES if d[f"nll_l{p}"].notna().any()]
+            ax.errorbar(
+                ks, [-d[f"nll_l{p}"].mean() for p in ks], yerr=[d[f"nll_l{p}"].std(ddof=0) for p in ks], color=colour[str(g)], marker="o", ms=3, label=g
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("k (importance samples at test time)")
+        ax.set_ylabel("mean test L_k (nats), ± sd over the group's runs")
+        ax.set_title(f"L_k against k per group{note}", fontsize=9)
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        files.append(_save(fig, out_dir / "lk_vs_k.png"))
+    units = done[done.group.isin(shown) & done.active_h1.notna()]
+    if len(units):
+        files.append(
+            _boxes(
+                [(g, d.active_h1.to_numpy(dtype=float)) for g, d in units.groupby("group", sort=True)],
+                colour,
+                "active units in layer 1, one value per run",
+                f"Active units per group (paper sec. 5.2){note}",
+                out_dir / "active_units.png",
+            )
+        )
+    per_group: dict[str, list[np.ndarray]] = {}
+    for r in done[done.group.isin(shown)].itertuples():
+        if r.estimate:
+            v = loaded.values(str(r.run_id), str(r.estimate)).khat.dropna().to_numpy()
+            per_group.setdefault(str(r.group), []).append(v[np.isfinite(v)])
+    boxes = [(g, np.concatenate(v)) for g, v in sorted(per_group.items()) if sum(len(x) for x in v)]
+    if boxes:
+        files.append(
+            _boxes(
+                boxes,
+                colour,
+                "Pareto k-hat of an image's importance weights, every image of the group's runs (> 0.7: unreliable)",
+                f"Reliability of the per-image estimates per group{note}",
+                out_dir / "khat.png",
+                KHAT_UNRELIABLE,
+            )
+        )
+    return files
+
+
+def _boxes(boxes: list[tuple[str, np.ndarray]], colour: dict[str, Any], xlabel: str, title: str, path: Path, line: float | None = None) -> Path:
+    """One horizontal box per group (quartiles, 5-95% whiskers), the first group at the top, its count on the right."""
+    import matplotlib.pyplot as plt
+
+    boxes = sorted(boxes, reverse=True)
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(boxes)))
+    box = ax.boxplot([v for _, v in boxes], orientation="horizontal", tick_labels=[g for g, _ in boxes], whis=(5, 95), showfliers=False,
+                     patch_artist=True, medianprops={"color": "k"})  # fmt: skip
+    for patch, (g, _v) in zip(box["boxes"], boxes):
+        patch.set_facecolor(colour.get(g, "tab:gray"))
+        patch.set_alpha(0.6)
+    for y, (_, v) in enumerate(boxes, start=1):
+        _note_right(ax, y, f"n={len(v):,}")
+    if line is not None:
+        ax.axvline(line, color="k", ls="--", lw=1)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
 
 
 def _note_right(ax: Any, y: float, text: str) -> None:

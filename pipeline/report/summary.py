@@ -10,6 +10,7 @@ image by image.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable
@@ -87,7 +88,8 @@ def estimate_label(name: str) -> str:
 
 @dataclass(frozen=True)
 class Loaded:
-    """What a report reads, loaded once (module docstring)."""
+    """What a report reads, loaded once (module docstring), and indexed once: one run's rows of one
+    estimate are a dictionary look-up, never a scan of every row (a grid of thousands of runs)."""
 
     summary: pd.DataFrame  # one row per run
     ev: pd.DataFrame  # test-image estimates: one row per run, estimate and image
@@ -98,24 +100,59 @@ class Loaded:
     notes: tuple[str, ...] = ()  # one-line notices (a cell holding two runs of one kind and seed)
     models: pd.DataFrame = field(default_factory=pd.DataFrame)  # the models scored with `score` (their runs-table rows): the models table
 
+    def _table(self, table: str) -> pd.DataFrame:
+        return {"eval": self.ev, "eval_train": self.ev_train, "ais": self.ais, "bdmc": self.bdmc}[table]
+
+    @functools.cached_property
+    def _indexes(self) -> dict[str, dict[tuple[str, str], pd.DataFrame]]:
+        return {}  # filled on first use, one table at a time
+
+    def _index(self, table: str) -> dict[tuple[str, str], pd.DataFrame]:
+        if table not in self._indexes:
+            self._indexes[table] = index_by_run(self._table(table))
+        return self._indexes[table]
+
     def values(self, run_id: str, estimate: str, table: str = "eval") -> pd.DataFrame:
         """One run's rows of one estimate, indexed by image id."""
-        df = {"eval": self.ev, "eval_train": self.ev_train, "ais": self.ais, "bdmc": self.bdmc}[table]
-        return df[(df.run_id == run_id) & (df.estimate == estimate)].set_index("image_id")
+        got = self._index(table).get((str(run_id), str(estimate)))
+        return got if got is not None else self._table(table).iloc[:0].set_index("image_id")
 
     def log_px(self, run_id: str, estimate: str | None = None) -> pd.Series:
         """A run's per-image log p(x) under ``estimate`` (default: its headline), by image id."""
         est = estimate or self.headline_of(run_id)
         return self.values(run_id, est).log_px if est else pd.Series(dtype=float)
 
+    @functools.cached_property
+    def _headlines(self) -> dict[str, str]:
+        return {str(r): str(e) for r, e in zip(self.summary.run_id, self.summary.estimate) if isinstance(e, str)} if len(self.summary) else {}
+
     def headline_of(self, run_id: str) -> str:
-        row = self.summary[self.summary.run_id == run_id]
-        return str(row.estimate.iloc[0]) if len(row) and isinstance(row.estimate.iloc[0], str) else ""
+        return self._headlines.get(str(run_id), "")
+
+    @functools.cached_property
+    def _counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (rid, est), g in self._index("eval").items():
+            if "-pruned" not in est:
+                out.setdefault(rid, {})[est] = len(g)
+        return out
+
+    @functools.cached_property
+    def _names(self) -> dict[str, dict[str, set[str]]]:
+        return {}  # table -> run -> its estimates, filled on first use
+
+    def estimates_in(self, run_id: str, table: str) -> set[str]:
+        """The estimates a run has in ``table``."""
+        if table not in self._names:
+            by_run: dict[str, set[str]] = {}
+            for rid, est in self._index(table):
+                by_run.setdefault(rid, set()).add(est)
+            self._names[table] = by_run
+        return set(self._names[table].get(str(run_id), set()))
 
     def estimates_of(self, run_id: str) -> dict[str, int]:
         """A run's unpruned test-image L_k estimates and how many images each has."""
-        e = self.ev[(self.ev.run_id == run_id) & ~self.ev.estimate.str.contains("-pruned")]
-        return {str(k): int(v) for k, v in e.groupby("estimate").size().items()}
+        return dict(self._counts.get(str(run_id), {}))
 
     def common_estimate(self, run_ids: Iterable[str]) -> str:
         """The L_k estimate the runs are compared on: L_5000 where all have it, else the estimate all
@@ -137,6 +174,13 @@ class Loaded:
             if v.notna().any():
                 return how, v
         return "", pd.Series(dtype=float)
+
+
+def index_by_run(df: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
+    """An estimate table's rows by (run, estimate), each indexed by image id: one pass over the rows."""
+    if df.empty:
+        return {}
+    return {(str(r), str(e)): g.set_index("image_id") for (r, e), g in df.groupby(["run_id", "estimate"], observed=True, sort=False)}
 
 
 def headline(counts: dict[str, int]) -> str:
@@ -172,32 +216,40 @@ def _units(a: object, b: object) -> str:
 
 
 def load(results: Results) -> Loaded:
-    """Read the runs, their histories and every estimate once, and summarise each run."""
+    """Read the runs, their histories and every estimate once (in parallel, projected), index them
+    by run and estimate once, and summarise each run from its own groups."""
     runs = results.read("runs")
     scored = runs.scored_model.notna() if "scored_model" in runs else pd.Series(False, index=runs.index)
     models, runs = runs[scored].reset_index(drop=True), runs[~scored].reset_index(drop=True)
     ev, ev_train = estimates.read(results, "eval"), estimates.read(results, "eval_train")
     ais, bdmc = estimates.read(results, "ais"), estimates.read(results, "bdmc")
     train = results.read("train")
+    by_ev, by_train = index_by_run(ev), index_by_run(ev_train)
+    counts: dict[str, dict[str, int]] = {}
+    for (rid, est), g in by_ev.items():
+        if "-pruned" not in est:
+            counts.setdefault(rid, {})[est] = len(g)
     rows = []
     for r in runs.to_dict("records"):
+        rid = str(r["run_id"])
         s = setting_of(r)
         row = {**r, "cell": cell_key(s), "family": cell_key(s, FAMILY_FREE), "matched": cell_key(s, MATCHED_FREE), "setting": setting_label(s)}
         row["samples"] = int(s["k"]) * int(s["m"])
-        mine = ev[(ev.run_id == r["run_id"]) & ~ev.estimate.str.contains("-pruned")]
-        est = headline({str(k): int(v) for k, v in mine.groupby("estimate").size().items()})
+        est = headline(counts.get(rid, {}))
         row["estimate"] = est
         if est:
-            row.update(_figures(mine[mine.estimate == est]))
-            unpruned = mine[mine.estimate == est].set_index("image_id").log_px
+            mine = by_ev[(rid, est)]
+            row.update(_figures(mine))
+            unpruned = mine.log_px
             for suffix in ("-pruned", LEGACY_PRUNED):
-                p = ev[(ev.run_id == r["run_id"]) & (ev.estimate == est + suffix)].set_index("image_id").log_px.dropna()
+                p = by_ev.get((rid, est + suffix))
+                p = p.log_px.dropna() if p is not None else pd.Series(dtype=float)
                 if len(p):
                     both = p.index.intersection(unpruned.index)
                     row["nll_pruned"] = -float(p.reindex(both).mean())
                     break
-            tr = ev_train[(ev_train.run_id == r["run_id"]) & (ev_train.estimate == est)]
-            if len(tr):
+            tr = by_train.get((rid, est))
+            if tr is not None and len(tr):
                 f = _figures(tr)
                 row.update({"train_images": f["test_images"], "train_nll": f["nll"], "train_nll_se": f["nll_se"]})
         row["active"] = _units(r.get("active_h1"), r.get("active_h2"))
@@ -210,7 +262,9 @@ def load(results: Results) -> Loaded:
     summary["test_images"] = summary["test_images"].fillna(0).astype(int)
     summary["train_images"] = summary["train_images"].fillna(0).astype(int)
     summary = summary.sort_values(["dataset", "layers", "k", "objective", "estimator", "epochs", "seed", "run_id"]).reset_index(drop=True)
-    return Loaded(summary, ev, ev_train, ais, bdmc, train, tuple(_crowded(summary)), models)
+    loaded = Loaded(summary, ev, ev_train, ais, bdmc, train, tuple(_crowded(summary)), models)
+    loaded._indexes.update(eval=by_ev, eval_train=by_train)  # built above: not again
+    return loaded
 
 
 def _crowded(summary: pd.DataFrame) -> list[str]:

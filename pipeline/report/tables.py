@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.report.stats import Paired, paired, se
+from pipeline.report.stats import Paired, paired, se, shared_images
 from pipeline.report.summary import Loaded, crowded_cells, estimate_label
 from pipeline.store.estimates import HEADLINE
 
@@ -63,10 +63,24 @@ def run_labels(summary: pd.DataFrame) -> dict[str, str]:
     return {str(r.run_id): name(r) for r in summary.itertuples()}
 
 
-def nll(loaded: Loaded, run_id: str, estimate: str) -> tuple[float, float, int]:
-    """A run's NLL under ``estimate``: mean over its images, standard error, images."""
+MAX_ROWS = 100  # per-run tables beyond this show their first rows and failed runs; summary.parquet holds every run
+
+
+def nll(loaded: Loaded, run_id: str, estimate: str, images: pd.Index | None = None) -> tuple[float, float, int]:
+    """A run's NLL under ``estimate``: mean over its images (or only ``images``), standard error, images."""
     lp = loaded.log_px(run_id, estimate).dropna() if estimate else pd.Series(dtype=float)
+    if images is not None:
+        lp = lp.reindex(lp.index.intersection(images))
     return (-float(lp.mean()), se(lp), len(lp)) if len(lp) else (math.nan, math.nan, 0)
+
+
+def capped(rows: list[list[Any]], keep: Sequence[bool], what: str = "runs") -> tuple[list[list[Any]], str]:
+    """A per-run table's rows, at most :data:`MAX_ROWS` of them plus every row ``keep`` marks (failed
+    runs): the rows and a note saying what was left out ("" when nothing was)."""
+    if len(rows) <= MAX_ROWS:
+        return rows, ""
+    shown = [r for i, (r, k) in enumerate(zip(rows, keep)) if i < MAX_ROWS or k]
+    return shown, f"{len(rows) - len(shown):,} more {what} are in summary.parquet beside this report (one row per run)."
 
 
 def gap(loaded: Loaded, a: str, b: str, estimate: str | None = None) -> Paired:
@@ -122,7 +136,10 @@ def table1_cells(loaded: Loaded) -> list[CellSeed]:
 
 
 def _estimate_cell(loaded: Loaded, c: CellSeed) -> str:
-    n = max(nll(loaded, r.run_id, c.estimate)[2] for r in (c.vae, c.iwae) if r is not None)
+    if c.complete:
+        n = len(shared_images([loaded.log_px(r.run_id, c.estimate) for r in (c.vae, c.iwae)]))
+    else:
+        n = max(nll(loaded, r.run_id, c.estimate)[2] for r in (c.vae, c.iwae) if r is not None)
     return f"{estimate_label(c.estimate)}, {n:,} images" if c.estimate else "not evaluated"
 
 
@@ -131,7 +148,8 @@ def table1(loaded: Loaded) -> str:
     rows = []
     for c in table1_cells(loaded):
         f = c.first
-        v, i = (nll(loaded, r.run_id, c.estimate) if r is not None else (math.nan, math.nan, 0) for r in (c.vae, c.iwae))
+        both = shared_images([loaded.log_px(r.run_id, c.estimate) for r in (c.vae, c.iwae)]) if c.complete else None  # a pair's NLLs on the same images
+        v, i = (nll(loaded, r.run_id, c.estimate, both) if r is not None else (math.nan, math.nan, 0) for r in (c.vae, c.iwae))
         g = gap(loaded, c.vae.run_id, c.iwae.run_id, c.estimate) if c.complete else Paired(math.nan, math.nan, 0)
         paper = PAPER_TABLE1.get((f.dataset, int(f.layers), int(f.k)))
         rows.append(
@@ -201,7 +219,8 @@ def reliability_table(loaded: Loaded) -> str | None:
             + [f"{r.ess_median:.0f}", f"{100 * r.khat_high:.1f}%", f"{r.mcse_mean:.3f}"]
         )
     head = ["run", "estimate", "images", "NLL from L_k", "NLL from the jackknife", "L_k - jackknife", "median ESS", "k-hat > 0.7", "mean MC s.e."]
-    return markdown(head, rows)
+    rows, note = capped(rows, [False] * len(rows))
+    return markdown(head, rows) + (f"\n\n{note}" if note else "")
 
 
 def table2(loaded: Loaded) -> str | None:
@@ -293,6 +312,7 @@ def budget(loaded: Loaded) -> str:
 
 
 def all_runs_table(loaded: Loaded) -> str:
+    """Every run, failed ones included (beyond :data:`MAX_ROWS` runs: the first ones and every failed one)."""
     rows = []
     for r in loaded.summary.itertuples():
         err = f" ({r.error})" if r.status != "done" and r.error else ""
@@ -300,4 +320,6 @@ def all_runs_table(loaded: Loaded) -> str:
             [r.run_id, name(r), r.epochs, r.setting or "paper", f"{r.status}{err}", estimate_label(r.estimate) if r.estimate else "-"]
             + [fmt(r.nll, r.nll_se), fmt(r.nll_pruned), r.active, int(r.test_images), fmt(r.train_seconds)]
         )
-    return markdown(["run", "what", "epochs", "setup", "status", "estimate", "test NLL", "pruned NLL", "active", "images", "train s"], rows)
+    rows, note = capped(rows, list(loaded.summary.status != "done"))
+    table = markdown(["run", "what", "epochs", "setup", "status", "estimate", "test NLL", "pruned NLL", "active", "images", "train s"], rows)
+    return table + (f"\n\n{note}" if note else "")

@@ -234,3 +234,59 @@ def _children_of_session(sid: int) -> list[int]:
         except (ProcessLookupError, PermissionError):
             continue
     return out
+
+
+class FaultyProxy:
+    """A fault-injecting proxy in front of the S3 server (:class:`pipeline.s3proxy.CountingProxy`,
+    which passes everything through, a HEAD's Content-Length included), seeded:
+
+    - ``rate``: the share of requests answered with 503 SlowDown or a dropped connection (half each);
+    - ``sticky``: the share of distinct keys whose first ``streak`` requests all fail (503), more in a
+      row than the clients' own retries absorb, so that the project's retry layer has to;
+    - ``mode="403"``: every request is refused (Access Denied); ``mode="down"``: every request 503.
+
+    ``uri(prefix)`` is the location through the proxy. ``faults`` counts what was injected."""
+
+    def __init__(self, s3: S3Server, rate: float = 0.0, sticky: float = 0.0, streak: int = 12, seed: int = 0):
+        import random
+        import threading
+
+        from pipeline.s3proxy import CountingProxy
+
+        outer = self
+        self.s3, self.rate, self.sticky, self.streak, self.mode = s3, rate, sticky, streak, ""
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.failed_in_a_row: dict[str, int] = {}
+        self.faults: dict[str, int] = {"503": 0, "drop": 0, "sticky": 0, "403": 0}
+
+        class Proxy(CountingProxy):
+            def fault(self, method: str, path: str) -> str | None:
+                return outer.fault(method, path)
+
+        self.proxy = Proxy(s3.endpoint)
+        self.endpoint = self.proxy.endpoint
+
+    def fault(self, method: str, path: str) -> str | None:
+        with self.lock:
+            if self.mode in ("403", "down"):
+                self.faults["403" if self.mode == "403" else "503"] += 1
+                return "403" if self.mode == "403" else "503"
+            key = path.split("?")[0]
+            if key not in self.failed_in_a_row:
+                self.failed_in_a_row[key] = self.streak if self.rng.random() < self.sticky else 0
+            if self.failed_in_a_row[key] > 0:
+                self.failed_in_a_row[key] -= 1
+                self.faults["sticky"] += 1
+                return "503"
+            if self.rng.random() < self.rate:
+                kind = "503" if self.rng.random() < 0.5 else "drop"
+                self.faults[kind] += 1
+                return kind
+            return None
+
+    def uri(self, prefix: str) -> str:
+        return f"s3://{self.s3.bucket}/{prefix}?endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
+
+    def stop(self) -> None:
+        self.proxy.stop()
