@@ -201,6 +201,11 @@ class Pack:
                 self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 warnings.warn(f"CUDA graph capture of the training step failed ({self.graph_error}); training eagerly", stacklevel=2)
 
+    @property
+    def compiled(self) -> bool:
+        """The step runs torch.compile'd code (asked for, and not fallen back to eager after a failure)."""
+        return self._bound != self._solo_bound  # bound methods: equal, never identical
+
     @classmethod
     def fresh(cls, cfgs: Sequence[RunConfig], x_train: Tensor, graph: bool = True, compile_step: bool = False) -> Pack:
         """A pack of freshly initialised runs ``cfgs`` on ``x_train`` (timings and probes: no checkpoints)."""
@@ -459,6 +464,7 @@ def train_pack(
         s.model.train()
     active: list[int] = []
     pack: Pack | None = None
+    flags: dict[int, tuple[bool, bool]] = {}  # member -> (graphed, compiled) of the pack that trained its last epoch
     while True:
         todo = [g for g, s in enumerate(states) if s.epoch < total and g not in errors]
         if not todo:
@@ -469,6 +475,8 @@ def train_pack(
         rows = pack.train_epoch(max_skip_fraction)
         if heartbeat is not None:
             heartbeat.check()  # asked to stop: before any checkpoint of this epoch
+        for g in active:
+            flags[g] = (pack.graph is not None, pack.compiled)
         for g, row in zip(active, rows):
             if isinstance(row, NonFiniteError):
                 errors[g] = row
@@ -494,7 +502,8 @@ def train_pack(
             if heartbeat is not None:
                 heartbeat.check()
             sink.write(FINAL, checkpoint.to_bytes(s.payload(total)))
-        out.append(TrainResult(s.model, s.history, s.seconds, resumed))
+        graphed, compiled = flags.get(g, (False, False))
+        out.append(TrainResult(s.model, s.history, s.seconds, resumed, graphed, compiled))
     return out
 
 

@@ -100,6 +100,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from_epoch: int = 0
+    graphed: bool = False  # its last epoch's step replayed as a CUDA graph
+    compiled: bool = False  # its last epoch's step ran torch.compile'd code
 
 
 def build_model(cfg: RunConfig, data: Dataset, device: torch.device) -> IWAEModel:

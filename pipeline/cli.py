@@ -525,10 +525,7 @@ def score(
     you bring, per image, with its reliability columns, sharded on Ray like `evaluate`. Its module's
     folder reaches every node (Ray's working_dir); the rows are keyed by --name, a digest of the
     weights and the data, and `report` puts it in the models table beside the others."""
-    import numpy as np
-
-    from pipeline import driver
-    from pipeline import user_models as um
+    from pipeline import scoring
     from pipeline.ray_backend.resources import check_gpus
 
     check_gpus(eval_gpus, "--eval-gpus")
@@ -538,66 +535,16 @@ def score(
         {"--ais-images": ais_images, "--ais-steps": ais_steps, "--ais-chains": ais_chains, "--ais-leapfrog": ais_leapfrog},
         {"--bdmc-images": bdmc_images},
     )
-    root, target = um.locate(factory)
-    name = um.check_name(name or um.default_name(factory))
-    binarize = (data_spec == um.MNIST) if binarize is None else binarize
-    data = _data(data_dir)
-    if data_spec == um.MNIST:
-        if driver.on_local_ray(address):
-            data.check_here(um.MNIST)
-        array = None
-        pool = data.load(um.MNIST).test  # the probe's images here; the nodes read their own
-    else:
-        array = um.load_array(data_spec)
-        pool = array
-    if binarize and (pool.min() < 0 or pool.max() > 1):
-        raise UserError(f"{data_spec} has values outside [0, 1] ({pool.min():g}..{pool.max():g}); --binarize draws 1[u < x]: scale it, or pass --no-binarize")
     ec = _eval_config(eval_k, eval_block)
-    if method == Method.is_:
-        from pipeline.store.estimates import EvalPlan
-
-        n = test_images or len(pool)
-        plan: Any = EvalPlan(ec, num_images=n)
-    else:
-        plan = _ais_plan(method, ais_images, bdmc_images, ais_steps, ais_chains, ais_leapfrog, ec.seed)
-        n = plan.num_images
-    if method != Method.bdmc and n > len(pool):
-        raise UserError(f"{data_spec} has {len(pool)} images; ask for at most that many (--test-images / --ais-images)")
-    model, digest = um.build(target, root, _cpu())
-    if um.build(target, root, _cpu())[1] != digest:  # every node calls it: it must return the same weights each time
-        raise UserError(f"{factory} returns other weights on each call; make it load saved weights (or seed it), so every node scores one model")
-    probe_x = _probe_images(pool, binarize, ec.seed)
-    um.probe(model, probe_x)
-    ref = um.ModelRef(factory, name, digest, um.data_tag(data_spec, binarize, array), target, root)
-    likelihood = "density" if getattr(model, "continuous", False) else "probability"
-    if not driver.on_local_ray(address):
-        um.check_folder(root)  # shipped to the nodes
-    res = _results(results)
-    say = lambda m: typer.echo(m, err=True)  # noqa: E731
-    with driver.ray_session(address, notice=say, working_dir=root) as cluster:
-        if cluster.shipped:
-            ref = ref.shipped()  # the workers import it from the folder Ray gave them, not from this machine's disk
-        driver.check_storage(cluster, res)
-        written = driver.score_model(
-            ref, data_spec, res, data, cluster, plan, binarize=binarize, likelihood=likelihood, images=None if array is None else array[:n],
-            cpus=eval_cpus, gpus=eval_gpus, workers=eval_workers, retries=retries, echo=say,
-        )  # fmt: skip
-    failed = um.failed_images(res, plan, ref.key)
-    typer.echo(_score_summary(res, plan, ref, likelihood, written))
+    ais = _ais_plan(method, ais_images, bdmc_images, ais_steps, ais_chains, ais_leapfrog, ec.seed) if method != Method.is_ else None
+    req = scoring.Request(
+        factory=factory, name=name, data_spec=data_spec, binarize=binarize, eval=ec, test_images=test_images, ais=ais,
+        cpus=eval_cpus, gpus=eval_gpus, workers=eval_workers, retries=retries, address=address, results=results, data_dir=data_dir,
+    )  # fmt: skip
+    line, failed = scoring.score(req, echo=lambda m: typer.echo(m, err=True))
+    typer.echo(line)
     if failed:
-        first = failed[0]
-        why = um.why_failed(model, _probe_images(np.asarray(pool), binarize, ec.seed, [first]), first) if method != Method.bdmc else "a simulated image"
-        ids = ", ".join(map(str, failed[:10])) + (", ..." if len(failed) > 10 else "")
-        raise RunFailed(
-            f"{ref.name} gives no finite log p(x) on {len(failed)} of {n} images (ids {ids}; image {first}: {why}); the other {n - len(failed)}"
-            " are scored and reported; fix the model there and score it again (new weights are a new key)"
-        )
-
-
-def _cpu() -> Any:
-    import torch
-
-    return torch.device("cpu")
+        raise RunFailed(failed)
 
 
 def _eval_config(k: int | None, block: int | None) -> Any:
@@ -605,40 +552,6 @@ def _eval_config(k: int | None, block: int | None) -> Any:
 
     d = EvalConfig()
     return EvalConfig(k=k or d.k, block=block or d.block)
-
-
-def _probe_images(pool: Any, binarize: bool, seed: int, ids: list[int] | None = None) -> Any:
-    """A few images as the scoring sees them (binarised by id where it binarises)."""
-    import numpy as np
-    import torch
-
-    from iwae.evaluate import binarize_by_id
-
-    ids = ids if ids is not None else list(range(min(4, len(pool))))
-    x = torch.as_tensor(np.asarray(pool[ids]), dtype=torch.float32)
-    return binarize_by_id(x, ids, seed) if binarize else x
-
-
-def _score_summary(res: Any, plan: Any, ref: Any, likelihood: str, written: int) -> str:
-    """One line: the model's mean NLL on the images scored, with its standard error."""
-    import numpy as np
-
-    from pipeline.report.stats import se
-    from pipeline.user_models import model_rows
-
-    df = model_rows(res, plan, ref.key).to_pandas()
-    col = "log_px" if plan.table == "eval" else "log_px_ais"
-    ok = df[np.isfinite(df[col].astype(float))]
-    lp = ok[col]
-    where = f"({written} scored now); rows in {res.store.uri(f'tables/{plan.table}/{ref.key}')}"
-    kind = "minus log density" if likelihood == "density" else "NLL"
-    if plan.table == "bdmc":
-        gap = ok.log_px_upper - ok.log_px_ais
-        return (
-            f"{ref.name} ({ref.key}) BDMC {plan.estimate} on {len(ok)} images simulated from it: {kind} between {-ok.log_px_upper.mean():.2f}"
-            f" and {-lp.mean():.2f} nats, gap {gap.mean():.2f} ± {se(gap):.2f} {where}"
-        )
-    return f"{ref.name} ({ref.key}) {plan.table} {plan.estimate}: {kind} {-lp.mean():.2f} ± {se(lp):.2f} nats on {len(lp)} images {where}"
 
 
 def _ais_plan(method: Method, images: int | None, bdmc_images: int | None, steps: int | None, chains: int | None, leapfrog: int | None, seed: int) -> Any:
@@ -767,7 +680,13 @@ def submit(
     # the preflight says in one line when the cluster's python lacks the project; python3: what cluster.yaml installs into
     entry = "python3 -m pipeline.preflight && python3 -m pipeline.cli " + " ".join(shlex.quote(a) for a in argv)
     env = {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    sid = rb.submit(address, entry, rb.project_root(), submission_id, env)
+    from pipeline.shipping import left_out_line, plan
+
+    root = rb.project_root()
+    excludes, left = plan(root, rb.PROJECT_EXTRAS)
+    if left:
+        typer.echo(left_out_line(root, left), err=True)
+    sid = rb.submit(address, entry, root, submission_id, env, excludes)
     typer.echo(sid)
     if not wait:
         return

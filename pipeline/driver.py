@@ -48,13 +48,13 @@ def on_local_ray(address: str | None) -> bool:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, notice: Echo | None = None, working_dir: str | None = None) -> Iterator[Any]:
+def ray_session(address: str | None, notice: Echo | None = None, working_dir: str | None = None, excludes: list[str] | None = None) -> Iterator[Any]:
     """Connected to Ray for the block: the :class:`~pipeline.ray_backend.cluster.Cluster` the steps
     get; a connection this opened is closed after it. ``working_dir``: a folder every worker gets
     (Ray's runtime environment: a user's model module reaches the nodes so, with no shared disk)."""
     from pipeline.ray_backend import cluster
 
-    c = cluster.connect(address, notice=notice, working_dir=working_dir)
+    c = cluster.connect(address, notice=notice, working_dir=working_dir, excludes=excludes)
     try:
         yield c
     finally:
@@ -214,6 +214,9 @@ class Training:
         trained = [r["run_id"] for r in rows]
         self.trained += trained
         self.bar.update(len(rows))
+        runs = ", ".join(flight.run_ids) if flight else unit.name
+        for line in dict.fromkeys(value.get("notes", [])):  # what the task's warnings said, once per unit, on the driver's console
+            self.echo(f"run {runs}: {line}")
         for rid, by in value.get("held", {}).items():
             self.held[rid] = self.cfgs[rid]
             if rid not in self.told:
@@ -413,8 +416,7 @@ def evaluate_job(
                 units = units_of(items, score_unit, args, size)
                 source = executor.Ready(results, units, done)
                 executor.run(cluster, source, res, what="evaluation", workers=workers, retries=retries, notice=notice)
-            except executor.UnitsFailed as e:
-                notice(f"error: {e}")
+            except executor.UnitsFailed as e:  # named once, with every other failure, at the end
                 failed.update(e.failed)
             finally:
                 b.close()

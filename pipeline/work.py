@@ -20,6 +20,7 @@ import json
 import math
 import shlex
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -141,7 +142,9 @@ def train_unit(
     every third of their length, and only while training makes progress (its steps advance between
     two renewals, :class:`iwae.state.Heartbeat`): a hung loop lets them expire, and another command
     takes the runs over. If another has taken one over, training stops before its next checkpoint
-    and the reason comes back in ``lost``. Returns ``{"rows": [...], "held": {...}, "lost": str}``."""
+    and the reason comes back in ``lost``. The task's warnings and notices (a CUDA graph capture or a
+    torch.compile that failed, a resume on another device with reseeded draws) come back in
+    ``notes``, for the driver's console. Returns ``{"rows": [...], "held": {...}, "lost": str, "notes": [...]}``."""
     import threading
 
     why = results.usable_here()  # a node that joined after the driver's storage check (an autoscaler's) is checked here
@@ -188,8 +191,15 @@ def train_unit(
 
         renewer = threading.Thread(target=renew, daemon=True, name="lease-renewal")
         renewer.start()
+        notes: list[str] = []
+        out["notes"] = notes
         try:
-            out["rows"] = train_members(mine, results, data, on_epoch=on_epoch, compile_step=compile_step, heartbeat=beat)
+            with warnings.catch_warnings(record=True) as caught:  # Ray shows a worker's stderr nowhere: they go back to the driver
+                warnings.simplefilter("always")
+                try:
+                    out["rows"] = train_members(mine, results, data, on_epoch=on_epoch, compile_step=compile_step, heartbeat=beat, notice=notes.append)
+                finally:
+                    notes += [f"{type(w.message).__name__}: {w.message}" if not isinstance(w.message, UserWarning) else str(w.message) for w in caught]
         except Stopped as e:  # another command trains these runs now: not a failure of this one
             out["lost"] = str(e)
         finally:
@@ -260,6 +270,8 @@ def record_run(cfg: RunConfig, results: Results, res: TrainResult, data: Dataset
         "unit_var_h1": variances[0].tolist(),
         "unit_var_h2": variances[1].tolist() if len(variances) > 1 else None,
         "device": str(dev),
+        "step_graphed": res.graphed,
+        "step_compiled": res.compiled,
         "pack": pack,
         "finished_at": _now(),
         **versions(),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.cluster.fixture import CREDENTIALS, LocalCluster, S3Server, private_mounts
+from tests.cluster.fixture import CREDENTIALS, FaultyProxy, LocalCluster, S3Server, private_mounts
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
@@ -59,10 +59,11 @@ def driver_dir(cluster, name):
     return d
 
 
-def cli(cluster, *args, cwd, timeout=600):
+def cli(cluster, *args, cwd, timeout=600, env=None):
     """The CLI as a user runs it: its own process, the cluster's address, no Ray settings of ours."""
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ENABLE", "IWAE_TEST"))}
-    env.update(CREDENTIALS, RAY_AUTH_MODE="disabled")
+    env.update(CREDENTIALS, RAY_AUTH_MODE="disabled", **extra)
     return subprocess.run([CLI, *map(str, args), "--address", cluster.address], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
@@ -105,11 +106,13 @@ def read_estimate(s3, prefix, estimate=SMOKE):
 
 
 def raw_rows(s3, prefix, estimate=SMOKE):
-    """Every row of one estimate's files in the bucket, duplicates included."""
-    import pyarrow as pa
+    """Every row of one estimate's files in the bucket, duplicates included, with the run of each
+    file's folder (``run_id=<id>/estimate=<name>/``)."""
+    import pandas as pd
 
-    keys = [k for k in s3.keys(f"{prefix}/tables/eval") if f"/{estimate}/" in k and k.endswith(".parquet")]
-    return pa.concat_tables([pq.read_table(k, filesystem=s3.fs()) for k in keys]).to_pandas()
+    keys = [k for k in s3.keys(f"{prefix}/tables/eval") if f"/estimate={estimate}/" in k and k.endswith(".parquet")]
+    fs = s3.fs()
+    return pd.concat([pq.read_table(k, filesystem=fs).to_pandas().assign(run_id=k.split("/run_id=")[1].split("/")[0]) for k in keys], ignore_index=True)
 
 
 def read_table(s3, prefix, name):
@@ -152,6 +155,56 @@ def test_smoke_sweep_evaluate_report_on_s3(cluster, s3, s3_data, smoke_on_s3):
     assert f"{s3.bucket}/smoke/report/report.md" in s3.keys("smoke/report")
     # nothing went to a local results folder: the driver's working folder holds nothing at all
     assert list(smoke_on_s3["cwd"].iterdir()) == []
+
+
+def test_storage_faults_the_clients_do_not_absorb_never_end_a_sweep_or_an_evaluation(cluster, s3, s3_data, smoke_on_s3):
+    """Behind a proxy that answers 8% of requests with 503 SlowDown or a dropped connection and fails
+    4% of keys twelve times in a row (more than the clients' own retries absorb), a sweep and an
+    evaluation on the 3-node cluster end with exit 0: every run trained once (one lease generation,
+    one history row per epoch), every image scored once, with the numbers of the fault-free sweep."""
+    proxy = FaultyProxy(s3, rate=0.08, sticky=0.04, seed=1)
+    cwd = driver_dir(cluster, "faults-driver")
+    try:
+        r = cli(cluster, "sweep", "demo", "--size", "smoke", "--results", proxy.uri("faults"), "--data-dir", s3_data, cwd=cwd, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        r = cli(
+            cluster, "evaluate", "demo", "--size", "smoke", "--test-images", 40, "--results", proxy.uri("faults"), "--data-dir", s3_data, cwd=cwd, timeout=900
+        )
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    finally:
+        proxy.stop()
+    assert proxy.faults["sticky"] > 0 and proxy.faults["503"] + proxy.faults["drop"] >= 20, proxy.faults
+    runs, train = read_table(s3, "faults", "runs"), read_table(s3, "faults", "train")
+    assert len(runs) == 2 and set(runs.status) == {"done"} and len(train) == 2 * 4 and not train.duplicated(["run_id", "epoch"]).any()
+    assert sorted(k.rsplit("/", 1)[1] for k in s3.keys("faults/leases")) == ["000001.json"] * 2
+    raw = raw_rows(s3, "faults")
+    assert len(raw) == 2 * 40 and not raw.duplicated(["run_id", "image_id"]).any()
+    clean = read_estimate(s3, "smoke").set_index(["run_id", "image_id"]).log_px.astype(float)
+    faulty = read_estimate(s3, "faults").set_index(["run_id", "image_id"]).log_px.astype(float)
+    assert len(clean) == 40 and (faulty.reindex(clean.index) - clean).abs().max() < 1e-9
+    bounds = read_table(s3, "smoke", "runs").set_index("run_id").final_train_bound
+    assert (runs.set_index("run_id").final_train_bound.reindex(bounds.index) - bounds).abs().max() < 1e-9
+
+
+def test_a_refusing_store_is_one_line_exit_2_and_a_failing_one_is_named_failing(cluster, s3, s3_data):
+    """Access denied on every request: one line naming credentials, exit 2. A store that keeps
+    failing (every request 503) past the retry bound: one line saying it is failing, exit 1, never
+    read as missing credentials."""
+    proxy = FaultyProxy(s3)
+    cwd = driver_dir(cluster, "refused-driver")
+    try:
+        proxy.mode = "403"
+        r = cli(cluster, "sweep", "demo", "--size", "smoke", "--results", proxy.uri("denied"), "--data-dir", s3_data, cwd=cwd)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and "refuses" in lines[0] and "credentials" in lines[0], r.stderr[-2000:]
+        proxy.mode = "down"
+        r = cli(
+            cluster, "sweep", "demo", "--size", "smoke", "--results", proxy.uri("down"), "--data-dir", s3_data, cwd=cwd, env={"IWAE_STORE_RETRY_SECONDS": "5"}
+        )
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 1 and len(lines) == 1 and "kept failing" in lines[0] and "credentials" not in lines[0], r.stderr[-2000:]
+    finally:
+        proxy.stop()
 
 
 def test_readme_pandas_snippet_reads_results_from_s3(s3, smoke_on_s3):

@@ -88,8 +88,8 @@ def test_repro_on_a_tiny_budget_trains_evaluates_and_resumes(mnist_dir, tmp_path
     runs = pd.read_parquet(res / "tables" / "runs")
     assert len(runs) == 4 and (runs.epochs_trained == fig["epochs"]).all()
     # as a sweep scores them: the pruned models on the test images only, so the estimates a sweep of these runs writes are the same ones
-    assert {p.name for p in (res / "tables" / "eval_train").glob("*/*")} == {"k5000-seed123-block500"}
-    assert {p.name for p in (res / "tables" / "eval").glob("*/*")} == {"k5000-seed123-block500", "k5000-seed123-block500-pruned"}
+    assert {p.name for p in (res / "tables" / "eval_train").glob("*/*")} == {"estimate=k5000-seed123-block500"}
+    assert {p.name for p in (res / "tables" / "eval").glob("*/*")} == {"estimate=k5000-seed123-block500", "estimate=k5000-seed123-block500-pruned"}
     capsys.readouterr()
     assert main(argv) == 0  # resumed: same runs, nothing left to train or score
     assert capsys.readouterr().err.count("(already scored)") == 3

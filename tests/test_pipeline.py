@@ -60,7 +60,7 @@ def test_resumed_sweep_trains_and_writes_nothing_again(swept, mnist_dir):
 def test_evaluation_rerun_only_fills_missing_ranges(swept, mnist_dir):
     """Deleting one range file and evaluating again rewrites just that range; rows never double."""
     results, _ = swept
-    victim = sorted((results / "tables" / "eval").glob(f"*/{SMOKE}/images-*.parquet"))[0]
+    victim = sorted((results / "tables" / "eval").glob(f"*/estimate={SMOKE}/images-*.parquet"))[0]
     kept = pd.read_parquet(victim)
     victim.unlink()
     r = cli("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
@@ -80,7 +80,7 @@ def test_estimates_do_not_depend_on_the_ranges_they_were_scored_in(swept, tmp_pa
     assert r.exit_code == 0, r.output
     r = cli("evaluate", "demo", "--size", "smoke", "--results", other, "--data-dir", mnist_dir, "--eval-workers", "2")
     assert r.exit_code == 0, r.output
-    names = sorted(p.name for p in (other / "tables" / "eval").glob(f"*/{SMOKE}/*.parquet"))
+    names = sorted(p.name for p in (other / "tables" / "eval").glob(f"*/estimate={SMOKE}/*.parquet"))
     assert names == sorted(["images-00000-00006.parquet", "images-00007-00019.parquet"] * 2), names
     a, b = estimate(results), estimate(other)
     assert len(b) == 40
@@ -153,7 +153,7 @@ def test_ais_and_bdmc_ranges_give_the_same_estimates(swept, tmp_path, mnist_dir)
         out[len(steps)] = read_estimates(str(other), "ais", ais).set_index(["run_id", "image_id"]).sort_index()
     a, b = out[1], out[2]
     assert len(a) == len(b) == 10 and not a.index.duplicated().any()
-    assert sorted(p.name for p in (tmp_path / "s2" / "tables" / "ais").glob(f"*/{ais}/*")) == sorted(
+    assert sorted(p.name for p in (tmp_path / "s2" / "tables" / "ais").glob(f"*/estimate={ais}/*")) == sorted(
         ["images-00000-00001.parquet", "images-00002-00004.parquet"] * 2
     )
     pd.testing.assert_series_equal(a.log_px_ais, b.log_px_ais)

@@ -68,7 +68,8 @@ def assert_each_image_once(results, runs, images, files_too=True):
         ev = read_estimates(str(results), estimate=est)
         assert len(ev) == runs * images and set(ev.groupby("run_id").size()) == {images}, (est, len(ev))
         if files_too:
-            raw = pd.concat([pd.read_parquet(p) for p in (results / "tables" / "eval").glob(f"*/{est}/*.parquet")])
+            files = (results / "tables" / "eval").glob(f"run_id=*/estimate={est}/*.parquet")
+            raw = pd.concat([pd.read_parquet(p).assign(run_id=p.parent.parent.name) for p in files])
             assert not raw.duplicated(["run_id", "image_id"]).any(), est
 
 
@@ -144,24 +145,58 @@ def test_killed_sweep_driver_resumes_without_retraining(tmp_path, mnist_dir):
 
 @pytest.mark.slow
 def test_a_diverged_run_is_named_not_retried_and_the_rerun_resumes_from_its_checkpoint(tmp_path, mnist_dir):
-    """A run whose losses turn NaN in epoch 3 is a deterministic failure: not retried, the other run
-    finishes, the command exits 1 with one line naming the run; the same command again resumes it
-    from its epoch-2 checkpoint (the fault fired once) and finishes."""
+    """A run whose losses turn NaN in epoch 3 is a deterministic failure: not retried; the other run
+    finishes and is evaluated, the report shows the failed run, and the command exits 1 with one line
+    naming it; the same command again resumes it from its epoch-2 checkpoint (the fault fired once),
+    finishes and evaluates it."""
+    from pipeline.store.estimates import read_estimates
+
     results = tmp_path / "r"
     env = faults(nan_epoch=2, once_file=tmp_path / "fired")
-    args = ("sweep", "demo", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir)
+    args = ("sweep", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
     r = run_cli(*args, env=env)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 1 and len(errors) == 1 and "non-finite in epoch 3" in errors[0] and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert (tmp_path / "fired").exists()
     runs = pd.read_parquet(results / "tables" / "runs")
-    assert sorted(runs.status) == ["done", "failed"] and runs[runs.status == "failed"].run_id.iloc[0] in errors[0]
+    assert sorted(runs.status) == ["done", "failed"]
+    failed, done = runs[runs.status == "failed"].run_id.iloc[0], runs[runs.status == "done"].run_id.iloc[0]
+    assert failed in errors[0]
+    ev = read_estimates(str(results), estimate=SMOKE)
+    assert set(ev.run_id) == {done} and len(ev) == 20  # the other run is evaluated
+    report = (results / "report" / "report.md").read_text()
+    assert "1 run(s) failed" in report and failed in report and "| failed" in report
     r = run_cli(*args, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     runs = pd.read_parquet(results / "tables" / "runs")
     assert sorted(runs.resumed_from_epoch) == [0, 2]  # exactly one run resumed, from epoch 2
     train = pd.read_parquet(results / "tables" / "train")
     assert sorted(train.groupby("run_id").epoch.apply(list).map(tuple)) == [(1, 2, 3, 4)] * 2
+    assert_each_image_once(results, runs=2, images=20)
+
+
+@pytest.mark.slow
+def test_a_hung_task_lets_its_lease_expire_another_command_takes_the_run_over_and_the_stall_rule_ends_it(tmp_path, mnist_dir):
+    """A training task that hangs (it sleeps inside its first epoch, so its steps stop) renews its
+    leases no more: they expire (6 s here), a second command started meanwhile takes the runs over and
+    trains them, and the first command finds its tasks stalled, cancels them and ends in one line,
+    exit 1, without marking the runs failed. Each run is trained once, by the second command."""
+    results = tmp_path / "r"
+    args = ("sweep", "demo", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir)
+    short = {"IWAE_LEASE_SECONDS": "6"}
+    a = start_cli(*args, env={**faults(slow_epoch=120), **short})
+    assert wait_for(lambda: len(list((results / "leases").rglob("*.json"))) >= 2, timeout=120), "the first command's tasks took no lease"
+    b = start_cli(*args, env=short)
+    out_b, _ = b.communicate(timeout=300)
+    out_a, _ = a.communicate(timeout=300)
+    errors = [ln for ln in out_a.splitlines() if ln.startswith("error:")]
+    assert a.returncode == 1 and len(errors) == 1 and "stalled" in errors[0] and "no training step" in errors[0] and "Traceback" not in out_a, out_a[-3000:]
+    assert b.returncode == 0, out_b[-3000:]
+    runs = pd.read_parquet(results / "tables" / "runs")
+    train = pd.read_parquet(results / "tables" / "train")
+    assert len(runs) == 2 and set(runs.status) == {"done"} and set(runs.resumed_from_epoch) == {0}
+    assert len(train) == 2 * 4 and not train.duplicated(["run_id", "epoch"]).any()
+    assert sorted(p.name for p in (results / "leases").rglob("*.json")) == ["000001.json", "000001.json", "000002.json", "000002.json"]
 
 
 @pytest.mark.slow
@@ -375,22 +410,31 @@ def test_range_out_of_retries_exits_1_in_one_line_and_the_rerun_completes(traine
 
 @pytest.mark.slow
 def test_damaged_ranges_are_moved_aside_and_redone(trained, tmp_path, mnist_dir):
-    """A truncated range file, a zero-byte one and one holding another run's rows each fail the
-    whole-read check: each is moved to _quarantine (kept), named in one line, and redone; the rows are exact."""
+    """What is written is known by name; contents are checked where they are read. A zero-byte range
+    file is seen in the listing: moved to _quarantine (kept), named in one line, and redone by the
+    next evaluation. A truncated one and one holding another evaluation's rows (the pruned twin's)
+    count by their names until read: the report names the truncated one in one line with the fix,
+    `repair` reads every file and moves both aside, and the next evaluation redoes them: exact rows."""
     results = copy_results(trained, tmp_path / "r")
     args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--test-images", "1500")
     assert run_cli(*args).returncode == 0
-    files = sorted((results / "tables" / "eval").glob(f"*/{SMOKE}/images-*.parquet"))
+    files = sorted((results / "tables" / "eval").glob(f"*/estimate={SMOKE}/images-*.parquet"))
     a = [p for p in files if p.parts[-3] == files[0].parts[-3]]
-    b = [p for p in files if p.parts[-3] != files[0].parts[-3]]
     a[0].write_bytes(a[0].read_bytes()[: a[0].stat().st_size // 2])  # truncated
     a[1].write_bytes(b"")  # zero bytes
-    a[2].write_bytes(b[2].read_bytes())  # another run's rows: another evaluation's identity
+    twin = a[2].parents[1] / f"estimate={SMOKE}-pruned" / a[2].name
+    a[2].write_bytes(twin.read_bytes())  # the pruned model's rows: another evaluation's settings
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     moved = [ln for ln in r.stderr.splitlines() if "moved to" in ln]
-    assert len(moved) == 3 and all(str(results) in ln for ln in moved), r.stderr[-3000:]
+    assert len(moved) == 1 and str(a[1]) in moved[0] and "is empty" in moved[0], r.stderr[-3000:]
+    r = run_cli("report", "--results", results)
+    assert r.returncode == 2 and _lines(r.stderr) == 1 and str(a[0]) in r.stderr and "iwae-pipeline repair" in r.stderr, r.stderr[-2000:]
+    r = run_cli("repair", "--results", results)
+    moved = [ln for ln in r.stderr.splitlines() if "moved to" in ln]
+    assert r.returncode == 0 and len(moved) == 2 and "another evaluation" in " ".join(moved), r.stdout + r.stderr
     assert len(list((results / "_quarantine").rglob("images-*"))) == 3
+    assert run_cli(*args).returncode == 0
     assert_each_image_once(results, runs=2, images=1500)
 
 
@@ -514,3 +558,18 @@ def test_ctrl_c_during_a_sweep_keeps_what_is_done_and_says_to_rerun(tmp_path, mn
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert set(pd.read_parquet(runs).status) == {"done"}
+
+
+@pytest.mark.slow
+def test_a_task_whose_compile_fails_says_so_on_the_driver_and_in_its_run_row(tmp_path, mnist_dir):
+    """torch.compile fails inside a training task (a worker's warnings reach no console of their own):
+    the driver prints one line naming the run, the run trains eagerly to the end, and its row says
+    its step was not compiled (nor graphed: no GPU here)."""
+    results = tmp_path / "r"
+    args = ("sweep", "demo", "--size", "smoke", "--no-eval", "--compile", "on", "--where", "objective=iwae", "--results", results, "--data-dir", mnist_dir)
+    r = run_cli(*args, env=faults(compile_fail=1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = [ln for ln in r.stderr.splitlines() if "torch.compile failed" in ln]
+    runs = pd.read_parquet(results / "tables" / "runs")
+    assert len(said) == 1 and runs.run_id.iloc[0] in said[0] and "training eagerly" in said[0], r.stderr[-2000:]
+    assert runs.status.tolist() == ["done"] and runs.step_compiled.tolist() == [False] and runs.step_graphed.tolist() == [False]

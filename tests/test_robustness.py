@@ -221,3 +221,33 @@ def test_a_node_lost_while_its_storage_is_checked_is_left_out_not_counted_as_una
     monkeypatch.setattr(ray, "get_runtime_context", lambda: type("Ctx", (), {"get_node_id": lambda self: "elsewhere"})())
     c.check_storage(res)  # does not raise
     assert (res.store.location, real[0]["NodeID"]) in c.checked and (res.store.location, "e" * 56) not in c.checked
+
+
+@pytest.mark.slow
+def test_a_gpu_task_gets_a_worker_of_its_own_so_two_tasks_never_share_a_device(tmp_path):
+    """Ray's options of the executor's task, read back from the remote function, and in use on a
+    local Ray with two (declared) GPUs: every GPU task runs in a fresh worker process (max_calls=1:
+    a worker that initialised CUDA keeps its CUDA_VISIBLE_DEVICES), while CPU tasks reuse workers."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import json, os, ray
+from pipeline.ray_backend.executor import remote_task
+from pipeline.ray_backend.resources import Resources
+ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+def where(): return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
+gpu, cpu = remote_task(Resources(1, 1), 3), remote_task(Resources(1, 0), 3)
+out = {}
+out["gpu"] = ray.get([gpu.remote(where, (), 1) for _ in range(6)])
+out["cpu"] = ray.get([cpu.remote(where, (), 1) for _ in range(6)])
+print(json.dumps(out))
+"""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len({pid for pid, _ in got["gpu"]}) == 6 and {dev for _, dev in got["gpu"]} <= {"0", "1"}
+    assert len({pid for pid, _ in got["cpu"]}) <= 2  # reused workers: torch is imported once per worker

@@ -3,6 +3,7 @@
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,58 @@ def test_a_location_is_undone_only_while_nothing_but_its_marker_is_there(tmp_pat
     (tmp_path / "shared" / "leases" / "r1" / "000001.json").write_text("{}")  # another command's lease
     shared.discard_if_new()
     assert (tmp_path / "shared" / MARKER).exists() and (tmp_path / "shared" / "leases" / "r1" / "000001.json").exists()
+
+
+def test_storage_errors_are_classified_once_and_only_transient_ones_are_retried():
+    """Throttling, 5xx, dropped connections and timeouts are transient (tried again, with backoff);
+    access denied, bad keys, no such bucket and a read-only disk are permanent (one line at once,
+    StoreDenied); a store that keeps failing past the bound is StoreFailing, which says it is failing."""
+    import errno
+
+    from pipeline.store.errors import StoreDenied, StoreFailing, permanent, retrying, transient
+
+    for e in (
+        OSError("When reading information for key 'k' in bucket 'b': AWS Error SLOW_DOWN during GetObject operation"),
+        OSError("AWS Error NETWORK_CONNECTION during ListObjectsV2 operation: curlCode: 52, Server returned nothing"),
+        OSError("AWS Error UNKNOWN (HTTP status 503) during HeadObject operation: No response body."),
+        OSError("AWS Error INTERNAL_FAILURE during GetObject operation"),
+        TimeoutError("read timed out"),
+        ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+    ):
+        assert transient(e) and not permanent(e), e
+    for e in (
+        PermissionError("AccessDenied"),
+        OSError("AWS Error ACCESS_DENIED during HeadObject operation: No response body."),
+        OSError("AWS Error UNKNOWN (HTTP status 403) during HeadObject operation"),
+        OSError("InvalidAccessKeyId: The AWS Access Key Id you provided does not exist"),
+        FileNotFoundError("NoSuchBucket: The specified bucket does not exist"),
+        OSError(errno.EROFS, "Read-only file system"),
+    ):
+        assert permanent(e) and not transient(e), e
+    assert not transient(FileNotFoundError("no such key")) and not permanent(FileNotFoundError("no such key"))
+
+    calls, pauses = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("AWS Error SLOW_DOWN during PutObject operation")
+        return "written"
+
+    assert retrying(flaky, "PUT s3://b/k", sleep=pauses.append) == "written" and len(calls) == 3 and len(pauses) == 2 and all(p >= 0 for p in pauses)
+    denied = []
+
+    def refused():
+        denied.append(1)
+        raise PermissionError("AccessDenied")
+
+    with pytest.raises(StoreDenied, match="refuses this request.*credentials"):
+        retrying(refused, "PUT s3://b/k", sleep=pauses.append)
+    assert len(denied) == 1  # never retried
+
+    def down():
+        raise OSError("AWS Error UNKNOWN (HTTP status 503)")
+
+    with pytest.raises(StoreFailing, match="kept failing") as got:
+        retrying(down, "GET s3://b/k", deadline_s=0.05, sleep=lambda s: time.sleep(min(s, 0.01)))
+    assert "credentials" not in str(got.value)

@@ -39,8 +39,6 @@ from pipeline.store.objects import Store
 from pipeline.store.results import Results
 
 ENV_ADDRESS = "RAY_ADDRESS"
-# what a user's model folder never uploads (Ray's runtime environment): environments, data, caches, secrets
-_EXCLUDES = [".venv", ".git", "**/__pycache__", "results", "*.env", ".env", ".aws", ".ssh", "*.pem", "*.key", "id_rsa*", "credentials*"]
 PROBE_GRACE_S = 60.0  # a storage probe answers within this, beyond the store's own retry bound
 CONNECT_TIMEOUT_S = float(os.environ.get("IWAE_CONNECT_TIMEOUT", "30"))
 Notice = Callable[[str], None]
@@ -328,6 +326,7 @@ def connect(
     timeout: float | None = None,
     notice: Notice | None = None,
     working_dir: str | None = None,
+    excludes: list[str] | None = None,
 ) -> Cluster:
     """Start the embedded local Ray (no address) or connect to ``address``/``$RAY_ADDRESS``.
 
@@ -355,11 +354,14 @@ def connect(
         notice(f"note: {caps.line()}")
     address = address or os.environ.get(ENV_ADDRESS) or None
     # a user's model folder reaches a cluster's nodes as Ray's working_dir; the embedded Ray's workers
-    # read it from this disk. Our excludes decide what is left out, not the folder's .gitignore (which
-    # often names the very weights the model loads)
-    runtime_env = {"working_dir": working_dir, "excludes": _EXCLUDES} if working_dir and address else None
-    if runtime_env is not None:
-        os.environ["RAY_RUNTIME_ENV_IGNORE_GITIGNORE"] = "1"
+    # read it from this disk. The one exclude list decides what is left out (pipeline.shipping), not the
+    # folder's .gitignore, which often names the very weights the model loads
+    if working_dir and address:
+        from pipeline.shipping import plan
+
+        runtime_env: dict[str, Any] | None = {"working_dir": working_dir, "excludes": excludes if excludes is not None else plan(working_dir)[0]}
+    else:
+        runtime_env = None
     if ray.is_initialized():  # attached already (a test's session Ray): not ours to shut down
         if runtime_env is not None:
             raise UserError("a user's model needs its own Ray connection (this process is attached to one already); run the command on its own")
@@ -398,9 +400,10 @@ def connect(
         except BaseException as e:  # reported on the main thread
             outcome["error"] = e
 
-    t = threading.Thread(target=init, daemon=True, name="ray-init")
-    t.start()
-    t.join(limit)
+    with _gitignore_off(runtime_env is not None):  # for this upload only: the process's other uploads keep Ray's default
+        t = threading.Thread(target=init, daemon=True, name="ray-init")
+        t.start()
+        t.join(limit)
     if t.is_alive():
         raise ConnectTimeout(
             f"no answer from the Ray cluster at {address} within {limit:g} s; check that --address is the head's GCS address as `ray status` "
@@ -413,6 +416,25 @@ def connect(
 
 
 # ---------------------------------------------------------------------------------------- on a node
+
+
+@contextlib.contextmanager
+def _gitignore_off(on: bool) -> Iterator[None]:
+    """Ray's ``.gitignore`` handling off (``RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1``, which ``ray.init``
+    reads when it packs the working_dir) for the block only, the variable put back after."""
+    if not on:
+        yield
+        return
+    key = "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _why(e: BaseException) -> str:

@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 from pipeline.errors import UserError
 from pipeline.ray_backend.cluster import probe_address
+from pipeline.shipping import ENVIRONMENTS, SECRETS
 
 
 def job_client(address: str) -> Any:
@@ -41,32 +42,9 @@ def _dashboard_hostport(address: str) -> str:
     return f"{url.hostname}:{url.port or 8265}"
 
 
-# what `submit` never uploads: environments, data, results, caches, and anything that looks like a secret
-UPLOAD_EXCLUDES = [
-    ".venv",
-    ".git",
-    "data",
-    "results",
-    "cache",
-    "docs",
-    "**/__pycache__",
-    "*.pt",
-    ".env",
-    ".env.*",
-    "*.env",
-    ".aws",
-    ".ssh",
-    ".netrc",
-    "*.pem",
-    "*.key",
-    "*.p12",
-    "*.pfx",
-    "id_rsa*",
-    "id_ed25519*",
-    "credentials*",
-    "*secret*",
-    "*token*",
-]
+# what `submit` never uploads: the one exclude list (pipeline.shipping), and the project's data, docs and checkpoints
+PROJECT_EXTRAS = ["data", "cache", "docs", "*.pt"]
+UPLOAD_EXCLUDES = [*ENVIRONMENTS, *SECRETS, *PROJECT_EXTRAS]
 ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -84,10 +62,11 @@ def project_root() -> Path:
     return root
 
 
-def submit(address: str, entrypoint: str, working_dir: Path, submission_id: str | None, env_vars: dict[str, str]) -> str:
-    """Upload ``working_dir`` (less :data:`UPLOAD_EXCLUDES`) and run ``entrypoint`` on the cluster; returns the submission id."""
+def submit(address: str, entrypoint: str, working_dir: Path, submission_id: str | None, env_vars: dict[str, str], excludes: list[str] | None = None) -> str:
+    """Upload ``working_dir`` (less ``excludes``: :func:`pipeline.shipping.plan`'s, by default
+    :data:`UPLOAD_EXCLUDES`) and run ``entrypoint`` on the cluster; returns the submission id."""
     client = job_client(address)
-    runtime_env = {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars}
+    runtime_env = {"working_dir": str(working_dir), "excludes": excludes or UPLOAD_EXCLUDES, "env_vars": env_vars}
     try:
         return str(client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id))
     except RuntimeError as e:

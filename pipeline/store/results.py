@@ -117,6 +117,8 @@ RUNS_SCHEMA = pa.schema(
         pa.field("unit_var_h1", pa.list_(pa.float64())),
         pa.field("unit_var_h2", pa.list_(pa.float64())),
         pa.field("device", pa.string()),
+        pa.field("step_graphed", pa.bool_()),  # its training step was replayed as a CUDA graph (null before this column)
+        pa.field("step_compiled", pa.bool_()),  # its training step ran torch.compile'd code
         pa.field("pack", pa.string()),  # the run ids trained with it as one pack (iwae.pack), "+"-joined; "" solo
         pa.field("scored_model", pa.string()),  # a user's model scored with `score`: its MODULE:FACTORY (null for trained runs)
         pa.field("likelihood", pa.string()),  # user models: "probability" (discrete data) or "density" (continuous: log p(x) is a log density)

@@ -11,6 +11,8 @@ long before the test (the nodes of a multi-node cluster), from the JSON file nam
   only the first process that gets there does (the file records that it fired).
 - ``slow_score`` (``IWAE_TEST_SLOW_SCORE=s``): scoring a range of images sleeps s seconds first.
 - ``slow_epoch`` (``IWAE_TEST_SLOW_EPOCH=s``): each epoch sleeps s seconds first.
+- ``compile_fail`` (``IWAE_TEST_COMPILE_FAIL=1``): what ``torch.compile`` returns raises when called,
+  as on a machine without a working compiler.
 """
 
 import importlib.abc
@@ -64,6 +66,15 @@ def _patch_train(mod):
         return original(self, *args, **kwargs)
 
     mod.Pack.train_epoch = train_epoch
+    if setting("compile_fail"):
+
+        def no_compiler(fn, *args, **kwargs):
+            def call(*a, **k):
+                raise RuntimeError("no C++ compiler here (a test's fault)")
+
+            return call
+
+        mod.torch.compile = no_compiler
 
 
 def _patch_work(mod):
