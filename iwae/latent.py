@@ -25,6 +25,10 @@ from torch import Tensor
 LogDensity = Callable[[list[Tensor]], Tensor]  # latents [(C, B, D_l)] -> log density (C, B)
 
 
+class Unscorable(ValueError):
+    """A model the evaluators cannot score as it is written; the message names the site and why."""
+
+
 class Proposal(NamedTuple):
     """K draws from q(h|x) per image, their log densities, and q's log density at any latents."""
 

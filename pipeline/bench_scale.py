@@ -119,9 +119,12 @@ def run_scale(
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    import pyarrow.fs as pafs
+    import http.client
 
-    pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True).create_dir("scale")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)  # S3's CreateBucket: a PUT of the bucket's path
+    conn.request("PUT", "/scale")
+    conn.getresponse().read()
+    conn.close()
     proxy = CountingProxy(f"{host}:{port}")
     out: dict[str, Any] = {"sizes": {}}
     try:

@@ -160,6 +160,7 @@ class Training:
         self.by_others: list[str] = []
         self.failures: dict[str, str] = {}
         self.hung: set[str] = set()  # unit names found hung (no failed rows for them: another command may be training the runs)
+        self.bodies: dict[str, tuple[Any, Any]] = {}  # held run -> (its lease object as last seen, its body)
         self.last_look = self.last_watch = 0.0
 
     @property
@@ -181,29 +182,45 @@ class Training:
         import time
 
         from iwae.pack import group_packs
-        from pipeline.store.ledger import RunState, run_state
 
         units = [self._unit(p) for p in self.fresh]
         self.fresh = []
-        if self.held and time.monotonic() - self.last_look >= self.every:
+        if self.held and time.monotonic() - self.last_look >= max(5.0, 0.05 * len(self.held)):  # a look costs what is held, not the grid
             self.last_look = time.monotonic()
-            free = []
-            for rid, cfg in list(self.held.items()):
-                try:
-                    if self.book.live(self.book.seen(rid, body=True)):
-                        continue  # still trained by the other command
-                    if run_state(self.results, rid).state == RunState.done:  # the other command finished it
-                        del self.held[rid]
-                        self.by_others.append(rid)
-                        self.bar.update(1)
-                        self.echo(f"run {rid} was trained by the other command")
-                        continue
-                except OSError:
-                    continue  # the store kept failing: looked at again on the next round
-                del self.held[rid]
-                free.append(cfg)  # its lease ran out or was released: trained here, resumed from its checkpoints
-            units += [self._unit(p) for p in group_packs(free, self.pack)]
+            units += [self._unit(p) for p in group_packs(self._free(), self.pack)]
         return units
+
+    def _free(self) -> list[RunConfig]:
+        """The held runs another command no longer holds: one listing of their leases; a lease's body is
+        read only when its generation or age changed since the last look (a renewal: once a minute a
+        run), and a run's files only once its lease is released or expired (done by the other command:
+        dropped, trained once; else handed out again, resumed from its checkpoints)."""
+        from pipeline.store.leases import Seen
+        from pipeline.store.ledger import RunState, run_state
+
+        try:
+            seen = self.book.seen_many(list(self.held))
+        except OSError:
+            return []  # the store kept failing: looked at again on the next round
+        free = []
+        for rid, s in seen.items():
+            try:
+                if s.generation and s.age < self.book.seconds:
+                    key = (s.generation, s.mtime)  # the same object as last time: its body has not changed
+                    if self.bodies.get(rid, (None, None))[0] != key:
+                        self.bodies[rid] = (key, self.book.body(rid, s.generation))
+                    if self.book.live(Seen(s.generation, s.age, self.bodies[rid][1])):
+                        continue  # still trained by the other command
+                if run_state(self.results, rid).state == RunState.done:  # the other command finished it
+                    del self.held[rid]
+                    self.by_others.append(rid)
+                    self.bar.update(1)
+                    self.echo(f"run {rid} was trained by the other command")
+                    continue
+            except OSError:
+                continue
+            free.append(self.held.pop(rid))  # its lease ran out or was released: trained here, resumed from its checkpoints
+        return free
 
     def waiting(self) -> int:
         return len(self.held)
@@ -247,14 +264,18 @@ class Training:
             return []
         self.last_watch = now
         out = []
+        try:
+            seen = self.book.seen_many([rid for f in self.inflight.values() for rid in f.run_ids])  # one listing for many
+        except OSError:
+            return []  # the store kept failing: looked at again next time
         for name, flight in list(self.inflight.items()):
             why = ""
             for rid in flight.run_ids:
+                s = seen[rid]
+                mine = flight.gens.get(rid)
                 try:
-                    s = self.book.seen(rid)
-                    mine = flight.gens.get(rid)
                     if s.generation and s.generation != mine:
-                        body = self.book._read(rid, s.generation)
+                        body = self.book.body(rid, s.generation)
                         if body is not None and body.get("owner") == flight.token:
                             flight.gens[rid] = mine = s.generation
                         elif mine is not None:  # taken over while this unit holds it: its task should stop at its next step

@@ -249,10 +249,14 @@ def probe(model: Any, x: torch.Tensor) -> None:
     do not fit (x ``(B, X)``, latents ``[(K, B, D)]``, log q and log p(x, h) ``(K, B)``, floating)."""
     b = x.shape[0]
     gens = [torch.Generator().manual_seed(i) for i in range(b)]
+    from iwae.latent import Unscorable
+
     try:
         prop = model.propose(x, 3, gens)
         h, log_q = prop.h, prop.log_q
         joint = model.log_joint(x, h)
+    except Unscorable as e:  # a model the evaluators cannot score as written (a Pyro model's global latent, say): its own line
+        raise UserError(f"{type(model).__name__} cannot be scored: {e}") from None
     except Exception as e:  # noqa: BLE001  # the user's code raised on data of this width: one line
         why = f"{type(e).__name__}: {_first(e)}"
         raise UserError(f"the model raised on data of width {x.shape[1]} ({why}); check the data's width against the model's") from None

@@ -158,30 +158,31 @@ def test_smoke_sweep_evaluate_report_on_s3(cluster, s3, s3_data, smoke_on_s3):
 
 
 def test_storage_faults_the_clients_do_not_absorb_never_end_a_sweep_or_an_evaluation(cluster, s3, s3_data, smoke_on_s3):
-    """Behind a proxy that answers 8% of requests with 503 SlowDown or a dropped connection and fails
-    4% of keys twelve times in a row (more than the clients' own retries absorb), a sweep and an
-    evaluation on the 3-node cluster end with exit 0: every run trained once (one lease generation,
-    one history row per epoch), every image scored once, with the numbers of the fault-free sweep."""
-    proxy = FaultyProxy(s3, rate=0.08, sticky=0.04, seed=1)
+    """Behind a proxy that answers 10% of requests with 503 SlowDown or a dropped connection and fails
+    5% of keys five times in a row, more than the driver's clients try (3 here: IWAE_S3_CLIENT_ATTEMPTS;
+    the streak would have to outlast 10 by default), a sweep and an evaluation on the 3-node cluster
+    end with exit 0: every run trained once (one lease generation, one history row per epoch), every
+    image scored once, with the numbers of the fault-free sweep."""
+    proxy = FaultyProxy(s3, rate=0.10, sticky=0.05, streak=5, seed=1)
     cwd = driver_dir(cluster, "faults-driver")
+    env = {"IWAE_S3_CLIENT_ATTEMPTS": "3"}  # the driver's clients give up sooner, so the store's own retries have to carry it
+    faulty = ["--results", proxy.uri("faults"), "--data-dir", s3_data]
     try:
-        r = cli(cluster, "sweep", "demo", "--size", "smoke", "--results", proxy.uri("faults"), "--data-dir", s3_data, cwd=cwd, timeout=900)
+        r = cli(cluster, "sweep", "demo", "--size", "smoke", *faulty, cwd=cwd, timeout=900, env=env)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        r = cli(
-            cluster, "evaluate", "demo", "--size", "smoke", "--test-images", 40, "--results", proxy.uri("faults"), "--data-dir", s3_data, cwd=cwd, timeout=900
-        )
+        r = cli(cluster, "evaluate", "demo", "--size", "smoke", "--test-images", 40, *faulty, cwd=cwd, timeout=900, env=env)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     finally:
         proxy.stop()
-    assert proxy.faults["sticky"] > 0 and proxy.faults["503"] + proxy.faults["drop"] >= 20, proxy.faults
+    assert proxy.faults["sticky"] > 0 and proxy.faults["503"] + proxy.faults["drop"] >= 10, proxy.faults
     runs, train = read_table(s3, "faults", "runs"), read_table(s3, "faults", "train")
     assert len(runs) == 2 and set(runs.status) == {"done"} and len(train) == 2 * 4 and not train.duplicated(["run_id", "epoch"]).any()
     assert sorted(k.rsplit("/", 1)[1] for k in s3.keys("faults/leases")) == ["000001.json"] * 2
     raw = raw_rows(s3, "faults")
     assert len(raw) == 2 * 40 and not raw.duplicated(["run_id", "image_id"]).any()
     clean = read_estimate(s3, "smoke").set_index(["run_id", "image_id"]).log_px.astype(float)
-    faulty = read_estimate(s3, "faults").set_index(["run_id", "image_id"]).log_px.astype(float)
-    assert len(clean) == 40 and (faulty.reindex(clean.index) - clean).abs().max() < 1e-9
+    faulty_rows = read_estimate(s3, "faults").set_index(["run_id", "image_id"]).log_px.astype(float)
+    assert len(clean) == 40 and (faulty_rows.reindex(clean.index) - clean).abs().max() < 1e-9
     bounds = read_table(s3, "smoke", "runs").set_index("run_id").final_train_bound
     assert (runs.set_index("run_id").final_train_bound.reindex(bounds.index) - bounds).abs().max() < 1e-9
 
@@ -198,9 +199,8 @@ def test_a_refusing_store_is_one_line_exit_2_and_a_failing_one_is_named_failing(
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and "refuses" in lines[0] and "credentials" in lines[0], r.stderr[-2000:]
         proxy.mode = "down"
-        r = cli(
-            cluster, "sweep", "demo", "--size", "smoke", "--results", proxy.uri("down"), "--data-dir", s3_data, cwd=cwd, env={"IWAE_STORE_RETRY_SECONDS": "5"}
-        )
+        down = {"IWAE_STORE_RETRY_SECONDS": "5", "IWAE_S3_CLIENT_ATTEMPTS": "2"}
+        r = cli(cluster, "sweep", "demo", "--size", "smoke", "--results", proxy.uri("down"), "--data-dir", s3_data, cwd=cwd, env=down)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 1 and len(lines) == 1 and "kept failing" in lines[0] and "credentials" not in lines[0], r.stderr[-2000:]
     finally:

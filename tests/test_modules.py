@@ -78,3 +78,14 @@ def test_the_science_never_imports_ray_typer_or_pyarrow_and_only_the_backend_imp
             assert not top & {"ray", "typer", "pyarrow"}, (name, top & {"ray", "typer", "pyarrow"})
         if not name.startswith("pipeline.ray_backend"):
             assert "ray" not in top, name
+
+
+def test_only_the_store_opens_a_filesystem():
+    """Every read and write of a results location goes through pipeline/store/: no other module of
+    the product imports pyarrow.fs, s3fs or gcsfs (it would bypass the store's retry rule and layout)."""
+    clients = {"pyarrow.fs", "s3fs", "gcsfs", "gcsfs.core"}
+    for name, path in modules().items():
+        if name.startswith("pipeline.store"):
+            continue
+        found = imports(path, name) & clients
+        assert not found, (name, found)

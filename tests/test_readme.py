@@ -38,13 +38,22 @@ def test_pandas_snippet_runs_on_the_demo_results(mnist_dir, tmp_path):
     results = tmp_path / "results" / "demo"
     r = subprocess.run([CLI, "sweep", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    (code,) = python_blocks("## Results in pandas")
+    code, duck = python_blocks("## Results in pandas")
     assert '"results/demo/tables/runs"' in code and 'read_estimates("results/demo")' in code
     code = code.replace('"results/demo', f'"{tmp_path}/results/demo')
     code = code.replace('/results/demo")', '/results/demo", estimate="k100-seed123-block50")')  # the smoke demo's estimate, not L_5000
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert len(scope["t"]) == 2 and scope["t"]["nll"].notna().all()
+    import duckdb
+
+    assert "'results/demo/tables/eval/*/*/*.parquet'" in duck
+    got = duckdb.sql(re.search(r'duckdb.sql\("(.*)"\)', duck).group(1).replace("'results/demo", f"'{tmp_path}/results/demo")).df()
+    ev = scope["ev"]
+    assert set(got.estimate) == {"k100-seed123-block50", "k100-seed123-block50-pruned"}
+    mine = got[got.estimate == "k100-seed123-block50"].set_index("run_id").mean_log_px.sort_index()
+    theirs = ev.groupby("run_id", observed=True).log_px.mean().sort_index()
+    assert list(mine.index) == [str(i) for i in theirs.index] and (mine.to_numpy() - theirs.to_numpy()).max() < 1e-9
 
 
 def blocks() -> list[tuple[str, str]]:
@@ -59,7 +68,9 @@ COVERED = {
     "iwae-pipeline data fetch mnist": "test_every_command_line_parses",
     "# my_vae.py: a VAE trained elsewhere": "test_the_user_vae_and_its_notebook_scoring_run",
     "import torch": "test_the_user_vae_and_its_notebook_scoring_run",
+    "# my_pyro_vae.py: the same networks as a Pyro model and guide": "test_the_user_vae_and_its_notebook_scoring_run",
     "import pandas as pd": "test_pandas_snippet_runs_on_the_demo_results",
+    "import duckdb": "test_pandas_snippet_runs_on_the_demo_results",
     "from pipeline.store.estimates import read_estimates": "tests/test_cluster.py::test_readme_pandas_snippet_reads_results_from_s3",
 }
 
@@ -130,6 +141,21 @@ def test_the_user_vae_and_its_notebook_scoring_run(mnist_dir, tmp_path, monkeypa
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["est"].log_px.shape == (8,) and torch.isfinite(scope["est"].log_px).all()
+    pyro_module = re.search(r"<!-- pyro-vae -->\s*```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "my_pyro_vae.py").write_text(pyro_module)
+    from iwae.evaluate import EvalConfig, estimate_log_px
+
+    pyro_vae = importlib.import_module("my_pyro_vae").make_model()
+    again = estimate_log_px(pyro_vae, scope["x"], scope["ids"], EvalConfig(k=50))
+    torch.testing.assert_close(again.log_px, scope["est"].log_px, rtol=0, atol=1e-4)  # the same networks, the same per-image numbers
+
+
+def test_the_score_section_is_a_five_minute_read():
+    """No prose paragraph of 'Score anyone's model' runs over 150 words."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Score anyone's model") : text.index("\n## ", text.index("## Score anyone's model") + 5)]
+    prose = [p for p in re.split(r"\n\s*\n", re.sub(r"```.*?```", "", section, flags=re.S)) if p.strip() and not p.startswith(("#", "<!--"))]
+    assert prose and max(len(p.split()) for p in prose) <= 150, [len(p.split()) for p in prose]
 
 
 def test_the_readme_picture_is_there():

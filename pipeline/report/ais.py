@@ -108,7 +108,7 @@ def ais_convergence_table(loaded: Loaded) -> str | None:
         return None
     names = {str(r.run_id): name(r) for r in loaded.summary.itertuples()}
     rows = []
-    groups = ais.assign(rest=ais.estimate.str.split("-", n=1).str[1]).groupby(["run_id", "rest"], sort=True)
+    groups = ais.assign(rest=ais.estimate.astype(str).str.split("-", n=1).str[1]).groupby(["run_id", "rest"], sort=True, observed=True)
     for (rid, _), g in groups:
         if str(rid) not in names:  # a model scored with `score`: the models table
             continue

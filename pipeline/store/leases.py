@@ -40,6 +40,7 @@ from typing import Any
 from pipeline.store.results import Results
 
 LEASE_SECONDS = float(os.environ.get("IWAE_LEASE_SECONDS", "180"))  # renewed every third of this
+PER_RUN_LISTINGS = 50  # up to this many runs' leases are listed run by run; more, with one listing of leases/
 
 
 class LeaseLost(RuntimeError):
@@ -71,6 +72,7 @@ class Seen:
     generation: int  # 0: the run never had a lease
     age: float  # seconds since it was written or renewed
     body: dict[str, Any] | None = None  # read only when asked
+    mtime: float = 0.0  # when it was written or renewed, by the store's clock
 
 
 def _dead_here(body: dict[str, Any]) -> bool:
@@ -113,16 +115,34 @@ class Leases:
             return Seen(0, float("inf"))
         gen, mtime = max(gens)
         age = self.results.store.now() - mtime if mtime else float("inf")
-        return Seen(gen, age, self._read(run_id, gen) if body else None)
+        return Seen(gen, age, self.body(run_id, gen) if body else None, mtime)
 
-    def _read(self, run_id: str, generation: int) -> dict[str, Any] | None:
+    def seen_many(self, run_ids: list[str]) -> dict[str, Seen]:
+        """Many runs' leases at once, without bodies: one listing of ``leases/`` when there are more
+        than :data:`PER_RUN_LISTINGS` (a request per 1,000 generations), else one listing per run."""
+        if len(run_ids) <= PER_RUN_LISTINGS:
+            return {rid: self.seen(rid) for rid in run_ids}
+        want = set(run_ids)
+        latest: dict[str, tuple[int, float]] = {}
+        for e in self.results.store.entries("leases", ".json"):
+            parts = e.key.split("/")
+            if len(parts) != 3 or parts[1] not in want or not parts[2].split(".")[0].isdigit():
+                continue
+            gen = int(parts[2].split(".")[0])
+            if gen > latest.get(parts[1], (0, 0.0))[0]:
+                latest[parts[1]] = (gen, e.mtime)
+        now = self.results.store.now() if latest else 0.0
+        return {rid: Seen(latest[rid][0], now - latest[rid][1], None, latest[rid][1]) if rid in latest else Seen(0, float("inf")) for rid in run_ids}
+
+    def body(self, run_id: str, generation: int) -> dict[str, Any] | None:
+        """A generation's body (None when it is gone or does not parse: it then reads as expired)."""
         try:
             out = json.loads(self.results.store.read_bytes(self._key(run_id, generation)))
             return out if isinstance(out, dict) else None
         except (FileNotFoundError, ValueError):
             return None  # half-seen or damaged: treated as expired
 
-    def _body(self, epoch: int | None = None, released: bool = False) -> bytes:
+    def _payload(self, epoch: int | None = None, released: bool = False) -> bytes:
         return json.dumps(
             {
                 "owner": self.owner,
@@ -148,16 +168,16 @@ class Leases:
         another holds it live."""
         s = self.seen(run_id)
         if s.generation:
-            s = Seen(s.generation, s.age, self._read(run_id, s.generation))
+            s = Seen(s.generation, s.age, self.body(run_id, s.generation))
             if s.body is not None and s.body.get("owner") == self.owner:  # this unit again (Ray retried it after its worker died)
-                self.results.store.write_bytes(self._key(run_id, s.generation), self._body())
+                self.results.store.write_bytes(self._key(run_id, s.generation), self._payload())
                 return Lease(run_id, s.generation, self.owner)
             if self.live(s):
                 return Held(run_id, holder(s.body), self.seconds - s.age)
         key = self._key(run_id, s.generation + 1)
-        if self.results.store.create(key, self._body()):
+        if self.results.store.create(key, self._payload()):
             return Lease(run_id, s.generation + 1, self.owner)
-        body = self._read(run_id, s.generation + 1)  # another took that generation first; or our own create whose answer was lost
+        body = self.body(run_id, s.generation + 1)  # another took that generation first; or our own create whose answer was lost
         if body is not None and body.get("owner") == self.owner:
             return Lease(run_id, s.generation + 1, self.owner)
         return Held(run_id, holder(body), self.seconds)
@@ -165,10 +185,10 @@ class Leases:
     def renew(self, lease: Lease, epoch: int | None = None) -> None:
         """Extend the lease (and record the epoch reached); ``LeaseLost`` when a newer generation exists."""
         if self.results.store.exists(self._key(lease.run_id, lease.generation + 1)):
-            raise LeaseLost(f"run {lease.run_id}: another command took over its lease ({holder(self._read(lease.run_id, lease.generation + 1))})")
-        self.results.store.write_bytes(self._key(lease.run_id, lease.generation), self._body(epoch))
+            raise LeaseLost(f"run {lease.run_id}: another command took over its lease ({holder(self.body(lease.run_id, lease.generation + 1))})")
+        self.results.store.write_bytes(self._key(lease.run_id, lease.generation), self._payload(epoch))
 
     def release(self, lease: Lease, epoch: int | None = None) -> None:
         """Give the lease up (it reads as free at once), if it is still this holder's."""
         if not self.results.store.exists(self._key(lease.run_id, lease.generation + 1)):
-            self.results.store.write_bytes(self._key(lease.run_id, lease.generation), self._body(epoch, released=True))
+            self.results.store.write_bytes(self._key(lease.run_id, lease.generation), self._payload(epoch, released=True))

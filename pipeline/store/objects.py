@@ -104,7 +104,7 @@ def endpoint_url(query: dict[str, str], default: str = "") -> str:
     return f"{query.get('scheme', 'https')}://{endpoint}"
 
 
-S3_ATTEMPTS = 10  # each client's own retries, before the store's (pipeline.store.errors)
+S3_ATTEMPTS = int(os.environ.get("IWAE_S3_CLIENT_ATTEMPTS", "10"))  # each client's own tries of a request, before the store's retries (pipeline.store.errors)
 _S3: dict[tuple[str, str, bool], Any] = {}
 
 
