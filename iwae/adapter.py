@@ -51,7 +51,6 @@ class DistributionModel(nn.Module):
         super().__init__()
         self.encoder, self.decoder, self.latent_dim = encoder, decoder, int(latent_dim)
         self._prior = prior
-        self._moved: dict[tuple[torch.device, torch.dtype], Distribution] = {}
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # where the model lives when it has no parameters of its own
         self._continuous: bool | None = None
 
@@ -59,10 +58,9 @@ class DistributionModel(nn.Module):
         """p(h) on ``like``'s device and dtype: a user's prior is a ``Distribution``, which
         ``model.to()`` does not move, so it is rebuilt there once per device and dtype."""
         if self._prior is not None:
-            key = (like.device, like.dtype)
-            if key not in self._moved:
-                self._moved[key] = moved(self._prior, like)
-            return self._moved[key]
+            if all(v.device == like.device and v.dtype == like.dtype for v in _params(self._prior)):
+                return self._prior  # where it was given: itself (a prior the user learns stays the one scored)
+            return moved(self._prior, like)
         zero = torch.zeros(self.latent_dim, dtype=like.dtype, device=like.device)
         return Independent(Normal(zero, torch.ones_like(zero)), 1)
 
@@ -96,6 +94,13 @@ class DistributionModel(nn.Module):
             out_x.append(_sample_seeded(self.decoder(h[None]), 1, g).reshape(1, -1))  # p(x|h) of batch (1, 1): (1, X)
             out_h.append(h)
         return torch.cat(out_x), [torch.cat(out_h)]
+
+
+def _params(d: Distribution) -> list[Tensor]:
+    """A distribution's floating tensors, through ``Independent`` and ``TransformedDistribution``."""
+    while isinstance(d, Independent | torch.distributions.TransformedDistribution):
+        d = d.base_dist
+    return [v for v in d.__dict__.values() if isinstance(v, Tensor) and v.is_floating_point()]
 
 
 def moved(d: Distribution, like: Tensor) -> Distribution:

@@ -66,6 +66,9 @@ def scoring(model: object) -> Iterator[None]:
     modules = [m for m in get() if isinstance(m, torch.nn.Module)] if callable(get) else []
     flags = [m.training for m in modules]
     try:
+        to_eval = getattr(model, "eval", None)
+        if callable(to_eval):
+            to_eval()  # the model's own eval(), overrides of train() included
         for m in modules:
             m.training = False
         yield

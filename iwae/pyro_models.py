@@ -211,12 +211,10 @@ class PyroModel(nn.Module):
             ladj = ladj + j.reshape(*u.shape[:2], -1).sum(-1)
         return values, ladj
 
-    def _log_prob(self, trace: Any, k: int, b: int, observed: bool) -> Tensor:
+    def _log_prob(self, trace: Any, k: int, b: int) -> Tensor:
         """The sum of the trace's sample sites' log densities, per particle and image ``(K, B)``."""
         total = None
         for s in _sample_sites(trace):
-            if s["is_observed"] and not observed:
-                continue
             lp = s["fn"].log_prob(s["value"])
             lp = lp.expand(k, b) if lp.dim() <= 2 else lp.reshape(k, b, -1).sum(-1)
             total = lp if total is None else total + lp
@@ -229,7 +227,7 @@ class PyroModel(nn.Module):
 
         with pyro.validation_enabled(False), self._plate(k):  # an HMC step may leave the support numerically (exp(u) = 0): -inf, rejected
             tr = poutine.trace(poutine.condition(self.guide, data=values)).get_trace(x, *self.args, **self.kwargs)
-        return self._log_prob(tr, k, x.shape[0], observed=True)
+        return self._log_prob(tr, k, x.shape[0])
 
     def propose(self, x: Tensor, k: int, generators: Sequence[torch.Generator]) -> Proposal:
         import pyro.poutine as poutine
@@ -276,7 +274,7 @@ class PyroModel(nn.Module):
         values, ladj = self._values(h)
         with pyro.validation_enabled(False), self._plate(k):  # as in _guide_density: a value at the support's edge scores -inf, not an error
             tr = poutine.trace(poutine.condition(self.model, data=values)).get_trace(x, *self.args, **self.kwargs)
-        return self._log_prob(tr, k, x.shape[0], observed=True) + ladj
+        return self._log_prob(tr, k, x.shape[0]) + ladj
 
     @torch.no_grad()
     def simulate(self, n: int, generators: Sequence[torch.Generator]) -> tuple[Tensor, list[Tensor]]:

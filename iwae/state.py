@@ -54,9 +54,10 @@ class Heartbeat:
     asks the loop to stop before it writes its next checkpoint (:class:`Stopped`). Reading and
     bumping an int is safe across threads in CPython."""
 
-    def __init__(self) -> None:
+    def __init__(self, guard: Callable[[], str] | None = None) -> None:
         self.beats = 0
         self.why = ""
+        self.guard = guard  # asked at every check: "" while the loop may go on, else why not (a lease another took)
 
     def beat(self) -> None:
         self.beats += 1
@@ -65,6 +66,9 @@ class Heartbeat:
         self.why = why
 
     def check(self) -> None:
+        """Raise :class:`Stopped` when asked to stop, or when the guard says so (before a checkpoint or a row)."""
+        if not self.why and self.guard is not None:
+            self.why = self.guard()
         if self.why:
             raise Stopped(self.why)
 

@@ -138,7 +138,7 @@ class Training:
     whose tasks take, renew and release the members' leases themselves (:mod:`pipeline.store.leases`).
 
     A run whose lease another command holds live comes back *held*, is said once, and is looked at
-    again every third of a lease (a listing and a read of its lease): done by the other command
+    again every 5 s or so (one listing of the held runs' leases, a body read per renewal): done by the other command
     (dropped: trained once), or its lease expired (the other command died or hung: handed out again,
     and resumed from its checkpoints). The driver renews nothing: it only watches the leases of the
     units in flight, on the same timer, and finds a unit hung when its task's lease expired (its steps
@@ -228,7 +228,10 @@ class Training:
     def done(self, unit: Any, value: dict[str, Any]) -> None:
         flight = self.inflight.pop(unit.name, None)
         rows = value.get("rows", [])
-        trained = [r["run_id"] for r in rows]
+        trained = [r["run_id"] for r in rows if r.get("status") == "done"]
+        for r in rows:
+            if r.get("status") != "done":  # a member that diverged: its failed row is written; the others of its pack are kept
+                self.failures[r["run_id"]] = str(r.get("error") or "failed")
         self.trained += trained
         self.bar.update(len(rows))
         runs = ", ".join(flight.run_ids) if flight else unit.name
@@ -242,47 +245,68 @@ class Training:
         if value.get("lost"):  # another command took the runs over: wait for it like for any held run
             self.echo(str(value["lost"]))
             for rid in flight.run_ids if flight else []:
-                if rid not in trained:
+                if rid not in trained and rid not in self.failures:
                     self.held[rid] = self.cfgs[rid]
 
     def failed(self, unit: Any, why: str) -> None:
         from pipeline.work import mark_failed
 
         flight = self.inflight.pop(unit.name, None)
-        for rid in flight.run_ids if flight else []:
-            if unit.name not in self.hung:
-                mark_failed(self.results, self.cfgs[rid], why)  # reports show it; never over a done run
+        if flight is None:
+            return
+        for rid in flight.run_ids:
+            if unit.name not in self.hung and not self._held_by_another(rid, flight.token):
+                mark_failed(self.results, self.cfgs[rid], why)  # reports show it; never over a done run, nor one another command trains
             self.failures[rid] = why
-        self.bar.update(len(flight.run_ids) if flight else 0)
+        self.bar.update(len(flight.run_ids))
 
-    def stalled(self) -> list[tuple[Any, str]]:
-        """Units whose task hangs, by their leases (class docstring); looked at every third of a lease."""
+    def _held_by_another(self, rid: str, token: str) -> bool:
+        from pipeline.store.leases import Seen
+
+        try:
+            s = self.book.seen(rid, body=True)
+        except OSError:
+            return True  # cannot tell: no failed row (a re-run finds the run not done either way)
+        return (s.body or {}).get("owner") != token and self.book.live(Seen(s.generation, s.age, s.body, s.mtime))
+
+    def stalled(self, running: set[str] | None = None, hosts: set[str] | None = None) -> list[tuple[Any, str]]:
+        """Units whose task hangs, by their leases (class docstring), looked at every third of a
+        lease with one listing: a unit Ray runs now (``running``) whose task took a lease, has not
+        released it, runs on a live host (``hosts``: a task whose node died waits for Ray's retry,
+        not for this rule), and let it expire; or a unit whose lease another command took over and
+        whose task did not stop within a lease. A lease body is read once per generation and renewal."""
         import time
 
         now = time.monotonic()
         if not self.inflight or now - self.last_watch < self.every:
             return []
         self.last_watch = now
-        out = []
+        watched = {name: f for name, f in self.inflight.items() if running is None or name in running}
         try:
-            seen = self.book.seen_many([rid for f in self.inflight.values() for rid in f.run_ids])  # one listing for many
+            seen = self.book.seen_many([rid for f in watched.values() for rid in f.run_ids])  # one listing for many
         except OSError:
             return []  # the store kept failing: looked at again next time
-        for name, flight in list(self.inflight.items()):
+        out = []
+        for name, flight in watched.items():
             why = ""
             for rid in flight.run_ids:
                 s = seen[rid]
-                mine = flight.gens.get(rid)
+                if not s.generation:
+                    continue  # its task has not taken the lease yet
                 try:
-                    if s.generation and s.generation != mine:
-                        body = self.book.body(rid, s.generation)
-                        if body is not None and body.get("owner") == flight.token:
-                            flight.gens[rid] = mine = s.generation
-                        elif mine is not None:  # taken over while this unit holds it: its task should stop at its next step
-                            flight.lost_at = flight.lost_at or now
+                    key = (s.generation, s.mtime)
+                    if self.bodies.get(rid, (None, None))[0] != key:
+                        self.bodies[rid] = (key, self.book.body(rid, s.generation))
                 except OSError:
                     continue  # the store kept failing: looked at again next time
-                if mine is not None and s.generation == mine and s.age >= self.book.seconds:
+                body = self.bodies[rid][1] or {}
+                mine = body.get("owner") == flight.token
+                if mine:
+                    flight.gens[rid] = s.generation
+                elif rid in flight.gens and s.generation > flight.gens[rid]:  # taken over while this unit holds it: its task should stop
+                    flight.lost_at = flight.lost_at or now
+                alive = hosts is None or body.get("host") in hosts
+                if mine and not body.get("released") and alive and s.age >= self.book.seconds:
                     why = f"its task made no training step for over {s.age:.0f} s, so its lease on run {rid} expired (another command may take it over)"
                 elif flight.lost_at is not None and now - flight.lost_at >= self.book.seconds:
                     why = f"another command took run {rid} over and its task did not stop within {self.book.seconds:.0f} s"
@@ -350,6 +374,10 @@ def train_job(
         failed = str(e)
     finally:
         b.close()
+    if source.failures and not failed:  # members that diverged inside packs that finished: named like any failure
+        names = list(source.failures)
+        named = ", ".join(f"run {r}" for r in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        failed = f"training of {named} failed ({source.failures[names[0]]}); the others are kept; run the same command again to retry from the last checkpoints"
     return ledger.with_done(source.trained + source.by_others), failed
 
 

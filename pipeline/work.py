@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import shlex
 import time
 import warnings
@@ -95,13 +96,15 @@ def train_members(
     progress: bool = False,
     notice: Callable[[str], None] | None = None,
     heartbeat: Heartbeat | None = None,
+    raise_failed: bool = True,
 ) -> list[dict[str, Any]]:
     """Train the runs of ``cfgs`` that are not done yet (runs of one :func:`iwae.pack.pack_key`, or one
     run: a task of the executor, or a pack of ``train``) as one pack (:func:`iwae.pack.train_pack`,
     the one training loop), write each run's rows, and return every run's row in order.
 
     A pack of several runs names them in each run's ``pack`` column. A member that diverged gets a
-    ``failed`` row (the others are kept) and :class:`RunFailed` names it at the end, in one line.
+    ``failed`` row (the others are kept) and :class:`RunFailed` names it at the end, in one line; with
+    ``raise_failed=False`` (the executor's task) its failed row is returned in its place instead.
     """
     ledger = RunLedger.read(results, [c.run_id for c in cfgs], by_listing=False)  # a retried task finds what it finished
     rows = {c.run_id: dict(ledger.row(c.run_id) or {}) for c in cfgs if ledger.done(c.run_id)}
@@ -119,16 +122,22 @@ def train_members(
     pack = "+".join(c.run_id for c in todo) if len(todo) > 1 else ""
     failed = []
     for c, r in zip(todo, out):
+        if heartbeat is not None:
+            heartbeat.check()  # still this task's runs: before their rows are written
+            heartbeat.beat()
         if isinstance(r, TrainResult):
             rows[c.run_id] = record_run(c, results, r, ds, dev, pack)
         else:
-            mark_failed(results, c, str(r))
+            rows[c.run_id] = mark_failed(results, c, str(r)) or {"run_id": c.run_id, "status": "failed", "error": str(r)}
             failed.append(f"{c.run_id} ({r})")
-    if failed:
+    if failed and raise_failed:
         kept = "; the others are kept" if len(todo) > 1 else ""
         why = f"{len(failed)} of {len(todo)} runs failed: {'; '.join(failed)}{kept}"
         raise RunFailed(f"{why}; their last checkpoints are kept, run the same command again to retry")
     return [rows[c.run_id] for c in cfgs]
+
+
+STARTUP_S = float(os.environ.get("IWAE_STARTUP_SECONDS", "900"))  # a task's leases are renewed without a step for this long at its start
 
 
 def train_unit(
@@ -168,23 +177,29 @@ def train_unit(
         mine = [c for c in configs if c.run_id in leases]
         if not mine:
             return out
-        beat = Heartbeat()
+        beat = Heartbeat(guard=lambda: book.check_held(list(leases.values())))  # before each checkpoint and row: still ours (one HEAD a run)
         stop = threading.Event()
+        started = time.monotonic()
 
         def renew() -> None:
-            last = -1
+            last, renewed = -1, time.monotonic()
             while not stop.wait(book.seconds / 3):
-                if beat.beats == last:
+                starting = beat.beats == 0 and time.monotonic() - started < STARTUP_S  # data, checkpoints, compile or graph capture before the first step
+                if beat.beats == last and not starting:
                     continue  # no step since the last renewal: the loop may hang, so the lease is left to run out
                 last = beat.beats
-                for rid, lease in leases.items():
-                    try:
-                        book.renew(lease, epochs.get(rid))
-                    except LeaseLost as e:
-                        beat.stop(str(e))
+                try:
+                    for rid, lease in leases.items():
+                        book.renew(lease, epochs.get(rid), deadline_s=book.seconds / 6)
+                    renewed = time.monotonic()
+                except LeaseLost as e:
+                    beat.stop(str(e))
+                    return
+                except OSError:  # the store kept failing: tried again next time, unless the lease may have run out meanwhile
+                    if time.monotonic() - renewed > 0.8 * book.seconds:
+                        gone = time.monotonic() - renewed
+                        beat.stop(f"its leases could not be renewed for {gone:.0f} s (the store kept failing); another command may take the runs over")
                         return
-                    except OSError:
-                        pass  # the store kept failing: the next renewal tries again, well within the lease
 
         def on_epoch(cfg: RunConfig, row: dict[str, Any]) -> None:
             epochs[cfg.run_id] = int(row["epoch"])
@@ -197,7 +212,9 @@ def train_unit(
             with warnings.catch_warnings(record=True) as caught:  # Ray shows a worker's stderr nowhere: they go back to the driver
                 warnings.simplefilter("always")
                 try:
-                    out["rows"] = train_members(mine, results, data, on_epoch=on_epoch, compile_step=compile_step, heartbeat=beat, notice=notes.append)
+                    out["rows"] = train_members(
+                        mine, results, data, on_epoch=on_epoch, compile_step=compile_step, heartbeat=beat, notice=notes.append, raise_failed=False
+                    )
                 finally:
                     notes += [f"{type(w.message).__name__}: {w.message}" if not isinstance(w.message, UserWarning) else str(w.message) for w in caught]
         except Stopped as e:  # another command trains these runs now: not a failure of this one
@@ -217,7 +234,8 @@ def score_unit(ledger: EstimateLedger, data: DataSource, spans: Sequence[Span]) 
     """A unit of the executor: score ranges of one run with this process's cached scorer (its model
     loaded once) and write each one as it is done; returns the rows written."""
     sc = scorer(ledger, data)
-    return sum(ledger.write(span, sc.score(span)) for span in spans)
+    written = ledger.written(spans[0].run_id) if len(spans) > 1 else set()  # a retried unit: the ranges it wrote before (one listing)
+    return sum(ledger.write(span, sc.score(span)) for span in spans if span.name not in written)
 
 
 def train_in_process(
@@ -280,11 +298,11 @@ def record_run(cfg: RunConfig, results: Results, res: TrainResult, data: Dataset
     return row
 
 
-def mark_failed(results: Results, cfg: RunConfig, error: str) -> bool:
+def mark_failed(results: Results, cfg: RunConfig, error: str) -> dict[str, Any] | None:
     """Record a failed run so reports show it instead of dropping it; never over a done run (a few
-    requests: its row, and HEADs of its history and final checkpoint). Returns whether it wrote the row."""
+    requests: its row, and HEADs of its history and final checkpoint). Returns the row it wrote."""
     if run_state(results, cfg.run_id).state == RunState.done:
-        return False
+        return None
     row = {
         **cfg.flat(),
         "label": cfg.label(),
@@ -296,7 +314,7 @@ def mark_failed(results: Results, cfg: RunConfig, error: str) -> bool:
         **versions(),
     }
     results.write_rows(results.row_key(cfg.run_id), [row], "runs")
-    return True
+    return row
 
 
 # ---------------------------------------------------------------------------------------- evaluation

@@ -113,3 +113,16 @@ def test_any_parquet_tool_reads_the_estimates_as_the_one_reader_does(trained):
         return {(str(r), str(e)): (round(float(m), 9), int(n)) for r, e, m, n in df[["run_id", "estimate", "mean", "count"]].itertuples(index=False)}
 
     assert len(ours) >= 2 and table(theirs) == table(ours.reset_index()) == table(pandas)
+
+
+def test_an_estimates_name_carries_every_setting_that_changes_its_numbers():
+    """Two AIS settings that differ only in the step-size adaptation get two names; the default keeps
+    the name estimates were written under before (read as they are)."""
+    from iwae.ais import AISConfig
+    from pipeline.store.estimates import AISPlan, settings_of
+
+    base = AISPlan(AISConfig(), 100)
+    assert base.estimate == "T500-C16-L10-P100-seed0"
+    names = {AISPlan(AISConfig(**kw), 100).estimate for kw in ({}, {"target_accept": 0.8}, {"step_size": 0.1}, {"step_min": 1e-5}, {"step_max": 0.4})}
+    assert len(names) == 5 and "T500-C16-L10-P100-seed0-acc0.8" in names
+    assert settings_of("T500-C16-L10-P100-seed0-acc0.8")["ais_steps"] == 500

@@ -72,7 +72,7 @@ def test_repro_on_a_tiny_budget_trains_evaluates_and_resumes(mnist_dir, tmp_path
     reported, the paired gains and L_5000 against AIS in repro.json; a re-run keeps its stage count,
     trains and scores nothing, and keeps the first call's timings, which a call with other settings drops."""
     res = tmp_path / "rp"
-    argv = ["repro", "--minutes", "1", "--seed", "0", "--train-subset", "200", "--test-images", "20", "--train-images", "10"]
+    argv = ["repro", "--minutes", "0.5", "--seed", "0", "--train-subset", "200", "--test-images", "20", "--train-images", "10"]
     argv += ["--two-layer", "--ais-images", "3", "--bdmc-images", "2", "--ais-steps", "4", "--results", str(res), "--data-dir", str(mnist_dir)]
     assert main(argv) == 0, capsys.readouterr().err
     fig = json.loads((res / "repro.json").read_text())

@@ -389,8 +389,8 @@ def test_range_out_of_retries_exits_1_in_one_line_and_the_rerun_completes(traine
     """A range whose worker is killed more often than --retries: exit 1, one line naming run and images,
     no traceback, the other ranges kept; the same command again completes with exact rows."""
     results = copy_results(trained, tmp_path / "r")
-    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--test-images", "2000", "--eval-workers", "1")
-    proc = start_cli(*args, "--retries", "0", env=faults(slow_score=3))
+    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--test-images", "1500", "--eval-workers", "1")
+    proc = start_cli(*args, "--retries", "0", env=faults(slow_score=2))
     assert wait_for(lambda: pids_matching("ray::_call"), timeout=120), "no evaluation task started"
     time.sleep(0.5)
     t_fault = time.monotonic()
@@ -402,10 +402,10 @@ def test_range_out_of_retries_exits_1_in_one_line_and_the_rerun_completes(traine
     assert re.search(r"run [0-9a-f]{12} images \d+-\d+", errors[0]), errors[0]
     from pipeline.store.estimates import read_estimates
 
-    assert len(read_estimates(str(results), estimate=SMOKE)) < 2 * 2000
+    assert len(read_estimates(str(results), estimate=SMOKE)) < 2 * 1500
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_each_image_once(results, runs=2, images=2000)
+    assert_each_image_once(results, runs=2, images=1500)
 
 
 @pytest.mark.slow

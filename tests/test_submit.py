@@ -156,7 +156,7 @@ def test_every_sweep_option_reaches_the_submitted_job(monkeypatch, capsys):
     from pipeline.ray_backend import jobs as rb
 
     sent = {}
-    monkeypatch.setattr(rb, "submit", lambda address, entry, root, sid, env: sent.update(entry=entry) or "raysubmit_x")
+    monkeypatch.setattr(rb, "submit", lambda address, entry, root, sid, env, excludes=None: sent.update(entry=entry) or "raysubmit_x")
     monkeypatch.setenv("IWAE_DATA_DIR", "s3://bucket/data")
     argv = ["submit", "paper_table1", "--address", "http://127.0.0.1:9", "--results", "s3://bucket/r", "--size", "smoke", "--stages", "2"]
     argv += ["--epoch-scale", "0.5", "--where", "k=5", "--where", "seed=0", "--train-cpus", "2", "--train-gpus", "1", "--pack", "4", "--compile", "off"]

@@ -109,8 +109,9 @@ class Source(Protocol):
     def tick(self) -> None:
         """Called every pass of the loop while work runs (show progress; look at held work on its own timer)."""
 
-    def stalled(self) -> list[tuple[Unit, str]]:
-        """Units in flight that the source finds hung, and why (cancelled and failed by the executor)."""
+    def stalled(self, running: set[str], hosts: set[str]) -> list[tuple[Unit, str]]:
+        """Units Ray runs now (``running``, by name) that the source finds hung, and why (cancelled and
+        failed by the executor); ``hosts``: the live nodes' host names."""
 
     def close(self) -> None:
         """The executor is done with the source, or stops (Ctrl-C, an error): give up what it holds."""
@@ -140,7 +141,7 @@ class Ready:
     def tick(self) -> None:
         pass
 
-    def stalled(self) -> list[tuple[Unit, str]]:
+    def stalled(self, running: set[str], hosts: set[str]) -> list[tuple[Unit, str]]:
         return []
 
     def close(self) -> None:
@@ -307,7 +308,8 @@ def run(
                         heapq.heappush(later, (time.monotonic() + pause, next(_order), unit))
                     else:
                         _fail(source, unit, why, failed, say)
-                for unit, why in source.stalled():
+                hosts = {str(n.get("NodeManagerHostname", "")) for n in nodes}
+                for unit, why in source.stalled({u.name for u in pending.values()}, hosts):
                     for ref in [r for r, u in pending.items() if u is unit]:
                         ray.cancel(ref, force=True)
                         del pending[ref]

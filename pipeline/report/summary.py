@@ -131,11 +131,7 @@ class Loaded:
 
     @functools.cached_property
     def _counts(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for (rid, est), g in self._index("eval").items():
-            if "-pruned" not in est:
-                out.setdefault(rid, {})[est] = len(g)
-        return out
+        return unpruned_counts(self._index("eval"))
 
     @functools.cached_property
     def _names(self) -> dict[str, dict[str, set[str]]]:
@@ -174,6 +170,15 @@ class Loaded:
             if v.notna().any():
                 return how, v
         return "", pd.Series(dtype=float)
+
+
+def unpruned_counts(index: dict[tuple[str, str], pd.DataFrame]) -> dict[str, dict[str, int]]:
+    """Each run's unpruned L_k estimates and how many images each has."""
+    out: dict[str, dict[str, int]] = {}
+    for (rid, est), g in index.items():
+        if "-pruned" not in est:
+            out.setdefault(rid, {})[est] = len(g)
+    return out
 
 
 def index_by_run(df: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
@@ -225,10 +230,7 @@ def load(results: Results) -> Loaded:
     ais, bdmc = estimates.read(results, "ais"), estimates.read(results, "bdmc")
     train = results.read("train")
     by_ev, by_train = index_by_run(ev), index_by_run(ev_train)
-    counts: dict[str, dict[str, int]] = {}
-    for (rid, est), g in by_ev.items():
-        if "-pruned" not in est:
-            counts.setdefault(rid, {})[est] = len(g)
+    counts = unpruned_counts(by_ev)
     rows = []
     for r in runs.to_dict("records"):
         rid = str(r["run_id"])

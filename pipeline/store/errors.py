@@ -91,8 +91,8 @@ def permanent(e: BaseException) -> bool:
 def transient(e: BaseException) -> bool:
     """An error worth trying again: anything a storage client raises that is not permanent (5xx,
     throttling, resets, timeouts, a dropped connection, the client's own connection errors)."""
-    if isinstance(e, FileNotFoundError | FileExistsError | StoreFailing) or permanent(e):
-        return False
+    if not isinstance(e, Exception) or isinstance(e, FileNotFoundError | FileExistsError | StoreFailing) or permanent(e):
+        return False  # a KeyboardInterrupt or a cancelled coroutine is never retried
     if isinstance(e, OSError | TimeoutError | ConnectionError):
         return True
     mod = type(e).__module__.split(".")[0]

@@ -117,9 +117,17 @@ class AISPlan:
 
     @property
     def estimate(self) -> str:
-        c = self.config
+        """``T500-C16-L10-P100-seed0``, then every other setting that changes the numbers where it is
+        not the default: the binarisation seed (``-bin7``) and the step-size adaptation (``-eps0.1``,
+        ``-acc0.8``, ``-min1e-05``, ``-max1``), so that no two settings share a name (and the names of
+        estimates written before these were named stay what they were)."""
+        c, d = self.config, AISConfig()
         binarised = f"-bin{self.binarize_seed}" if self.method == "ais" and self.binarize_seed != EvalConfig().seed else ""
-        return f"T{c.steps}-C{c.chains}-L{c.leapfrog}-P{c.pilot_steps}-seed{c.seed}{binarised}"
+        tuned = "".join(
+            f"-{tag}{getattr(c, f):g}" for tag, f in (("eps", "step_size"), ("acc", "target_accept"), ("min", "step_min"), ("max", "step_max"))
+            if getattr(c, f) != getattr(d, f)
+        )  # fmt: skip
+        return f"T{c.steps}-C{c.chains}-L{c.leapfrog}-P{c.pilot_steps}-seed{c.seed}{binarised}{tuned}"
 
 
 Plan = EvalPlan | AISPlan

@@ -164,29 +164,49 @@ class Leases:
         return body is not None and not body.get("released") and not _dead_here(body)
 
     def acquire(self, run_id: str) -> Lease | Held:
-        """Take the run's lease: free, expired, released, or already this owner's. ``Held`` when
-        another holds it live."""
+        """Take the run's lease: free, expired, released, or already this process's. ``Held`` when
+        another holds it live. This owner's lease held by another process (a Ray retry of the same
+        unit, whose first attempt may live on behind a partition) is taken over like anyone's: by
+        the next generation, which the first attempt sees at its next renewal or checkpoint."""
         s = self.seen(run_id)
         if s.generation:
-            s = Seen(s.generation, s.age, self.body(run_id, s.generation))
-            if s.body is not None and s.body.get("owner") == self.owner:  # this unit again (Ray retried it after its worker died)
-                self.results.store.write_bytes(self._key(run_id, s.generation), self._payload())
+            s = Seen(s.generation, s.age, self.body(run_id, s.generation), s.mtime)
+            b = s.body or {}
+            if b.get("owner") == self.owner and b.get("host") == socket.gethostname() and b.get("pid") == os.getpid() and not b.get("released"):
+                self.results.store.write_bytes(self._key(run_id, s.generation), self._payload())  # this very process: renewed
                 return Lease(run_id, s.generation, self.owner)
-            if self.live(s):
+            if b.get("owner") != self.owner and self.live(s):
                 return Held(run_id, holder(s.body), self.seconds - s.age)
         key = self._key(run_id, s.generation + 1)
-        if self.results.store.create(key, self._payload()):
+        mine = self._payload()
+        created = self.results.store.create(key, mine)
+        body = self.body(run_id, s.generation + 1)  # read back: a lost answer to our own create, or a store that does not make it exclusive
+        if body is not None and body.get("nonce") == json.loads(mine)["nonce"]:
             return Lease(run_id, s.generation + 1, self.owner)
-        body = self.body(run_id, s.generation + 1)  # another took that generation first; or our own create whose answer was lost
-        if body is not None and body.get("owner") == self.owner:
-            return Lease(run_id, s.generation + 1, self.owner)
+        del created  # what the store answered does not decide; what it holds does
         return Held(run_id, holder(body), self.seconds)
 
-    def renew(self, lease: Lease, epoch: int | None = None) -> None:
-        """Extend the lease (and record the epoch reached); ``LeaseLost`` when a newer generation exists."""
+    def lost(self, lease: Lease) -> str:
+        """Why this lease is no longer ours ("" while it is): a newer generation exists (one HEAD)."""
         if self.results.store.exists(self._key(lease.run_id, lease.generation + 1)):
+            return f"run {lease.run_id}: another command took over its lease ({holder(self.body(lease.run_id, lease.generation + 1))})"
+        return ""
+
+    def check_held(self, leases: list[Lease]) -> str:
+        """ "" while every lease is still ours, else why not: what a task asks before each checkpoint and row."""
+        for lease in leases:
+            why = self.lost(lease)
+            if why:
+                return why
+        return ""
+
+    def renew(self, lease: Lease, epoch: int | None = None, deadline_s: float | None = None) -> None:
+        """Extend the lease (and record the epoch reached); ``LeaseLost`` when a newer generation
+        exists. ``deadline_s``: how long its requests are retried (a renewal must end within the lease)."""
+        store = self.results.store.retrying_for(deadline_s) if deadline_s is not None else self.results.store
+        if store.exists(self._key(lease.run_id, lease.generation + 1)):
             raise LeaseLost(f"run {lease.run_id}: another command took over its lease ({holder(self.body(lease.run_id, lease.generation + 1))})")
-        self.results.store.write_bytes(self._key(lease.run_id, lease.generation), self._payload(epoch))
+        store.write_bytes(self._key(lease.run_id, lease.generation), self._payload(epoch))
 
     def release(self, lease: Lease, epoch: int | None = None) -> None:
         """Give the lease up (it reads as free at once), if it is still this holder's."""

@@ -99,7 +99,8 @@ def run_state(results: Results, run_id: str) -> Found:
         data = None
     if data is None:
         return Found(RunState.absent)
-    return _state(results, run_id, data, results.store.exists(_history(results, run_id)), results.store.exists(_final(results, run_id)))
+    final = results.store.size(_final(results, run_id))
+    return _state(results, run_id, data, results.store.exists(_history(results, run_id)), bool(final))  # an empty final.pt is none, as in a listing
 
 
 PER_RUN = 8  # up to this many runs are read run by run; more, by listing the location's tables once
@@ -197,7 +198,9 @@ def check_location(results: Results, notice: Callable[[str], None] | None = None
             damaged.append((key, str(e)))
     migrated = 0
     for table in ESTIMATE_TABLES:
-        for f in Index.read(results, table).all():
+        index = Index.read(results, table)
+        existing = {loc.key for loc in index.all()}  # one listing per table, kept up to date as files are written
+        for f in index.all():
             try:
                 why, _ = check_file(results, f, table)
             except FileNotFoundError:
@@ -205,12 +208,12 @@ def check_location(results: Results, notice: Callable[[str], None] | None = None
             if why is not None:
                 damaged.append((f.key, f"{why} (run {f.run_id}, {f.estimate})"))
             elif not f.hive or f.first is None:  # an earlier layout's folder, or a shard's name
-                migrated += _migrate(results, f, table)
+                migrated += _migrate(results, f, table, existing)
     moved = repair(results, damaged, notice)
     return {"checked": len(keys) + len(finals), "moved": moved, "migrated": migrated}
 
 
-def _migrate(results: Results, f: Located, table: str) -> int:
+def _migrate(results: Results, f: Located, table: str, existing: set[str]) -> int:
     """Rewrite one file of an earlier layout into the current one, then delete it: its rows without
     the config columns, cut into the fixed ranges, under ``run_id=/estimate=`` folders; a range
     already there is kept as it is. Returns 1 when the old file is gone."""
@@ -225,7 +228,6 @@ def _migrate(results: Results, f: Located, table: str) -> int:
             own[c] = float("nan")
         parts.append((f.estimate + LEGACY_PRUNED, own))
     size = AISPlan.range_size if table in ("ais", "bdmc") else EvalPlan.range_size
-    existing = {loc.key for loc in Index.read(results, table).all()}
     for estimate, frame in parts:
         for span in spans(f.run_id, frame.image_id.tolist(), size):
             key = f"tables/{table}/run_id={f.run_id}/estimate={estimate}/{span.name}"
@@ -233,6 +235,7 @@ def _migrate(results: Results, f: Located, table: str) -> int:
                 continue
             rows = frame[(frame.image_id >= span.first) & (frame.image_id <= span.last)].to_dict("records")
             results.store.write_table(key, rows_table(rows, SCHEMAS[table]))
+            existing.add(key)
     results.store.delete(f.key)
     return 1
 
@@ -322,6 +325,10 @@ class EstimateLedger:
         if set(got) < wanted:
             return None
         return rows_table([got[i] for i in want], SCHEMAS[self.plan.table])
+
+    def written(self, run_id: str) -> set[str]:
+        """The names of the run's files of this estimate, by one listing (a retried unit skips them)."""
+        return {e.key.rsplit("/", 1)[1] for e in self.results.store.entries(dir_key(self.plan, run_id), ".parquet") if e.size > 0}
 
     def write(self, span: Span, table: pa.Table) -> int:
         """The one writer: check a scored range and write it whole under its name. Returns the rows."""

@@ -216,6 +216,7 @@ class Store:
     location: str  # as the user gave it (a local one made absolute; never credentials, see refuse_credentials): what pickles carry
     fs: pafs.FileSystem
     base: str
+    retry_s: float | None = None  # how long a request is retried (None: IWAE_STORE_RETRY_SECONDS); a lease's renewal asks for less
 
     @classmethod
     def open(cls, location: str | Path) -> Store:
@@ -226,9 +227,9 @@ class Store:
         refuse_credentials(loc)
         if urlparse(loc).scheme in GCS_SCHEMES and importlib.util.find_spec("gcsfs") is None:
             raise UserError(f"{redact(loc)} is on GCS, which needs gcsfs (the exclusive writes of the evaluation identity): pip install 'iwae-pipeline[gcs]'")
-        try:
-            fs, base = _pyarrow_fs(_with_env_endpoint(loc))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
+        try:  # resolving a bucket's region asks the network: retried like any request
+            fs, base = retrying(lambda: _pyarrow_fs(_with_env_endpoint(loc)), f"OPEN {redact(loc)}")
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
             raise UserError(
                 f"cannot open {redact(loc)} ({str(e).splitlines()[0][:160]}); check the URI (s3://bucket/prefix?endpoint_override=HOST:PORT)"
             ) from None
@@ -265,7 +266,20 @@ class Store:
         return f"{url.scheme}://{self.path(key)}"
 
     def _do(self, call: Callable[[], T], what: str, key: str = "") -> T:
-        return retrying(call, f"{what} {self.uri(key)}")
+        return retrying(call, f"{what} {self.uri(key)}", self.retry_s)
+
+    def retrying_for(self, seconds: float) -> Store:
+        """This store, its requests retried for at most ``seconds`` (a lease's renewal must end well within the lease)."""
+        return Store(self.location, self.fs, self.base, seconds)
+
+    def size(self, key: str) -> int | None:
+        """The size of ``key`` in bytes (one HEAD); None when it is not a file."""
+
+        def head() -> int | None:
+            info = self.fs.get_file_info(self.path(key))
+            return int(info.size or 0) if info.type == pafs.FileType.File else None
+
+        return self._do(head, "HEAD", key)
 
     # ------------------------------------------------------------------ reads
 
@@ -334,7 +348,7 @@ class Store:
             self.write_bytes(key, b"")
             t1 = time.time()
             got = [e for e in self.entries("_clock", hidden=True) if e.key == key]
-            self._do(lambda: self.fs.delete_file(self.path(key)), "DELETE", key)
+            self.delete(key)
             _SKEW[self.location] = (got[0].mtime - (t0 + t1) / 2) if got else 0.0
         return time.time() + _SKEW[self.location]
 
@@ -394,14 +408,27 @@ class Store:
         dest = f"{QUARANTINE}/{key}.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         if self.is_local:
             Path(self.path(dest)).parent.mkdir(parents=True, exist_ok=True)
-        self._do(lambda: self.fs.move(self.path(key), self.path(dest)), "MOVE", key)
+        self._move(key, dest)
         return self.uri(dest)
+
+    def _move(self, key: str, dest: str) -> None:
+        """A move that a retry after a lost answer does not undo: on an object store it is a copy and a
+        delete, so a source gone with the destination there is a move done."""
+
+        def mv() -> None:
+            try:
+                self.fs.move(self.path(key), self.path(dest))
+            except FileNotFoundError:
+                if self.fs.get_file_info(self.path(dest)).type != pafs.FileType.File:
+                    raise
+
+        self._do(mv, "MOVE", key)
 
     def move(self, key: str, dest: str) -> None:
         """Move one file to ``dest`` (``repair``'s migration of an earlier layout)."""
         if self.is_local:
             Path(self.path(dest)).parent.mkdir(parents=True, exist_ok=True)
-        self._do(lambda: self.fs.move(self.path(key), self.path(dest)), "MOVE", key)
+        self._move(key, dest)
 
     def delete_dir(self, prefix: str) -> None:
         def rm() -> None:
@@ -416,8 +443,15 @@ class Store:
         return [e.key for e in self.entries("", hidden=True)]
 
     def delete(self, key: str) -> None:
-        """Delete one file (only the marker a command made, when it undoes its own start)."""
-        self._do(lambda: self.fs.delete_file(self.path(key)), "DELETE", key)
+        """Delete one file; one already gone (a retry after a lost answer) is deleted."""
+
+        def rm() -> None:
+            try:
+                self.fs.delete_file(self.path(key))
+            except FileNotFoundError:
+                pass
+
+        self._do(rm, "DELETE", key)
 
     def remove_empty_dir(self) -> None:
         """Remove this location's folder on a local disk if it holds no file: its empty folders
