@@ -177,15 +177,17 @@ def test_a_diverged_run_is_named_not_retried_and_the_rerun_resumes_from_its_chec
 
 @pytest.mark.slow
 def test_a_hung_task_lets_its_lease_expire_another_command_takes_the_run_over_and_the_stall_rule_ends_it(tmp_path, mnist_dir):
-    """A training task that hangs (it sleeps inside its first epoch, so its steps stop) renews its
-    leases no more: they expire (6 s here), a second command started meanwhile takes the runs over and
-    trains them, and the first command finds its tasks stalled, cancels them and ends in one line,
-    exit 1, without marking the runs failed. Each run is trained once, by the second command."""
+    """A training task that hangs after its first epoch (it sleeps before the second, so its steps
+    stop) renews its leases no more: they expire (6 s here), a second command started meanwhile takes
+    the runs over and trains them on from the first's checkpoint of epoch 1, and the first command
+    finds its tasks stalled, cancels them and ends in one line, exit 1, without marking the runs
+    failed. Each epoch is trained once. (A task that has made no step yet keeps its leases while it
+    starts: loading data, compiling.)"""
     results = tmp_path / "r"
     args = ("sweep", "demo", "--size", "smoke", "--no-eval", "--results", results, "--data-dir", mnist_dir)
     short = {"IWAE_LEASE_SECONDS": "6"}
-    a = start_cli(*args, env={**faults(slow_epoch=120), **short})
-    assert wait_for(lambda: len(list((results / "leases").rglob("*.json"))) >= 2, timeout=120), "the first command's tasks took no lease"
+    a = start_cli(*args, env={**faults(slow_epoch=120, slow_from=1), **short})
+    assert wait_for(lambda: len(list((results / "runs").rglob("latest.pt"))) >= 2, timeout=120), "the first command's tasks trained no epoch"
     b = start_cli(*args, env=short)
     out_b, _ = b.communicate(timeout=300)
     out_a, _ = a.communicate(timeout=300)
@@ -194,7 +196,7 @@ def test_a_hung_task_lets_its_lease_expire_another_command_takes_the_run_over_an
     assert b.returncode == 0, out_b[-3000:]
     runs = pd.read_parquet(results / "tables" / "runs")
     train = pd.read_parquet(results / "tables" / "train")
-    assert len(runs) == 2 and set(runs.status) == {"done"} and set(runs.resumed_from_epoch) == {0}
+    assert len(runs) == 2 and set(runs.status) == {"done"} and set(runs.resumed_from_epoch) == {1}
     assert len(train) == 2 * 4 and not train.duplicated(["run_id", "epoch"]).any()
     assert sorted(p.name for p in (results / "leases").rglob("*.json")) == ["000001.json", "000001.json", "000002.json", "000002.json"]
 

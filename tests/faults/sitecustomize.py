@@ -10,7 +10,8 @@ long before the test (the nodes of a multi-node cluster), from the JSON file nam
   trained, so every step of that epoch is non-finite; with ``once_file`` (``IWAE_TEST_ONCE_FILE``)
   only the first process that gets there does (the file records that it fired).
 - ``slow_score`` (``IWAE_TEST_SLOW_SCORE=s``): scoring a range of images sleeps s seconds first.
-- ``slow_epoch`` (``IWAE_TEST_SLOW_EPOCH=s``): each epoch sleeps s seconds first.
+- ``slow_epoch`` (``IWAE_TEST_SLOW_EPOCH=s``): each epoch sleeps s seconds first; with ``slow_from``
+  (``IWAE_TEST_SLOW_FROM=e``) only epochs e (0-based) and later do.
 - ``compile_fail`` (``IWAE_TEST_COMPILE_FAIL=1``): what ``torch.compile`` returns raises when called,
   as on a machine without a working compiler.
 """
@@ -53,7 +54,7 @@ def _patch_train(mod):
 
     def train_epoch(self, *args, **kwargs):
         slow = float(setting("slow_epoch", 0) or 0)
-        if slow:
+        if slow and min(state.epoch for state in self.states) >= int(setting("slow_from", 0) or 0):
             import time
 
             time.sleep(slow)
