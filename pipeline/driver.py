@@ -47,14 +47,46 @@ def on_local_ray(address: str | None) -> bool:
     return not (address or os.environ.get("RAY_ADDRESS"))
 
 
+class Session:
+    """The Ray connection a command's steps share, made when a step first needs Ray: a command with
+    nothing left to do (a re-run of a finished grid) starts no local Ray and connects to no cluster.
+    Attributes are those of the :class:`~pipeline.ray_backend.cluster.Cluster` it connects to; the
+    checks asked of it (:func:`check_storage`) run on that cluster as soon as it is connected."""
+
+    def __init__(self, connect: Callable[[], Any]):
+        self._connect, self._cluster, self._checks = connect, None, []  # type: ignore[var-annotated]
+
+    def connected(self) -> Any:
+        if self._cluster is None:
+            self._cluster = self._connect()
+            for check in self._checks:
+                check(self._cluster)
+        return self._cluster
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.connected(), name)
+
+    def when_connected(self, check: Callable[[Any], None]) -> None:
+        """Run ``check`` on the cluster now if connected, else as soon as it is."""
+        if self._cluster is not None:
+            check(self._cluster)
+        else:
+            self._checks.append(check)
+
+    def shutdown(self) -> None:
+        if self._cluster is not None:
+            self._cluster.shutdown()
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None, notice: Echo | None = None, working_dir: str | None = None, excludes: list[str] | None = None) -> Iterator[Any]:
-    """Connected to Ray for the block: the :class:`~pipeline.ray_backend.cluster.Cluster` the steps
-    get; a connection this opened is closed after it. ``working_dir``: a folder every worker gets
-    (Ray's runtime environment: a user's model module reaches the nodes so, with no shared disk)."""
+    """Ray for the block, connected when a step first needs it (:class:`Session`): the
+    :class:`~pipeline.ray_backend.cluster.Cluster` the steps get; a connection this opened is closed
+    after it. ``working_dir``: a folder every worker gets (Ray's runtime environment: a user's model
+    module reaches the nodes so, with no shared disk)."""
     from pipeline.ray_backend import cluster
 
-    c = cluster.connect(address, notice=notice, working_dir=working_dir, excludes=excludes)
+    c = Session(lambda: cluster.connect(address, notice=notice, working_dir=working_dir, excludes=excludes))
     try:
         yield c
     finally:
@@ -98,15 +130,22 @@ def missing_start(runs: Sequence[RunConfig], ledger: RunLedger) -> bool:
 
 
 def check_storage(cluster: Any, results: Results) -> None:
-    """Every node can use the results location; if not, a location this command created is undone
+    """Every node can use the results location (checked when the :class:`Session` connects, so not
+    at all by a command with nothing to do); if not, a location this command created is undone
     (only while nothing else has been written there)."""
     from pipeline.errors import RunFailed, UserError
 
-    try:
-        cluster.check_storage(results)
-    except (UserError, RunFailed):
-        results.discard_if_new()
-        raise
+    def check(c: Any) -> None:
+        try:
+            c.check_storage(results)
+        except (UserError, RunFailed):
+            results.discard_if_new()
+            raise
+
+    if isinstance(cluster, Session):
+        cluster.when_connected(check)
+    else:
+        check(cluster)
 
 
 def pack_runs(todo: Sequence[RunConfig], pack: int | None, gpus: float) -> list[list[RunConfig]]:
@@ -357,12 +396,12 @@ def train_job(
     from pipeline.ray_backend.resources import Resources
 
     todo = ledger.todo(runs)
-    res = Resources(cpus, cluster.default_gpus(gpus))
-    if todo:
-        cluster.check_resources(res)  # before the first line: a request no node meets is one error line
-    echo(f"{name}: {len(runs)} runs ({len(todo)} to train); each training task gets {res}; results in {results}")
     if not todo:
+        echo(f"{name}: {len(runs)} runs (0 to train); results in {results}")
         return ledger, ""
+    res = Resources(cpus, cluster.default_gpus(gpus))
+    cluster.check_resources(res)  # before the first line: a request no node meets is one error line
+    echo(f"{name}: {len(runs)} runs ({len(todo)} to train); each training task gets {res}; results in {results}")
     packs = pack_runs(todo, pack, res.gpus)
     b = bar(len(runs), f"{name}: training", "run")
     b.update(len(runs) - len(todo))
@@ -438,7 +477,7 @@ def evaluate_job(
     from pipeline.ray_backend.resources import Resources
     from pipeline.work import score_unit
 
-    res = Resources(cpus, cluster.default_gpus(gpus))
+    res: Resources | None = None  # asked of the cluster when there is a range to score (a finished grid connects to none)
     failed: dict[str, str] = {}
     for dataset in job.datasets():
         run_ids = [c.run_id for c in job.runs if c.dataset == dataset and ledger.done(c.run_id)]
@@ -454,7 +493,10 @@ def evaluate_job(
                 items = sl.prepare(run_ids, notice)
                 b.total = len(items)
                 b.refresh()
-                size = per_unit(len(items), executor.slots(cluster, res)) if items else 1
+                if not items:
+                    continue
+                res = res or Resources(cpus, cluster.default_gpus(gpus))
+                size = per_unit(len(items), executor.slots(cluster, res))
 
                 def args(g: list[Span], sl: EstimateLedger = sl) -> tuple[Any, ...]:
                     return (sl, data, g)

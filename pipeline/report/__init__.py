@@ -59,10 +59,12 @@ def build_report(results: Results, out: str | Path | None = None, data: Any = No
     loaded = load(results)
     if loaded.summary.empty and not len(loaded.models):
         return Report("No runs in this results folder yet.", loaded.summary, ())
+    have = frozenset(k for k in dest.list("", ".png") if "/" not in k) if pictures_of > 0 else frozenset()  # one listing: pictures drawn before
     with tempfile.TemporaryDirectory(prefix="iwae-report-") as tmp:
-        md, files = _render(loaded, Path(tmp), results, data, pictures_of)
+        md, files = _render(loaded, Path(tmp), results, data, pictures_of, have)
         for f in files:
-            dest.write_bytes(f.name, f.read_bytes())
+            if f.exists():  # a picture already in the folder is not written again
+                dest.write_bytes(f.name, f.read_bytes())
         return Report(md, loaded.summary, tuple(dest.uri(f.name) for f in files))
 
 
@@ -93,7 +95,9 @@ def _models_section(loaded: Loaded) -> list[str]:
     return parts
 
 
-def _render(loaded: Loaded, out_dir: Path, results: Results | None = None, data: Any = None, pictures_of: int = PICTURES) -> tuple[str, list[Path]]:
+def _render(
+    loaded: Loaded, out_dir: Path, results: Results | None = None, data: Any = None, pictures_of: int = PICTURES, have: frozenset[str] = frozenset()
+) -> tuple[str, list[Path]]:
     """Write report.md, the PNGs and summary.parquet into a local folder; returns the markdown and files."""
     if loaded.summary.empty:  # only models scored with `score`: their table alone
         md = "\n".join(["# iwae-pipeline report", "", *_models_section(loaded)]) + "\n"
@@ -217,7 +221,7 @@ def _render(loaded: Loaded, out_dir: Path, results: Results | None = None, data:
         parts += [f"**{len(failed)} run(s) failed**: " + ", ".join(f"{r.run_id} ({r.label})" for r in failed.itertuples()), ""]
     files = plots(loaded, out_dir)
     parts += [f"![{p.stem}]({p.name})" for p in files]
-    drawn = pictures(results, loaded, out_dir, data, pictures_of) if results is not None else []
+    drawn = pictures(results, loaded, out_dir, data, pictures_of, have) if results is not None else []
     if drawn:
         parts += ["", "## What the models learned: samples, and test images beside their reconstructions", ""]
         parts += [f"**{label}**\n\n![{p.stem}]({p.name})\n" for label, p in drawn]

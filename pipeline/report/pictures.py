@@ -31,10 +31,22 @@ def chosen(loaded: Loaded, limit: int) -> list[str]:
     return list(dict.fromkeys([*[r for r in first if r in done], *done]))[: max(0, limit)]
 
 
-def pictures(results: Results, loaded: Loaded, out_dir: Path, data: Any = None, limit: int = PICTURES) -> list[tuple[str, Path]]:
+def picture_name(run_id: str, label: str, with_test: bool) -> str:
+    """A picture's file name: the run (whose final checkpoint never changes) and what else is drawn
+    (its label, whether test images are shown), so that a picture already in the report is current."""
+    import hashlib
+
+    return f"pictures-{run_id}-{hashlib.sha256(f'{label}|{with_test}|{RECONSTRUCTED}'.encode()).hexdigest()[:8]}.png"
+
+
+def pictures(
+    results: Results, loaded: Loaded, out_dir: Path, data: Any = None, limit: int = PICTURES, have: frozenset[str] = frozenset()
+) -> list[tuple[str, Path]]:
     """One PNG per drawn run (:func:`chosen`, ``limit`` of them): 64 samples, and the first test
     images over their reconstructions (when ``data``, a :class:`~pipeline.datasource.DataSource`, has
-    the run's dataset here). Returns ``(run label, path)`` pairs."""
+    the run's dataset here). ``have``: the names already in the report's folder, drawn by an earlier
+    report and not drawn again (a re-run reads no checkpoint). Returns ``(run label, path)`` pairs; a
+    path that was not drawn now does not exist under ``out_dir``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,13 +57,17 @@ def pictures(results: Results, loaded: Loaded, out_dir: Path, data: Any = None, 
     rows = loaded.summary.set_index(loaded.summary.run_id.astype(str), drop=False)
     for rid in chosen(loaded, limit):
         r = next(rows.loc[[rid]].itertuples())
+        name = picture_name(rid, labels[rid], _test_images(data, getattr(r, "dataset", None), getattr(r, "split", None)) is not None)
+        if name in have:
+            out.append((labels[rid], out_dir / name))
+            continue
         try:
             model, cfg = model_from_checkpoint(load_final(results, str(r.run_id)), f"run {r.run_id}'s final checkpoint", "cpu")
         except (CheckpointError, OSError):
             continue  # the runs table says done, its checkpoint is not there (yet): no picture, the tables still stand
         fortran = cfg.dataset == "omniglot"  # chardata.mat's pixels are column-major
         panels = [("samples from p(x)", grid(sample_means(model, 64), 8, fortran))]
-        test = _test_images(data, cfg)
+        test = _test_images(data, cfg.dataset, cfg.split)
         if test is not None:
             ids = list(range(len(test)))
             x = binarize_by_id(torch.as_tensor(test), ids, EvalConfig().seed)
@@ -62,20 +78,20 @@ def pictures(results: Results, loaded: Loaded, out_dir: Path, data: Any = None, 
             ax.imshow(img.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(title, fontsize=8)
             ax.axis("off")
-        fig.suptitle(labels[str(r.run_id)], fontsize=9)
-        path = out_dir / f"pictures-{r.run_id}.png"
+        fig.suptitle(labels[rid], fontsize=9)
+        path = out_dir / picture_name(rid, labels[rid], test is not None)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=90, bbox_inches="tight")
         plt.close(fig)
-        out.append((labels[str(r.run_id)], path))
+        out.append((labels[rid], path))
     return out
 
 
-def _test_images(data: Any, cfg: Any) -> Any:
+def _test_images(data: Any, dataset: str | None, split: str | None) -> Any:
     """The run's first test images (grey levels), or None when its dataset is not here."""
-    if data is None:
+    if data is None or dataset is None:
         return None
     try:
-        return data.load(cfg.dataset, cfg.split).test[:RECONSTRUCTED]
+        return data.load(dataset, split).test[:RECONSTRUCTED]
     except Exception:  # noqa: BLE001  # a missing or foreign data file: the pictures go without reconstructions
         return None
