@@ -47,7 +47,7 @@ READER = """
 import json, resource, sys, time
 from pipeline.store.estimates import read_estimates
 t0 = time.perf_counter()
-ev = read_estimates(sys.argv[1])
+ev = read_estimates(sys.argv[1], estimate=None)
 print(json.dumps({"seconds": time.perf_counter() - t0, "rows": len(ev), "runs": int(ev.run_id.nunique()),
                   "frame_mib": ev.memory_usage(deep=True).sum() / 2**20, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

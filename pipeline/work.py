@@ -156,7 +156,7 @@ def train_unit(
     ``notes``, for the driver's console. Returns ``{"rows": [...], "held": {...}, "lost": str, "notes": [...]}``."""
     import threading
 
-    why = results.usable_here()  # a node that joined after the driver's storage check (an autoscaler's) is checked here
+    why = usable_on_this_node(results, command)  # a node that joined after the driver's storage check (an autoscaler's) is checked here
     if why:
         import socket
 
@@ -228,6 +228,27 @@ def train_unit(
                 book.release(lease, epochs.get(rid))
             except OSError:
                 pass  # it expires on its own
+
+
+def usable_on_this_node(results: Results, command: str) -> str:
+    """:meth:`Results.usable_here`, asked once per node and command (5 requests): the first task of
+    a command on a node checks, and leaves a mark in the node's temporary folder that the command's
+    later tasks there read instead. "" when usable, else why not."""
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    mark = Path(tempfile.gettempdir()) / "iwae-usable" / hashlib.sha256(f"{results.store.uri()}|{command}".encode()).hexdigest()[:24]
+    if command and mark.exists():
+        return ""
+    why = results.usable_here()
+    if not why and command:
+        try:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.touch()
+        except OSError:
+            pass  # checked again by the next task
+    return why
 
 
 def score_unit(ledger: EstimateLedger, data: DataSource, spans: Sequence[Span]) -> int:

@@ -245,7 +245,7 @@ def test_lost_node_mid_evaluation_every_image_once(cluster, s3, s3_data, smoke_o
     cwd = driver_dir(cluster, "lost-eval")
     r = cli(cluster, "sweep", "demo", "--size", "smoke", "--no-eval", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
-    cluster.set_faults(slow_score=3.0)
+    cluster.set_faults(slow_score=2.0)
     proc = start(cluster, "evaluate", "demo", "--size", "smoke", "--test-images", "1000", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
     started(proc, s3, prefix)
     t_fault = time.monotonic()
@@ -314,7 +314,7 @@ def test_a_node_joining_mid_evaluation_with_a_stale_cache_rebuilds_it_and_scores
     stale = cluster.tmp / "stale-mnist.npz"
     D.atomic_save_npz(stale, {k: np.full((2, 784), 255 / 256, np.float32) for k in ("x_train", "x_valid", "x_test")})
     cached = Path("cache") / hashlib.sha256(s3_data.encode()).hexdigest()[:12] / D.MNIST_NPZ  # under IWAE_CACHE_DIR, in the node's private folder
-    cluster.set_faults(slow_score=3.0)
+    cluster.set_faults(slow_score=2.0)
     proc = start(cluster, "evaluate", "demo", "--size", "smoke", "--test-images", "1000", "--results", s3.uri(prefix), "--data-dir", s3_data, cwd=cwd)
     started(proc, s3, prefix)
     cluster.add_worker(setup=f"mkdir -p {cached.parent} && cp {stale} {cached}")

@@ -103,10 +103,10 @@ def test_evaluation_survives_a_killed_worker(trained, tmp_path, mnist_dir):
         "--data-dir",
         mnist_dir,
         "--test-images",
-        "2000",
+        "1000",
         "--eval-workers",
         "2",
-        env=faults(slow_score=2),
+        env=faults(slow_score=1),
     )
     assert wait_for(lambda: pids_matching("ray::_call"), timeout=120), "no evaluation task started"
     time.sleep(0.5)
@@ -114,7 +114,7 @@ def test_evaluation_survives_a_killed_worker(trained, tmp_path, mnist_dir):
     os.kill(victim, signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    assert_each_image_once(results, runs=2, images=2000)
+    assert_each_image_once(results, runs=2, images=1000)
 
 
 @pytest.mark.slow
@@ -266,7 +266,7 @@ def test_two_evaluations_of_other_sizes_at_once_both_finish_and_count_each_image
     each of the 1,000 images once, whichever ranges both wrote."""
     results = copy_results(trained, tmp_path / "r")
     args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir)
-    slow = faults(slow_score=2)  # both survey (nothing there yet) before either writes
+    slow = faults(slow_score=1)  # both survey (nothing there yet) before either writes
     a, b = start_cli(*args, "--test-images", "20", env=slow), start_cli(*args, "--test-images", "1000", env=slow)
     out_a, _ = a.communicate(timeout=300)
     out_b, _ = b.communicate(timeout=300)
@@ -391,8 +391,8 @@ def test_range_out_of_retries_exits_1_in_one_line_and_the_rerun_completes(traine
     """A range whose worker is killed more often than --retries: exit 1, one line naming run and images,
     no traceback, the other ranges kept; the same command again completes with exact rows."""
     results = copy_results(trained, tmp_path / "r")
-    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--test-images", "1500", "--eval-workers", "1")
-    proc = start_cli(*args, "--retries", "0", env=faults(slow_score=2))
+    args = ("evaluate", "demo", "--size", "smoke", "--results", results, "--data-dir", mnist_dir, "--test-images", "1000", "--eval-workers", "1")
+    proc = start_cli(*args, "--retries", "0", env=faults(slow_score=1))
     assert wait_for(lambda: pids_matching("ray::_call"), timeout=120), "no evaluation task started"
     time.sleep(0.5)
     t_fault = time.monotonic()
@@ -404,10 +404,10 @@ def test_range_out_of_retries_exits_1_in_one_line_and_the_rerun_completes(traine
     assert re.search(r"run [0-9a-f]{12} images \d+-\d+", errors[0]), errors[0]
     from pipeline.store.estimates import read_estimates
 
-    assert len(read_estimates(str(results), estimate=SMOKE)) < 2 * 1500
+    assert len(read_estimates(str(results), estimate=SMOKE)) < 2 * 1000
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_each_image_once(results, runs=2, images=1500)
+    assert_each_image_once(results, runs=2, images=1000)
 
 
 @pytest.mark.slow

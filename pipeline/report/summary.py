@@ -104,6 +104,11 @@ class Loaded:
         return {"eval": self.ev, "eval_train": self.ev_train, "ais": self.ais, "bdmc": self.bdmc}[table]
 
     @functools.cached_property
+    def memo(self) -> dict[str, Any]:
+        """What the report's sections derive from this and share (Table 1's cells): computed once."""
+        return {}
+
+    @functools.cached_property
     def _indexes(self) -> dict[str, dict[tuple[str, str], pd.DataFrame]]:
         return {}  # filled on first use, one table at a time
 

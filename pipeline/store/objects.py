@@ -136,6 +136,16 @@ def _s3(location: str) -> Any:
     return _S3[key]
 
 
+def _s3_head(location: str, path: str) -> int | None:
+    """One HEAD of ``bucket/key`` (``path``): the object's size, or None when there is none."""
+    bucket, _, key = path.partition("/")
+    try:
+        head = _s3(location).call_s3("head_object", Bucket=bucket, Key=key)
+    except FileNotFoundError:
+        return None
+    return int(head.get("ContentLength") or 0)
+
+
 def _s3_put_if_absent(location: str, path: str, data: bytes) -> bool | None:
     """PUT ``bucket/key`` (``path``) only if no object is there: True when written, False when one
     was, None when the server does not implement conditional writes."""
@@ -276,6 +286,8 @@ class Store:
         """The size of ``key`` in bytes (one HEAD); None when it is not a file."""
 
         def head() -> int | None:
+            if self.is_s3:  # HEAD only: pyarrow's file info follows a missing key's 404 with a LIST (is it a folder?)
+                return _s3_head(self.location, self.path(key))
             info = self.fs.get_file_info(self.path(key))
             return int(info.size or 0) if info.type == pafs.FileType.File else None
 
@@ -285,7 +297,7 @@ class Store:
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` is a file (one HEAD)."""
-        return self._do(lambda: self.fs.get_file_info(self.path(key)).type == pafs.FileType.File, "HEAD", key)
+        return self.size(key) is not None
 
     def read_bytes(self, key: str) -> bytes:
         """The whole object (one GET on S3). ``FileNotFoundError`` when absent."""
