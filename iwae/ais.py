@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -36,38 +35,13 @@ from iwae.bounds import log_mean_exp
 from iwae.diagnostics import kish_ess
 from iwae.evaluate import image_seed
 from iwae.latent import LatentModel, scoring
+from iwae.settings import AISConfig
 
 _AIS, _REVERSE, _SIMULATE, _BDMC = 2, 3, 4, 5  # stream tags of the per-image seeds (evaluate.py uses 0 and 1)
 JITTER = 0.5  # each transition uses eps * U(1 - JITTER, 1 + JITTER)
 ADAPT = 1.05  # pilot: eps x1.05 or x0.95 per transition, so 100 transitions can span 0.05 -> 0.5 twice
 LogDensity = Callable[[list[Tensor]], Tensor]  # [(C, B, D_l)] -> (C, B)
 Generators = torch.Generator | Sequence[torch.Generator]  # one for the batch, or one per image
-
-
-@dataclass(frozen=True, kw_only=True)
-class AISConfig:
-    """AIS settings. ``steps``, ``chains``, ``leapfrog`` and ``seed`` define the estimate."""
-
-    steps: int = 500  # T intermediate temperatures (Wu et al. use 1k-10k on MNIST; BDMC gaps shrink with T)
-    chains: int = 16  # independent chains per image; log p-hat = log-mean-exp over them
-    leapfrog: int = 10  # leapfrog steps per HMC transition
-    step_size: float = 0.05  # initial eps; the pilot pass adapts it per (chain, image)
-    target_accept: float = 0.65  # HMC's optimal acceptance (Beskos et al. 2013), as in Wu et al.
-    step_min: float = 1e-4
-    step_max: float = 0.5
-    pilot_steps: int = 100  # temperatures of the pilot pass that tunes eps; 0 keeps step_size fixed
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "chains", "leapfrog", "pilot_steps", "seed"):
-            v = getattr(self, name)
-            low = 0 if name in ("pilot_steps", "seed") else 1
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-        if not 0.0 < self.step_min <= self.step_size <= self.step_max:
-            raise ValueError(f"need 0 < step_min <= step_size <= step_max, got {self.step_min}, {self.step_size}, {self.step_max}")
-        if not 0.0 < self.target_accept < 1.0:
-            raise ValueError(f"target_accept must be in (0, 1), got {self.target_accept}")
 
 
 class AISResult(NamedTuple):

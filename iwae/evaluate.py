@@ -19,7 +19,6 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,26 +29,9 @@ from iwae.bounds import iwae_bound, jackknife_bound
 from iwae.diagnostics import kish_ess, mc_stderr, pareto_khat
 from iwae.latent import LatentModel, scoring
 from iwae.models import IWAEModel
+from iwae.settings import EvalConfig
 
 _BIN, _NOISE = 0, 1  # stream tags of the per-image seeds
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvalConfig:
-    """Evaluation settings. ``k`` and ``seed`` define the estimate; ``max_rows`` only its memory."""
-
-    k: int = 5000
-    seed: int = 123  # the authors' srng seed
-    block: int = 500  # samples per seeded noise block; part of the estimate's identity
-    max_rows: int = 50_000  # images x samples per decoder pass: the memory knob
-    prefixes: tuple[int, ...] = (1, 5, 50, 500, 5000)
-    compile: bool | None = None  # torch.compile the scoring; None = when >= 1M samples are scored in one call
-
-    def __post_init__(self) -> None:
-        for name in ("k", "block", "max_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        object.__setattr__(self, "prefixes", tuple(sorted(p for p in self.prefixes if p <= self.k)))
 
 
 def image_seed(seed: int, image_id: int, stream: int, block: int = 0) -> int:

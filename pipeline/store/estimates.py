@@ -46,8 +46,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iwae.ais import AISConfig
-from iwae.evaluate import EvalConfig
+from iwae.settings import AISConfig, EvalConfig
 from pipeline.errors import UserError
 from pipeline.store.results import DamagedFile, Results, read_schema
 
