@@ -44,23 +44,26 @@ def make_model():
 '''
 
 READER = """
-import json, resource, sys, time
+import json, sys, time
 from pipeline.store.estimates import read_estimates
 t0 = time.perf_counter()
 ev = read_estimates(sys.argv[1], estimate=None)
 print(json.dumps({"seconds": time.perf_counter() - t0, "rows": len(ev), "runs": int(ev.run_id.nunique()),
-                  "frame_mib": ev.memory_usage(deep=True).sum() / 2**20, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "frame_mib": ev.memory_usage(deep=True).sum() / 2**20,
+                  "peak_mib": int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))) / 1024}))
 """
 
 
 class Watched:
     """A command run as a child process: its wall time, its own CPU seconds (polled from /proc while
-    it runs, so a Ray it starts is not counted) and its peak resident memory (``wait4``)."""
+    it runs, so a Ray it starts is not counted) and its peak resident memory (``VmHWM``, polled: the
+    high-water mark of the process's own memory since its exec; ``wait4``'s ``ru_maxrss`` would
+    count the parent's resident memory at the fork)."""
 
     def __init__(self, argv: Sequence[str], env: dict[str, str], cwd: str | None = None):
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd, text=True)
-        self.cpu = 0.0
+        self.cpu, self.peak_mib = 0.0, 0.0
         tick = os.sysconf("SC_CLK_TCK")
         out: list[str] = []
         import threading
@@ -74,15 +77,16 @@ class Watched:
             try:
                 fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
                 self.cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime of the process itself
-            except (OSError, IndexError, ValueError):
+                hwm = next(ln.split()[1] for ln in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines() if ln.startswith("VmHWM:"))
+                self.peak_mib = max(self.peak_mib, int(hwm) / 1024)
+            except (OSError, IndexError, ValueError, StopIteration):
                 pass
             try:
-                pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+                pid, status, _ = os.wait4(self.proc.pid, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid:
                 self.proc.returncode = os.waitstatus_to_exitcode(status)
-                self.peak_mib = usage.ru_maxrss / 1024
                 break
             time.sleep(0.2)
         reader.join(10)
