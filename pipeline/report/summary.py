@@ -120,7 +120,12 @@ class Loaded:
     def values(self, run_id: str, estimate: str, table: str = "eval") -> pd.DataFrame:
         """One run's rows of one estimate, indexed by image id."""
         got = self._index(table).get((str(run_id), str(estimate)))
-        return got if got is not None else self._table(table).iloc[:0].set_index("image_id")
+        if got is None:  # none: one empty frame per table, not one per question (every run asks for its pruned twin)
+            key = f"empty-{table}"
+            if key not in self.memo:
+                self.memo[key] = self._table(table).iloc[:0].set_index("image_id")
+            got = self.memo[key]
+        return got
 
     def log_px(self, run_id: str, estimate: str | None = None) -> pd.Series:
         """A run's per-image log p(x) under ``estimate`` (default: its headline), by image id."""
@@ -199,24 +204,58 @@ def headline(counts: dict[str, int]) -> str:
     return HEADLINE if HEADLINE in counts else max(counts, key=lambda e: (counts[e], e))
 
 
-def _figures(g: pd.DataFrame) -> dict[str, Any]:
-    """A run's figures under one estimate: images, NLL and its standard error, reliability, prefixes."""
-    n = len(g)
-    lp = g["log_px"]
-    row: dict[str, Any] = {
-        "eval_k": int(g["eval_k"].iloc[0]),
-        "eval_seed": int(g["eval_seed"].iloc[0]),
-        "test_images": n,
-        "nll": -float(lp.mean()),
-        "nll_se": float(lp.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
-    }
-    row["nll_jk"] = -float(g["log_px_jk"].mean()) if g["log_px_jk"].notna().all() else math.nan
-    row["ess_median"] = float(g["ess"].median()) if g["ess"].notna().all() else math.nan
-    row["khat_high"] = float((g["khat"] > KHAT_UNRELIABLE).mean()) if g["khat"].notna().any() else math.nan
-    row["mcse_mean"] = float(g["mcse"].mean()) if g["mcse"].notna().all() else math.nan
-    for p in PREFIXES:
-        row[f"nll_l{p}"] = -float(g[f"l_{p}"].mean()) if g[f"l_{p}"].notna().all() else math.nan
-    return row
+def figures_by_run(df: pd.DataFrame) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each (run, estimate)'s figures: images, NLL and its standard error, reliability (jackknife,
+    median ESS, share of k-hat > 0.7, MCSE), the prefix NLLs; a figure is NaN where an image lacks
+    it. One grouped pass over the rows of the table (a grid of thousands of runs), not one per run."""
+    if df.empty:
+        return {}
+    cols = ["log_px_jk", "ess", "mcse", *[f"l_{p}" for p in PREFIXES]]
+    work = pd.DataFrame(
+        {
+            "run_id": df.run_id,
+            "estimate": df.estimate,
+            "eval_k": df.eval_k,
+            "eval_seed": df.eval_seed,
+            "log_px": df.log_px,
+            "khat_high": (df.khat > KHAT_UNRELIABLE).astype(float),
+            "khat_seen": df.khat.notna(),
+            **{c: df[c] for c in cols},
+            **{f"{c}_missing": df[c].isna() for c in cols},
+        }
+    )
+    g = work.groupby(["run_id", "estimate"], observed=True, sort=False)
+    agg = g.agg(
+        eval_k=("eval_k", "first"),
+        eval_seed=("eval_seed", "first"),
+        n=("log_px", "size"),
+        lp_mean=("log_px", "mean"),
+        lp_std=("log_px", "std"),
+        ess_median=("ess", "median"),
+        khat_high=("khat_high", "mean"),
+        khat_seen=("khat_seen", "any"),
+        **{f"{c}_mean": (c, "mean") for c in cols if c != "ess"},
+        **{f"{c}_missing": (f"{c}_missing", "any") for c in cols},
+    )
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, a in zip(agg.index, agg.itertuples(index=False)):
+        r = a._asdict()
+        n = int(r["n"])
+        row: dict[str, Any] = {
+            "eval_k": int(r["eval_k"]),
+            "eval_seed": int(r["eval_seed"]),
+            "test_images": n,
+            "nll": -float(r["lp_mean"]),
+            "nll_se": float(r["lp_std"] / math.sqrt(n)) if n > 1 else math.nan,
+            "nll_jk": -float(r["log_px_jk_mean"]) if not r["log_px_jk_missing"] else math.nan,
+            "ess_median": float(r["ess_median"]) if not r["ess_missing"] else math.nan,
+            "khat_high": float(r["khat_high"]) if r["khat_seen"] else math.nan,
+            "mcse_mean": float(r["mcse_mean"]) if not r["mcse_missing"] else math.nan,
+        }
+        for p in PREFIXES:
+            row[f"nll_l{p}"] = -float(r[f"l_{p}_mean"]) if not r[f"l_{p}_missing"] else math.nan
+        out[(str(key[0]), str(key[1]))] = row
+    return out
 
 
 def _units(a: object, b: object) -> str:
@@ -235,6 +274,7 @@ def load(results: Results) -> Loaded:
     ais, bdmc = estimates.read(results, "ais"), estimates.read(results, "bdmc")
     train = results.read("train")
     by_ev, by_train = index_by_run(ev), index_by_run(ev_train)
+    figs, figs_train = figures_by_run(ev), figures_by_run(ev_train)
     counts = unpruned_counts(by_ev)
     rows = []
     for r in runs.to_dict("records"):
@@ -246,7 +286,7 @@ def load(results: Results) -> Loaded:
         row["estimate"] = est
         if est:
             mine = by_ev[(rid, est)]
-            row.update(_figures(mine))
+            row.update(figs[(rid, est)])
             unpruned = mine.log_px
             for suffix in ("-pruned", LEGACY_PRUNED):
                 p = by_ev.get((rid, est + suffix))
@@ -255,9 +295,8 @@ def load(results: Results) -> Loaded:
                     both = p.index.intersection(unpruned.index)
                     row["nll_pruned"] = -float(p.reindex(both).mean())
                     break
-            tr = by_train.get((rid, est))
-            if tr is not None and len(tr):
-                f = _figures(tr)
+            f = figs_train.get((rid, est))
+            if f is not None:
                 row.update({"train_images": f["test_images"], "train_nll": f["nll"], "train_nll_se": f["nll_se"]})
         row["active"] = _units(r.get("active_h1"), r.get("active_h2"))
         rows.append(row)

@@ -284,6 +284,10 @@ def estimator_table(loaded: Loaded) -> str | None:
     against the standard IWAE of its own seed."""
     s = loaded.summary
     done = s[(s.status == "done") & (s.init_from == "")]
+    other = (done.estimator != "standard") | done.objective.isin(["miwae", "ciwae", "piwae"])
+    if not other.any():
+        return None  # a grid of VAEs and IWAEs only
+    done = done[done.set_index(["matched", "seed"]).index.isin(done[other].set_index(["matched", "seed"]).index)]  # the groups that have one
     rows = []
     for (_, _seed), g in done.groupby(["matched", "seed"], sort=True):
         base = g[(g.objective == "iwae") & (g.estimator == "standard")]

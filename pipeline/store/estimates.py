@@ -312,19 +312,21 @@ def read(
         if f.size > 0 and (want_r is None or f.run_id in want_r) and (want_e is None or f.estimate in want_e or f.estimate + LEGACY_PRUNED in want_e)
     ]
     files.sort(key=lambda f: (not f.hive, f.key))  # the current layout first: its rows win a tie
-    blobs = results.store.read_many([f.key for f in files])
+    parsed = results.store.read_many([f.key for f in files], parse=lambda key, data: _parse(results, key, data, table))  # parsed as read, in parallel
     tables, runs, names = [], [], []
-    for f, data in zip(files, blobs):
-        t = _parse(results, f.key, data, table)
+    for f, t in zip(files, parsed):
         if t is None or t.num_rows == 0:
             continue
-        tables.append(t)
+        tables.append(t.drop_columns([c for c in ("run_id", "shard") if c in t.column_names]))
         runs.append((f.run_id, t.num_rows))
         names.append((f.estimate, t.num_rows))
+    del parsed
     schema = read_schema(table)
-    merged = pa.concat_tables(tables) if tables else schema.empty_table()
-    merged = merged.drop_columns([c for c in ("run_id", "shard") if c in merged.column_names])
-    df = merged.to_pandas()
+    merged = pa.concat_tables(tables) if tables else schema.empty_table().drop_columns([c for c in ("run_id", "shard") if c in schema.names])
+    del tables
+    df = merged.to_pandas(self_destruct=True)  # each column's Arrow buffers freed once converted
+    del merged
+    pa.default_memory_pool().release_unused()  # and given back, not kept by Arrow's allocator
     df.insert(0, "run_id", _repeat(runs))
     df.insert(1, "estimate", _repeat(names))
     if table in ("eval", "eval_train") and len(df) and df.log_px_pruned.notna().any():
@@ -339,10 +341,27 @@ def read(
         df = df.drop(columns=["log_px_pruned"])
     if want_e is not None and len(df):
         df = df[df.estimate.isin(want_e)]
-    df = df.drop_duplicates(["run_id", "estimate", "image_id"])
+    if _may_overlap(files):  # two files of one estimate that may share images (ranges of two sizes, two layouts)
+        df = df.drop_duplicates(["run_id", "estimate", "image_id"])
     for c in ("run_id", "estimate"):
         df[c] = df[c].cat.remove_unused_categories() if isinstance(df[c].dtype, pd.CategoricalDtype) else df[c].astype("category")
     return df.reset_index(drop=True)
+
+
+def _may_overlap(files: list[Located]) -> bool:
+    """Whether two of the files of one run's estimate may hold one image: their ranges (by name)
+    overlap, or one has no range in its name (an earlier layout's shard). Files of one range are
+    written whole, once, so without an overlap no row is there twice."""
+    spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for f in files:
+        if f.first is None or f.last is None:
+            return True
+        spans.setdefault((f.run_id, f.estimate.removesuffix(LEGACY_PRUNED)), []).append((f.first, f.last))
+    for ranges in spans.values():
+        ranges.sort()
+        if any(b[0] <= a[1] for a, b in zip(ranges, ranges[1:])):
+            return True
+    return False
 
 
 def _repeat(counts: list[tuple[str, int]]) -> pd.Categorical:

@@ -132,6 +132,7 @@ def _s3(location: str) -> Any:
             config_kwargs={"retries": {"max_attempts": S3_ATTEMPTS, "mode": "adaptive"}, "connect_timeout": 10, "read_timeout": 60},
             use_listings_cache=False,
             skip_instance_cache=True,
+            max_concurrency=1,  # a whole-object read is one GET (above 1, s3fs asks the size first: a HEAD per read)
         )
     return _S3[key]
 
@@ -310,15 +311,18 @@ class Store:
 
         return self._do(get, "GET", key)
 
-    def read_many(self, keys: Sequence[str], threads: int = 32) -> list[bytes | None]:
-        """Whole objects, read in parallel (``None`` for a key that is gone), in order."""
+    def read_many(self, keys: Sequence[str], threads: int = 32, parse: Callable[[str, bytes | None], Any] | None = None) -> list[Any]:
+        """Whole objects, read in parallel (``None`` for a key that is gone), in order. ``parse(key,
+        data)``: applied in the reading thread, so that only what it returns is kept (a reader of
+        thousands of Parquet files holds their tables, not their bytes as well)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        def one(key: str) -> bytes | None:
+        def one(key: str) -> Any:
             try:
-                return self.read_bytes(key)
+                data: bytes | None = self.read_bytes(key)
             except FileNotFoundError:
-                return None
+                data = None
+            return parse(key, data) if parse is not None else data
 
         if len(keys) <= 1:
             return [one(k) for k in keys]

@@ -292,14 +292,14 @@ class Results:
         if name not in ("runs", "train"):
             raise ValueError(f"read estimates ({name}) through pipeline.store.estimates.read")
         keys = self.store.list(self.table_key(name), ".parquet")
-        tables = []
-        for key, data in zip(keys, self.store.read_many(keys)):
-            if data is None:
-                continue  # moved aside since the listing
-            try:
-                tables.append(self.parse(data, name, key))
-            except DamagedFile as e:
-                raise UserError(f"{e}; run `iwae-pipeline repair --results {shlex.quote(self.location)}` to move it aside (a re-run redoes it)") from None
+
+        def parse(key: str, data: bytes | None) -> pa.Table | None:
+            return None if data is None else self.parse(data, name, key)  # None: moved aside since the listing
+
+        try:
+            tables = [t for t in self.store.read_many(keys, parse=parse) if t is not None]  # parsed as read, in parallel
+        except DamagedFile as e:
+            raise UserError(f"{e}; run `iwae-pipeline repair --results {shlex.quote(self.location)}` to move it aside (a re-run redoes it)") from None
         if not tables:
             return SCHEMAS[name].empty_table().to_pandas()
         return pa.concat_tables(tables).to_pandas()
