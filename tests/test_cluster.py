@@ -353,7 +353,11 @@ def test_a_user_model_outside_the_project_is_scored_on_the_cluster(cluster, s3, 
     """A user's module and its weights in a folder that no worker node can see (each mounts its own
     empty tmpfs there): `score` ships the folder through Ray's runtime environment, the nodes import
     it from there, every test image is scored once into S3, nothing lands on local disk, and a re-run
-    scores nothing."""
+    scores nothing. Files that look like secrets beside the model (``.env.local``, ``client_secret.json``,
+    ``id_ed25519``) stay behind, in one line: the working directory Ray unpacked on the worker nodes
+    has the module and its weights (which the folder's ``.gitignore`` names) and none of them."""
+    import glob
+
     import torch
 
     folder = cluster.private / "user-model"  # the driver sees it; the worker nodes see an empty folder of their own
@@ -361,11 +365,20 @@ def test_a_user_model_outside_the_project_is_scored_on_the_cluster(cluster, s3, 
     (folder / "user_vae.py").write_text(USER_VAE)
     torch.manual_seed(5)
     torch.save({"enc": torch.nn.Linear(784, 8).state_dict(), "dec": torch.nn.Linear(4, 784).state_dict()}, folder / "weights.pt")
+    secrets = [".env.local", "client_secret.json", "id_ed25519"]
+    for f in secrets:
+        (folder / f).write_text("not to be shipped\n")
+    (folder / ".gitignore").write_text("*.pt\n")  # weights a .gitignore names still travel: the factory loads them
     cwd = driver_dir(cluster, "score-driver")
     args = ["score", f"{folder}/user_vae.py:make_model", "--name", "theirs", "--test-images", 600, "--eval-k", 20]
     r = cli(cluster, *args, "--results", s3.uri("scored"), "--data-dir", s3_data, cwd=cwd)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "600 scored now" in r.stdout, r.stdout
+    said = [ln for ln in r.stderr.splitlines() if "look like secrets" in ln]
+    assert len(said) == 1 and all(f in said[0] for f in secrets), r.stderr[-2000:]
+    shipped = [Path(p).parent for p in glob.glob("/tmp/ray/session_*/runtime_resources/working_dir_files/*/user_vae.py")]  # unpacked by the nodes
+    assert shipped and all((d / "weights.pt").exists() for d in shipped), shipped
+    assert not [d / f for d in shipped for f in secrets if (d / f).exists()], "a secret reached a worker node"
     rows = read_estimate(s3, "scored", "k20-seed123-block500")
     assert len(rows) == 600 and sorted(rows.image_id) == list(range(600)) and rows.run_id.nunique() == 1
     assert rows.run_id.iloc[0].startswith("theirs-") and rows.log_px.notna().all()
