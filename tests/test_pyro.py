@@ -230,13 +230,28 @@ def guide(x, scale):
 """,
         "give it what it needs",
     ),
+    "a subsampled plate": (
+        """
+def model(x):
+    with pyro.plate("data", 1000, subsample_size=x.shape[0]):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True).expand(x.shape), 1.0).to_event(1), obs=x)
+
+
+def guide(x):
+    with pyro.plate("data", 1000, subsample_size=x.shape[0]):
+        pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+""",
+        "is subsampled",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_what_cannot_be_scored_is_refused_in_one_line(capsys, tmp_path, case):
     """No data plate, a global latent, an enumerated discrete site, a model that needs arguments the
-    factory does not give: each one line naming the site and why, exit 2, nothing written."""
+    factory does not give, a subsampled data plate: each one line naming the site (or plate) and why,
+    exit 2, nothing written."""
     code, why = BAD[case]
     folder = tmp_path / "bad"
     folder.mkdir()
