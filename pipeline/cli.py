@@ -410,6 +410,8 @@ def sweep(
                     j, res, data, ledger, cluster, test_images=test_images, train_images=train_images, workers=eval_workers, cpus=eval_cpus,
                     gpus=gpus, retries=retries,
                 )  # fmt: skip
+            except driver.StorageUnusable:
+                raise
             except RunFailed as e:
                 failed = f"{failed}; {e}" if failed else str(e)
     typer.echo(build_report(res, data=data).markdown)

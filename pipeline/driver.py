@@ -3,9 +3,9 @@
 The CLI parses options, makes the :class:`~pipeline.store.results.Results` and the
 :class:`~pipeline.datasource.DataSource` once, and calls these steps in order:
 
-1. :func:`ray_session`: connect (the embedded local Ray, or a cluster) before any location is
-   created (``sweep``), giving the :class:`~pipeline.ray_backend.cluster.Cluster` the later steps
-   take; ``evaluate``, which never creates one, reads its ledger first.
+1. :func:`ray_session`: the Ray connection (the embedded local Ray, or a cluster) the later steps
+   take, made when a step first needs it (:class:`Session`); a location this command created is
+   undone if the connection or the storage check fails.
 2. :func:`survey_runs`: read the job's run ledger once and repair what does not read whole; every
    later step consults that ledger.
 3. :func:`check_storage`: every node can use the results location.
@@ -28,6 +28,7 @@ from typing import Any
 from iwae.config import RunConfig
 from iwae.evaluate import EvalConfig
 from pipeline.datasource import DataSource
+from pipeline.errors import RunFailed
 from pipeline.store.estimates import AISPlan, EvalPlan, Plan, Span
 from pipeline.store.ledger import EstimateLedger, RunLedger, repair
 from pipeline.store.results import Results
@@ -54,24 +55,36 @@ class Session:
     checks asked of it (:func:`check_storage`) run on that cluster as soon as it is connected."""
 
     def __init__(self, connect: Callable[[], Any]):
-        self._connect, self._cluster, self._checks = connect, None, []  # type: ignore[var-annotated]
+        self._connect, self._cluster = connect, None
+        self._checks: list[Callable[[Any], None]] = []
+        self._undo: list[Callable[[], None]] = []  # if the connection fails (a location this command created)
 
     def connected(self) -> Any:
         if self._cluster is None:
-            self._cluster = self._connect()
+            try:
+                cluster = self._connect()
+            except BaseException:
+                for undo in self._undo:
+                    with contextlib.suppress(Exception):
+                        undo()
+                raise
+            self._cluster = cluster
             for check in self._checks:
-                check(self._cluster)
+                check(cluster)
         return self._cluster
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.connected(), name)
 
-    def when_connected(self, check: Callable[[Any], None]) -> None:
-        """Run ``check`` on the cluster now if connected, else as soon as it is."""
+    def when_connected(self, check: Callable[[Any], None], undo: Callable[[], None] | None = None) -> None:
+        """Run ``check`` on the cluster now if connected, else as soon as it is; ``undo`` if the
+        connection fails."""
         if self._cluster is not None:
             check(self._cluster)
-        else:
-            self._checks.append(check)
+            return
+        self._checks.append(check)
+        if undo is not None:
+            self._undo.append(undo)
 
     def shutdown(self) -> None:
         if self._cluster is not None:
@@ -129,21 +142,29 @@ def missing_start(runs: Sequence[RunConfig], ledger: RunLedger) -> bool:
     return any(c.init_from and not ledger.done(c.init_from) for c in ledger.todo(runs))
 
 
+class StorageUnusable(RunFailed):
+    """The storage check failed (a node's store kept failing): the command stops, whichever step
+    connected (a sweep does not take it for a failed evaluation and go on)."""
+
+
 def check_storage(cluster: Any, results: Results) -> None:
     """Every node can use the results location (checked when the :class:`Session` connects, so not
     at all by a command with nothing to do); if not, a location this command created is undone
     (only while nothing else has been written there)."""
-    from pipeline.errors import RunFailed, UserError
+    from pipeline.errors import UserError
 
     def check(c: Any) -> None:
         try:
             c.check_storage(results)
-        except (UserError, RunFailed):
+        except UserError:
             results.discard_if_new()
             raise
+        except RunFailed as e:
+            results.discard_if_new()
+            raise StorageUnusable(str(e)) from None
 
     if isinstance(cluster, Session):
-        cluster.when_connected(check)
+        cluster.when_connected(check, results.discard_if_new)
     else:
         check(cluster)
 

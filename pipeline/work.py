@@ -232,13 +232,14 @@ def train_unit(
 
 def usable_on_this_node(results: Results, command: str) -> str:
     """:meth:`Results.usable_here`, asked once per node and command (5 requests): the first task of
-    a command on a node checks, and leaves a mark in the node's temporary folder that the command's
-    later tasks there read instead. "" when usable, else why not."""
+    a command on a node checks, and leaves a mark in the node's own cache folder (where its data
+    cache is: :func:`pipeline.datasource.node_cache_dir`) that the command's later tasks there read
+    instead. "" when usable, else why not."""
     import hashlib
-    import tempfile
-    from pathlib import Path
 
-    mark = Path(tempfile.gettempdir()) / "iwae-usable" / hashlib.sha256(f"{results.store.uri()}|{command}".encode()).hexdigest()[:24]
+    from pipeline.datasource import node_cache_dir
+
+    mark = node_cache_dir() / "usable" / hashlib.sha256(f"{results.store.uri()}|{command}".encode()).hexdigest()[:24]
     if command and mark.exists():
         return ""
     why = results.usable_here()

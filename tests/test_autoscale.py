@@ -124,6 +124,7 @@ def test_ray_address_set_to_the_jobs_url_is_refused_in_one_line(tmp_path, mnist_
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
     assert "RAY_ADDRESS=http://127.0.0.1:8265" in lines[0] and "submit" in lines[0] and "HOST:6379" in lines[0] and "unset RAY_ADDRESS" in lines[0]
+    assert not (tmp_path / "r").exists()  # the location it created before connecting is undone
 
 
 # ------------------------------------------------------------------------ a real autoscaling cluster

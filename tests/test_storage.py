@@ -368,3 +368,23 @@ def test_storage_errors_are_classified_once_and_only_transient_ones_are_retried(
     with pytest.raises(StoreFailing, match="kept failing") as got:
         retrying(down, "GET s3://b/k", deadline_s=0.05, sleep=lambda s: time.sleep(min(s, 0.01)))
     assert "credentials" not in str(got.value)
+
+
+def test_an_s3_head_tells_a_missing_key_from_a_missing_bucket():
+    """A HEAD's 404 has no body, so a missing bucket looks like a missing key: `exists` of a key that
+    is not there is False in a bucket that is, and a refusal naming the bucket in one that is not
+    (never "no results there, run sweep first")."""
+    from pipeline.store.errors import StoreDenied
+    from tests.cluster.fixture import S3Server
+
+    s3 = S3Server()
+    try:
+        store = Store.open(s3.uri("heads"))
+        assert store.exists("nothing.json") is False and store.size("nothing.json") is None
+        store.write_bytes("k.json", b"12345")
+        assert store.exists("k.json") and store.size("k.json") == 5
+        typo = Store.open(s3.uri("heads").replace(f"s3://{s3.bucket}/", "s3://no-such-bucket-here/"))
+        with pytest.raises(StoreDenied, match="no-such-bucket-here"):
+            typo.exists("k.json")
+    finally:
+        s3.stop()

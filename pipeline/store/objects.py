@@ -137,13 +137,27 @@ def _s3(location: str) -> Any:
     return _S3[key]
 
 
+_BUCKETS: set[tuple[str, str]] = set()  # (location's endpoint, bucket) seen to exist by this process
+
+
 def _s3_head(location: str, path: str) -> int | None:
-    """One HEAD of ``bucket/key`` (``path``): the object's size, or None when there is none."""
+    """One HEAD of ``bucket/key`` (``path``): the object's size, or None when there is none. A HEAD's
+    404 has no body, so a missing bucket looks like a missing key: the first 404 of a bucket asks the
+    bucket once (HeadBucket), and a bucket that is not there raises, as a permanent error."""
     bucket, _, key = path.partition("/")
+    fs = _s3(location)
     try:
-        head = _s3(location).call_s3("head_object", Bucket=bucket, Key=key)
+        head = fs.call_s3("head_object", Bucket=bucket, Key=key)
     except FileNotFoundError:
+        where = (urlparse(location).query, bucket)
+        if where not in _BUCKETS:
+            try:
+                fs.call_s3("head_bucket", Bucket=bucket)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"NoSuchBucket: the bucket {bucket} does not exist") from None
+            _BUCKETS.add(where)
         return None
+    _BUCKETS.add((urlparse(location).query, bucket))
     return int(head.get("ContentLength") or 0)
 
 
